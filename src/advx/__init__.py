@@ -1,0 +1,21 @@
+"""advx: adversarial examples for PyTorch -- attack, audit, harden and guard classifiers.
+
+    >>> import advx
+    >>> model = advx.Classifier(net, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    >>> result = advx.PGD(advx.Linf(8 / 255), steps=40)(model, x, y)
+    >>> result.success.float().mean()
+"""
+
+from ._version import __version__
+from .attacks import CW, FGSM, PGD, Attack, AttackResult
+from .errors import AccessError, AdvxError, BudgetExceeded, InputError
+from .models import Classifier
+from .threat import L1, L2, Linf, ThreatModel
+
+__all__ = [
+    "__version__",
+    "Classifier",
+    "ThreatModel", "Linf", "L2", "L1",
+    "Attack", "AttackResult", "FGSM", "PGD", "CW",
+    "AdvxError", "InputError", "AccessError", "BudgetExceeded",
+]

@@ -1,0 +1,28 @@
+"""Attacks. Each lives in its own module and registers itself; this package imports them all.
+
+``create(name, threat, **params)`` builds one by name, ``list()`` names them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ._base import Attack, Problem
+from ._registry import create, get, info, list_attacks, register
+from ._result import AttackResult
+
+# Import every attack module so that it registers: adding an attack is adding one file.
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")
+
+from ._registry import _REGISTRY  # noqa: E402
+
+globals().update({cls.__name__: cls for cls in _REGISTRY.values()})
+list = list_attacks  # noqa: A001 - `advx.attacks.list()`, like timm's list_models
+
+from ._targets import random_targets  # noqa: E402
+
+__all__ = ["Attack", "AttackResult", "Problem", "create", "get", "info", "list", "list_attacks",
+           "register", "random_targets", *sorted(cls.__name__ for cls in _REGISTRY.values())]

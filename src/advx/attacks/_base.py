@@ -1,0 +1,261 @@
+"""The Attack base class: the shared work of every attack, done once.
+
+An attack is a dataclass of hyper-parameters and a :class:`~advx.ThreatModel`; calling it on a
+model and a batch runs the final :meth:`Attack.__call__`, which validates the inputs, puts the
+model in eval mode and restores it, checks which samples are already misclassified (they cost
+nothing more), calls the attack's small ``_run`` on the rest, projects onto the threat model,
+scores success per sample and returns an :class:`AttackResult` with the per-sample counts of
+forward and backward passes.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, final
+
+import torch
+from torch import Tensor
+
+from .._progress import progress
+from .._rng import SampleRNG
+from .._tensor import flat
+from .._validate import check_classes, check_images, check_index, check_labels, check_target
+from ..errors import AccessError, BudgetExceeded, InputError
+from ..models._base import ACCESS_RANK, Access, ModelView, Tracker
+from ..models.classifier import as_model
+from ..threat import NORMS, ThreatModel
+from ._result import AttackResult
+
+__all__ = ["Attack", "Problem"]
+
+
+@dataclass(eq=False)
+class Problem:
+    """The part of a batch an attack works on, and everything it needs about it.
+
+    ``model`` charges every pass to these samples; ``rng`` draws from their own random streams;
+    ``threat`` holds their budgets. ``select`` gives the same for a subset of the samples.
+    """
+
+    model: ModelView
+    x: Tensor
+    y: Tensor
+    target: Tensor | None
+    threat: ThreatModel
+    rng: SampleRNG
+    num_classes: int
+    name: str = "attack"
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    @property
+    def labels(self) -> Tensor:
+        """The class the attack's loss is about: the target if targeted, else the true label."""
+        return self.target if self.target is not None else self.y
+
+    def is_adversarial(self, out: Tensor) -> Tensor:
+        """bool (N,) from logits (N, C) or predicted labels (N,)."""
+        pred = out.argmax(dim=1) if out.dim() == 2 else out
+        return pred == self.target if self.target is not None else pred != self.y
+
+    def select(self, idx: Tensor) -> "Problem":
+        return Problem(
+            model=self.model.select(idx), x=self.x[idx], y=self.y[idx],
+            target=None if self.target is None else self.target[idx],
+            threat=self.threat.select(idx), rng=self.rng.select(idx),
+            num_classes=self.num_classes, name=self.name,
+        )
+
+    def progress(self, n: int, desc: str | None = None) -> Iterator[int]:
+        """``range(n)`` with a progress bar named after the attack."""
+        return progress(range(n), total=n, desc=desc or self.name, unit="step")
+
+
+@dataclass(eq=False)
+class Attack(abc.ABC):
+    """Base class of every attack. Subclasses are keyword-only dataclasses with a ``_run``.
+
+    Class attributes describe the attack for the registry, the CLI and the shared tests:
+    ``access`` (what it needs from the model), ``norms`` it supports, ``minimum_norm`` (it looks
+    for the smallest perturbation and accepts an infinite eps) and ``supports_targeted``.
+    """
+
+    threat: ThreatModel
+    seed: int = field(default=0, kw_only=True)
+
+    name: ClassVar[str] = ""
+    access: ClassVar[Access] = "gradients"
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    minimum_norm: ClassVar[bool] = False
+    supports_targeted: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        who = type(self).__name__
+        if not isinstance(self.threat, ThreatModel):
+            raise InputError(f"{who}: threat must be a ThreatModel such as advx.Linf(0.3), got {self.threat!r}")
+        if self.threat.norm not in self.norms:
+            raise InputError(f"{who}: supports the norms {', '.join(self.norms)}, not {self.threat.norm}")
+        if self.threat.unbounded and not self.minimum_norm:
+            raise InputError(f"{who}: eps is infinite but {who} is not a minimum-norm attack; give a finite eps")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InputError(f"{who}: seed must be an int, got {self.seed!r}")
+        self._check()
+
+    def _check(self) -> None:
+        """Validate the hyper-parameters at construction (cheap; override in subclasses)."""
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "threat" and f.init]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The hyper-parameters, as given (JSON-friendly where they are)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    # ---- the shared work ---------------------------------------------------------------------
+    @final
+    def __call__(self, model, x: Tensor, y: Tensor, *, target: Tensor | int | None = None,
+                 index: Tensor | None = None) -> AttackResult:
+        """Attack a batch. ``target`` (one class per sample, or one for all) makes it targeted;
+        ``index`` (global sample ids) keys the per-sample random streams."""
+        start = time.perf_counter()
+        model = as_model(model)
+        if ACCESS_RANK[model.access] < ACCESS_RANK[self.access]:
+            raise AccessError(
+                f"{self.name or type(self).__name__} needs {self.access} but the model gives only "
+                f"{model.access}; choose an attack from advx.attacks.list_attacks(access='{model.access}')"
+            )
+        if target is not None and not self.supports_targeted:
+            raise InputError(f"target: {type(self).__name__} is untargeted only")
+        x = check_images(x, model.bounds)
+        model.check_input(x)
+        n = x.shape[0]
+        y = check_labels(y, n, x.device)
+        target = check_target(target, y)
+        index = check_index(index, n, x.device)
+        threat = self._bind(model.bounds, n)
+
+        tracker = Tracker(n, x.device, budget=model.budget, label=self.name)
+        view = ModelView(model, tracker)
+        x_adv = x.clone()
+        with model.prepared(), _preserved_rng(x.device):
+            if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
+                clean = view.logits(x)
+                num_classes = clean.shape[1]
+            else:
+                clean = view.labels(x)
+                num_classes = int(getattr(model, "num_classes", None) or 0)
+            if num_classes:
+                check_classes(y, num_classes)
+                if target is not None:
+                    check_classes(target, num_classes, name="target")
+            root = Problem(view, x, y, target, threat, SampleRNG(self.seed, index), num_classes, self.name)
+            success = root.is_adversarial(clean)
+            todo = (~success).nonzero().view(-1)
+            if todo.numel() and not threat.is_zero:
+                sub = root.select(todo)
+                try:
+                    out = self._run(sub)
+                except BudgetExceeded as e:
+                    e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
+                    raise
+                xs, ok = out if isinstance(out, tuple) else (out, None)
+                xs = self._finish(sub, xs, ok)
+                x_adv[todo], success[todo] = xs[0], xs[1]
+        return self._result(x, x_adv, success, threat, tracker, target, start)
+
+    def _finish(self, p: Problem, x_adv: Tensor, ok: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Project onto the threat and the bounds; score the samples whose verdict is unknown
+        or whose point the projection moved."""
+        if x_adv.shape != p.x.shape:
+            raise RuntimeError(f"{self.name}: _run returned shape {tuple(x_adv.shape)}, expected {tuple(p.x.shape)}")
+        x_adv = x_adv.to(p.x.dtype)
+        projected = p.threat.project(x_adv, p.x)
+        lo, hi = p.threat.bounds
+        moved = flat(projected - x_adv).abs().amax(dim=1) > 1e-6 * (hi - lo) if projected.numel() else torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
+        if ok is None:
+            rescore = torch.ones(len(p), dtype=torch.bool, device=p.x.device)
+            ok = torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
+        else:
+            ok = ok.to(device=p.x.device, dtype=torch.bool).clone()
+            rescore = moved
+        idx = rescore.nonzero().view(-1)
+        if idx.numel():
+            view = p.model.select(idx)
+            verdict = view.logits(projected[idx]) if p.model.access != "labels" else view.labels(projected[idx])
+            ok[idx] = p.select(idx).is_adversarial(verdict)
+        return projected, ok
+
+    def _bind(self, bounds: tuple[float, float], n: int) -> ThreatModel:
+        threat = self.threat
+        if threat.has_explicit_bounds and threat.bounds != tuple(bounds):
+            raise InputError(
+                f"threat: its bounds {threat.bounds} differ from the model's {tuple(bounds)}; "
+                "declare the bounds once, on the Classifier"
+            )
+        if threat.per_sample and threat.eps.numel() != n:
+            raise InputError(f"threat: {threat.eps.numel()} per-sample eps values for {n} samples")
+        return threat.with_bounds(bounds)
+
+    def _result(self, x, x_adv, success, threat, tracker, target, start) -> AttackResult:
+        return AttackResult(
+            x_adv=x_adv, success=success, distance=threat.distance(x_adv, x),
+            queries=tracker.queries, grads=tracker.grads, name=self.name or type(self).__name__,
+            params=self.params, threat=threat, target=target,
+            seconds=time.perf_counter() - start,
+        )
+
+    @abc.abstractmethod
+    def _run(self, p: Problem) -> Tensor | tuple[Tensor, Tensor]:
+        """Attack the samples of ``p`` (none of them adversarial yet).
+
+        Return the adversarial candidates (N, ...) -- the base projects them -- and, when the
+        attack already knows it, a bool (N,) of which are adversarial (saves a final pass).
+        """
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    """Leave the caller's global random state as it was (a randomized model may draw from it)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def step_size_default(threat: ThreatModel, x: Tensor, steps: int, factor: float = 2.5) -> Tensor:
+    """Madry et al.'s rule of thumb: ``factor * eps / steps`` per sample, shape (N,)."""
+    return threat.eps_tensor(x) * (factor / max(1, steps))
+
+
+def positive_int(who: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{who}: {name} must be a positive int, got {value!r}")
+
+
+def nonneg_float(who: str, name: str, value: Any, *, allow_inf: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if ok and not allow_inf and math.isinf(value):
+        ok = False
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        raise InputError(f"{who}: {name} must be a number >= 0, got {value!r}")
+
+
+def one_of(who: str, name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise InputError(f"{who}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

@@ -1,0 +1,115 @@
+"""What an attack returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..threat import ThreatModel
+
+__all__ = ["AttackResult"]
+
+
+@dataclass(frozen=True, eq=False)
+class AttackResult:
+    """The outcome of one attack on a batch, per sample.
+
+    Attributes:
+        x_adv: the adversarial examples, shape and dtype of the inputs; inside the threat model.
+        success: bool (N,): misclassified (untargeted) or classified as the target (targeted).
+        distance: (N,) distance to the clean input in the threat's norm.
+        queries: int64 (N,) forward passes spent on each sample (the clean check included).
+        grads: int64 (N,) backward passes spent on each sample.
+        name, params: the attack and its hyper-parameters.
+        threat: the threat model the result is inside.
+        target: the target classes, or None for an untargeted attack.
+        seconds: wall time of the call.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    distance: Tensor
+    queries: Tensor
+    grads: Tensor
+    name: str
+    params: dict[str, Any]
+    threat: ThreatModel
+    target: Tensor | None = None
+    seconds: float = 0.0
+    trace: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.success.numel()
+
+    @property
+    def targeted(self) -> bool:
+        return self.target is not None
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if len(self) else math.nan
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of samples the attack did not break (untargeted: still correctly classified)."""
+        return 1.0 - self.success_rate
+
+    def select(self, idx: Tensor) -> "AttackResult":
+        """The result restricted to some samples."""
+        target = None if self.target is None else self.target[idx]
+        return dataclasses.replace(
+            self,
+            x_adv=self.x_adv[idx], success=self.success[idx], distance=self.distance[idx],
+            queries=self.queries[idx], grads=self.grads[idx], target=target,
+            threat=self.threat.select(idx) if self.threat.per_sample else self.threat,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Success rate, distances over successes, query and gradient counts, time."""
+        ok = self.success
+        d = self.distance[ok].double()
+        q_ok = self.queries[ok].double()
+        return {
+            "attack": self.name,
+            "threat": str(self.threat),
+            "targeted": self.targeted,
+            "n": len(self),
+            "success_rate": self.success_rate,
+            "robust_accuracy": self.robust_accuracy,
+            "median_distance": float(d.median()) if d.numel() else None,
+            "mean_distance": float(d.mean()) if d.numel() else None,
+            "median_queries": float(q_ok.median()) if q_ok.numel() else None,
+            "mean_queries": float(q_ok.mean()) if q_ok.numel() else None,
+            "queries": int(self.queries.sum()),
+            "grads": int(self.grads.sum()),
+            "seconds": round(self.seconds, 4),
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        med = "-" if s["median_distance"] is None else f"{s['median_distance']:.4g}"
+        return (f"AttackResult({self.name}, {self.threat!r}, n={s['n']}, "
+                f"success={s['success_rate']:.1%}, median distance={med}, "
+                f"queries={s['queries']}, grads={s['grads']}, {s['seconds']:.2f}s)")
+
+
+def concat_results(results: list[AttackResult]) -> AttackResult:
+    """Join the results of one attack on consecutive batches into one result."""
+    if not results:
+        raise ValueError("concat_results: no results")
+    first = results[0]
+    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+    threat = first.threat
+    if threat.per_sample:
+        threat = threat.with_eps(torch.cat([r.threat.eps for r in results]))
+    return dataclasses.replace(
+        first, x_adv=cat("x_adv"), success=cat("success"), distance=cat("distance"),
+        queries=cat("queries"), grads=cat("grads"), threat=threat,
+        target=None if first.target is None else cat("target"),
+        seconds=sum(r.seconds for r in results),
+    )

@@ -1,0 +1,48 @@
+"""The ``advx`` command: a thin shell over the Python API.
+
+Exit status: 0 ok, 1 a ``--fail-under`` bar was missed, 2 a usage or input error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .._version import __version__
+from ..errors import AdvxError, BudgetExceeded, InputError
+
+
+class _Group(click.Group):
+    """Turn advx's own input errors into exit status 2 with a one-line message, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (InputError, BudgetExceeded) as e:
+            click.echo(f"advx: error: {e}", err=True)
+            ctx.exit(2)
+        except AdvxError as e:
+            click.echo(f"advx: error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="advx")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """advx: attack, audit, harden and guard PyTorch classifiers."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="advx: %(message)s", stream=sys.stderr)
+
+
+def _register_commands() -> None:
+    from . import attack, demo, listing  # noqa: F401 - each module adds its command to `cli`
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="advx")

@@ -1,0 +1,96 @@
+"""Options and helpers shared by the commands."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from typing import Any
+
+import click
+import torch
+
+from ..errors import InputError
+
+
+def parse_floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--{name}: expected comma-separated numbers such as 0.485,0.456,0.406, got {text!r}") from None
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``-p steps=40 -p loss=margin`` -> {"steps": 40, "loss": "margin"}."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--param: expected KEY=VALUE such as steps=40, got {pair!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word such as margin
+        params[key.strip().replace("-", "_")] = value
+    return params
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device: unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def model_options(f):
+    """--model, --weights, --mean, --std, --bounds."""
+    f = click.option("--bounds", default="0,1", show_default=True, help="Valid input range, before normalization.")(f)
+    f = click.option("--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225.")(f)
+    f = click.option("--mean", default=None, help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406.")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt/.pth/.th or .safetensors).")(f)
+    f = click.option("--model", "model_spec", required=True,
+                     help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory or file.py:factory.")(f)
+    return f
+
+
+def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.device, batch_size="auto"):
+    from ..models import Classifier
+    from ..zoo import build
+
+    obj = build(model_spec, weights=weights)
+    if isinstance(obj, Classifier):
+        return obj
+    lo_hi = parse_floats(bounds, "bounds")
+    if not lo_hi or len(lo_hi) != 2:
+        raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
+    net = obj.to(device)  # our own freshly built module: moving it is fine
+    return Classifier(net, bounds=tuple(lo_hi), mean=parse_floats(mean, "mean"),
+                      std=parse_floats(std, "std"), batch_size=batch_size)
+
+
+def data_option(f):
+    f = click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples.")(f)
+    f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(f)
+    f = click.option("--data", default="mnist-demo", show_default=True,
+                     help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.")(f)
+    return f
+
+
+def info(msg: str) -> None:
+    """A line for the person at the terminal (stderr, so stdout stays machine-readable)."""
+    click.echo(msg, err=True)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

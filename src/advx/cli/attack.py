@@ -1,0 +1,104 @@
+"""``advx attack``: run one registered attack on a data set and save the adversarial examples."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import click
+import numpy as np
+import torch
+
+from . import cli
+from ._common import build_classifier, data_option, emit_json, info, model_options, parse_params, pick_device
+from ..errors import InputError
+
+
+def _attack_names() -> list[str]:
+    from .. import attacks
+
+    return attacks.list_attacks()
+
+
+@cli.command("attack")
+@click.argument("name", type=click.Choice(_attack_names(), case_sensitive=False))
+@model_options
+@data_option
+@click.option("--threat", "threat_spec", default="linf:0.3", show_default=True, help="NORM:EPS, e.g. linf:8/255, l2:0.5, l2:inf.")
+@click.option("--target", default=None, help="Targeted attack: a class index for all samples, or 'random'.")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Attack hyper-parameter, repeatable (-p steps=100).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per attack call.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the .npz of results.")
+def attack_command(name, model_spec, weights, mean, std, bounds, data, split, n, threat_spec, target,
+                   params, seed, batch_size, device, out) -> None:
+    """Run attack NAME and write x_adv with per-sample success, distance, queries and grads.
+
+    A JSON summary goes to stdout.
+    """
+    from .. import attacks
+    from .._io import atomic_open, check_writable
+    from .._progress import progress
+    from .._version import __version__
+    from ..attacks._result import concat_results
+    from ..data import data_sha256, load
+    from ..threat import parse_threat
+    from ..zoo import file_sha256
+
+    out_path = check_writable(out, name="out")
+    dev = pick_device(device)
+    threat = parse_threat(threat_spec)
+    attack = attacks.create(name, threat, seed=seed, **parse_params(params))
+    model = build_classifier(model_spec, weights, mean, std, bounds, dev)
+    x, y = load(data, split=split, n=n)
+    x, y = x.to(dev), y.to(dev)
+    index = torch.arange(len(x), device=dev)
+    num_classes = model(x[:1]).shape[1]
+
+    tgt = None
+    if target is not None:
+        if target == "random":
+            tgt = attacks.random_targets(y, num_classes, seed=seed, index=index)
+        else:
+            try:
+                k = int(target)
+            except ValueError:
+                raise InputError(f"--target: expected a class index or 'random', got {target!r}") from None
+            if not 0 <= k < num_classes:
+                raise InputError(f"--target: the model has classes 0..{num_classes - 1}, got {k}")
+            keep = y != k
+            if not bool(keep.all()):
+                info(f"skipping {int((~keep).sum())} sample(s) whose label is already the target {k}")
+            x, y, index = x[keep], y[keep], index[keep]
+            tgt = torch.full_like(y, k)
+
+    start = time.perf_counter()
+    results = []
+    batches = range(0, len(x), batch_size)
+    for b in progress(batches, total=len(batches), desc=name, unit="batch"):
+        sl = slice(b, b + batch_size)
+        results.append(attack(model, x[sl], y[sl], target=None if tgt is None else tgt[sl], index=index[sl]))
+    result = concat_results(results)
+    seconds = time.perf_counter() - start
+
+    with atomic_open(out_path, "wb") as f:
+        np.savez_compressed(
+            f,
+            x_adv=result.x_adv.float().cpu().numpy(), success=result.success.cpu().numpy(),
+            distance=result.distance.float().cpu().numpy(), queries=result.queries.cpu().numpy(),
+            grads=result.grads.cpu().numpy(), y=y.cpu().numpy(), index=index.cpu().numpy(),
+            target=(tgt if tgt is not None else torch.full_like(y, -1)).cpu().numpy(),
+        )
+    summary = result.summary()
+    summary["seconds"] = round(seconds, 3)
+    emit_json({
+        "attack": name, "params": attack.params, "threat": threat.to_dict(), "out": str(out_path),
+        "summary": summary,
+        "provenance": {
+            "advx": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(dev), "seed": seed, "model": model_spec,
+            "weights_sha256": file_sha256(weights) if weights else None,
+            "data": str(data), "data_sha256": data_sha256(x, y),
+        },
+    })

@@ -1,0 +1,187 @@
+"""What an attack can query, and how every query is charged to the samples it was for.
+
+:class:`Model` is the plug point: a white-box :class:`~advx.Classifier` gives gradients, a
+black-box gives scores or only labels. Attacks never see a ``Model`` directly: they see a
+:class:`ModelView`, which charges each forward and backward pass to the samples it was made for
+(``queries`` and ``grads`` per sample), enforces the per-sample budget before a pass is spent,
+and splits large batches into the chunk size the model runs fastest at.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import AccessError, BudgetExceeded, InputError
+
+__all__ = ["Access", "Model", "ModelView", "Tracker", "ACCESS_RANK"]
+
+Access = Literal["gradients", "scores", "labels"]
+ACCESS_RANK = {"labels": 0, "scores": 1, "gradients": 2}
+
+LossFn = Callable[..., Tensor]
+
+
+class Model(abc.ABC):
+    """Anything an attack can query. Subclasses implement the raw, uncounted passes."""
+
+    access: Access = "gradients"
+    bounds: tuple[float, float] = (0.0, 1.0)
+    budget: int | None = None
+    num_classes: int | None = None
+
+    @abc.abstractmethod
+    def _scores(self, x: Tensor) -> Tensor:
+        """Raw scores (logits for a white-box model), shape (N, C). Not counted."""
+
+    def _labels(self, x: Tensor) -> Tensor:
+        return self._scores(x).argmax(dim=1)
+
+    def _value_and_grad(self, x: Tensor, loss_fn: LossFn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise AccessError(f"{type(self).__name__} gives no gradients; use a score- or label-based attack")
+
+    def prepared(self) -> contextlib.AbstractContextManager:
+        """Put the model in the state attacks need for the duration of a call; restore it after."""
+        return contextlib.nullcontext()
+
+    def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
+        """How many rows to send per pass. The default sends everything at once."""
+        return max(1, x.shape[0])
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear error when x cannot go to this model (device, dtype). Cheap."""
+
+
+class Tracker:
+    """Per-sample counts of forward (``queries``) and backward (``grads``) passes."""
+
+    def __init__(self, n: int, device: torch.device, *, budget: int | None = None, label: str = "") -> None:
+        self.queries = torch.zeros(n, dtype=torch.long, device=device)
+        self.grads = torch.zeros(n, dtype=torch.long, device=device)
+        self.budget = budget
+        self.label = label
+
+    def charge(self, samples: Tensor, *, backward: bool) -> None:
+        """Charge one pass to each entry of ``samples`` (global row ids; repeats allowed)."""
+        ones = torch.ones_like(samples)
+        if self.budget is not None:
+            after = self.queries.index_add(0, samples, ones)
+            over = after > self.budget
+            if bool(over.any()):
+                raise BudgetExceeded(
+                    f"{self.label or 'attack'}: the query budget of {self.budget} per sample would be "
+                    f"exceeded for {int(over.sum())} sample(s); raise the model's budget= or give the "
+                    f"attack fewer steps/queries",
+                    queries=self.queries.clone(),
+                )
+        self.queries.index_add_(0, samples, ones)
+        if backward:
+            self.grads.index_add_(0, samples, ones)
+
+
+class ModelView:
+    """The model as an attack sees it: every pass is charged to the samples it is for.
+
+    A view covers some samples of the attacked batch (``index``: their rows in the tracker).
+    Methods take a batch ``x`` with one row per sample of the view; an attack that sends several
+    candidates per sample passes ``rows=`` (for each row of ``x``, its sample's position in the
+    view) instead.
+    """
+
+    __slots__ = ("model", "tracker", "index")
+
+    def __init__(self, model: Model, tracker: Tracker, index: Tensor | None = None) -> None:
+        self.model = model
+        self.tracker = tracker
+        if index is None:
+            index = torch.arange(tracker.queries.numel(), device=tracker.queries.device)
+        self.index = index
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def select(self, idx: Tensor) -> "ModelView":
+        return ModelView(self.model, self.tracker, self.index[idx])
+
+    @property
+    def access(self) -> Access:
+        return self.model.access
+
+    @property
+    def queries(self) -> Tensor:
+        """Forward passes spent so far by each sample of this view, shape (len(view),)."""
+        return self.tracker.queries[self.index]
+
+    @property
+    def remaining(self) -> Tensor | None:
+        """Queries each sample may still spend under the model's budget (None: no budget)."""
+        if self.tracker.budget is None:
+            return None
+        return self.tracker.budget - self.queries
+
+    def _samples(self, x: Tensor, rows: Tensor | None) -> Tensor:
+        if rows is None:
+            if x.shape[0] != len(self):
+                raise InputError(
+                    f"internal: a pass over {x.shape[0]} rows on a view of {len(self)} samples; "
+                    "pass rows= to say which sample each row belongs to"
+                )
+            return self.index
+        return self.index[rows]
+
+    def _chunks(self, x: Tensor, grad: bool) -> Iterator[slice]:
+        size = self.model.batch_size_for(x, grad=grad)
+        for start in range(0, x.shape[0], size):
+            yield slice(start, start + size)
+
+    def logits(self, x: Tensor, *, rows: Tensor | None = None) -> Tensor:
+        """Scores for each row (logits for a white-box model), shape (R, C). Needs score access."""
+        if ACCESS_RANK[self.model.access] < ACCESS_RANK["scores"]:
+            raise AccessError("this model gives labels only; the attack asked for scores")
+        samples = self._samples(x, rows)
+        self.tracker.charge(samples, backward=False)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.model.num_classes or 0)
+        with torch.no_grad():
+            return torch.cat([self.model._scores(x[s]) for s in self._chunks(x, False)])
+
+    def labels(self, x: Tensor, *, rows: Tensor | None = None) -> Tensor:
+        """Predicted class of each row, shape (R,). Works with every kind of access."""
+        samples = self._samples(x, rows)
+        self.tracker.charge(samples, backward=False)
+        if x.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            return torch.cat([self.model._labels(x[s]) for s in self._chunks(x, False)])
+
+    def value_and_grad(
+        self, x: Tensor, loss_fn: LossFn, *args: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One forward and one backward pass per row.
+
+        ``loss_fn(logits, *args)`` returns one loss per row; ``args`` are per-row tensors (e.g.
+        labels), split into chunks together with ``x``. Returns (loss (R,), d loss / d x, logits),
+        all detached.
+        """
+        if ACCESS_RANK[self.model.access] < ACCESS_RANK["gradients"]:
+            raise AccessError("this model gives no gradients; the attack asked for them")
+        samples = self._samples(x, rows)
+        self.tracker.charge(samples, backward=True)
+        if x.shape[0] == 0:
+            return x.new_zeros(0), torch.zeros_like(x), x.new_zeros(0, self.model.num_classes or 0)
+        losses, grads, logits = [], [], []
+        for s in self._chunks(x, True):
+            value, grad, out = self.model._value_and_grad(x[s], loss_fn, *(a[s] for a in args))
+            losses.append(value)
+            grads.append(grad)
+            logits.append(out)
+        return torch.cat(losses), torch.cat(grads), torch.cat(logits)
+
+    def add_counts(self, queries: Tensor, grads: Tensor) -> None:
+        """Charge passes that a nested attack spent on this view's samples (for cascades)."""
+        self.tracker.queries.index_add_(0, self.index, queries.to(self.tracker.queries))
+        self.tracker.grads.index_add_(0, self.index, grads.to(self.tracker.grads))

@@ -1,0 +1,329 @@
+"""The white-box model: a PyTorch module that returns logits, and the input space it lives in."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import check_images
+from ..errors import InputError
+from ._base import Access, Model, ModelView, Tracker
+
+__all__ = ["Classifier", "as_model"]
+
+log = logging.getLogger("advx")
+
+OutputSpec = str | int | Callable[[Any], Tensor] | None
+# Candidate chunk sizes for the batch-size tuner: small chunks keep activations in cache on a
+# CPU; a GPU wants big ones.
+_CPU_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+_GPU_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Classifier(Model):
+    """A PyTorch classifier and its input space.
+
+    Args:
+        net: any ``nn.Module`` that maps a batch of inputs to logits. It is never moved or
+            modified: it is put in eval mode for the duration of a call and restored after.
+        bounds: the range of valid inputs (before normalization), usually (0, 1).
+        mean, std: per-channel normalization applied inside, so that attacks work in input space.
+        output: how to get logits from what ``net`` returns: ``None`` (a tensor, an object with
+            ``.logits``, or a dict with a ``"logits"`` key), a dict key, a tuple index, or a callable.
+        num_classes: the number of classes (read from the first output when not given).
+        budget: a per-sample limit on forward passes within one attack call.
+        batch_size: rows per pass; ``"auto"`` measures the fastest chunk size once per device,
+            dtype and input shape.
+        autocast: run the net under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``
+            on a GPU); losses and gradients stay in the input's dtype.
+    """
+
+    access: Access = "gradients"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        mean: Sequence[float] | Tensor | None = None,
+        std: Sequence[float] | Tensor | None = None,
+        output: OutputSpec = None,
+        num_classes: int | None = None,
+        budget: int | None = None,
+        batch_size: int | str = "auto",
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(net, Classifier):
+            raise InputError("net: already a Classifier; pass it directly to the attack")
+        if not isinstance(net, nn.Module):
+            raise InputError(
+                f"net: expected a torch.nn.Module returning logits, got {type(net).__name__}; "
+                "wrap a plain function with advx.BlackBox"
+            )
+        from ..threat import _check_bounds
+
+        self.net = net
+        self.bounds = _check_bounds(bounds)
+        self._mean = _channel_stat("mean", mean)
+        self._std = _channel_stat("std", std)
+        if self._std is not None and bool((self._std <= 0).any()):
+            raise InputError("std: every entry must be > 0")
+        if self._mean is not None and self._std is None:
+            self._std = torch.ones_like(self._mean)  # mean without std: subtract only
+        if self._std is not None and self._mean is None:
+            self._mean = torch.zeros_like(self._std)
+        self.output = output
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise InputError(f"budget: expected a positive int (forward passes per sample), got {budget!r}")
+        self.budget = budget
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size: expected a positive int or 'auto', got {batch_size!r}")
+        self.batch_size = batch_size
+        self.autocast = autocast
+        self._stats: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._tuned: dict[tuple, int] = {}
+        self._depth = 0
+        self._warned_train = False
+        self._checked_output = False
+        self.total_queries = 0
+        self.total_grads = 0
+
+    def __repr__(self) -> str:
+        norm = "" if self._mean is None else f", mean={self._mean.tolist()}, std={self._std.tolist()}"
+        return f"Classifier({type(self.net).__name__}, bounds={self.bounds}{norm})"
+
+    # ---- public, for users ------------------------------------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits for a batch of inputs in input space (validated, eval mode, no grad)."""
+        x = check_images(x, self.bounds, name="x")
+        self.check_input(x)
+        with self.prepared(), torch.no_grad():
+            view = ModelView(self, Tracker(x.shape[0], x.device))
+            return view.logits(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Predicted labels, shape (N,)."""
+        return self(x).argmax(dim=1)
+
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        return float((self.predict(x) == y.to(x.device)).float().mean())
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.net.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # ---- Model interface --------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> None:
+        p = next(self.net.parameters(), None)
+        if p is not None and p.device != x.device:
+            raise InputError(
+                f"x is on {x.device} but the model's parameters are on {p.device}; "
+                f"move the inputs with x.to('{p.device}') (advx never moves your model)"
+            )
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        """Eval mode for the duration; every submodule's mode restored after, even on error."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        modes = [(m, m.training) for m in self.net.modules()]
+        if any(t for _, t in modes) and not self._warned_train:
+            self._warned_train = True
+            warnings.warn(
+                "the model was in training mode; advx evaluates it in eval mode (dropout off, "
+                "batch-norm statistics frozen) and puts the mode back afterwards",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.net.eval()
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            for m, t in modes:
+                m.training = t
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self._mean is None:
+            return x
+        key = (x.device, x.dtype)
+        if key not in self._stats:
+            shape = (1, -1) + (1,) * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
+            self._stats[key] = (
+                self._mean.to(x.device, x.dtype).view(shape),
+                self._std.to(x.device, x.dtype).view(shape),
+            )
+            if self._mean.numel() not in (1, x.shape[1]):
+                raise InputError(
+                    f"mean/std: {self._mean.numel()} values but x has {x.shape[1]} channels "
+                    "in dimension 1"
+                )
+        mean, std = self._stats[key]
+        return (x - mean) / std
+
+    def _adapt(self, out: Any) -> Tensor:
+        spec = self.output
+        if spec is None:
+            if isinstance(out, Tensor):
+                logits = out
+            elif hasattr(out, "logits"):
+                logits = out.logits
+            elif isinstance(out, dict) and "logits" in out:
+                logits = out["logits"]
+            else:
+                raise InputError(
+                    f"the model returned a {type(out).__name__}, not a tensor of logits; tell the "
+                    "Classifier where they are with output= (a dict key, a tuple index or a callable)"
+                )
+        elif callable(spec):
+            logits = spec(out)
+        else:
+            try:
+                logits = out[spec]
+            except (KeyError, IndexError, TypeError):
+                raise InputError(f"output={spec!r}: the model's output {type(out).__name__} has no such entry") from None
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise InputError(f"expected logits of shape (N, classes) from the model, got {shape}")
+        return logits
+
+    def _forward(self, x: Tensor) -> Tensor:
+        p = next(self.net.parameters(), None)
+        xin = x if p is None or p.dtype == x.dtype or not p.is_floating_point() else x.to(p.dtype)
+        xin = self._normalize(xin)
+        if self.autocast is not None:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+                out = self.net(xin)
+        else:
+            out = self.net(xin)
+        logits = self._adapt(out)
+        if logits.dtype != x.dtype:
+            logits = logits.to(x.dtype)  # losses in the caller's precision
+        if not self._checked_output:
+            self._check_output(logits)
+        return logits
+
+    def _check_output(self, logits: Tensor) -> None:
+        self._checked_output = True
+        if self.num_classes is None:
+            self.num_classes = logits.shape[1]
+        elif logits.shape[1] != self.num_classes:
+            raise InputError(f"num_classes={self.num_classes} but the model returns {logits.shape[1]} scores")
+        with torch.no_grad():
+            sums = logits.detach().sum(dim=1)
+            if logits.shape[0] and bool((logits >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+                warnings.warn(
+                    "the model seems to return probabilities (rows are >= 0 and sum to 1); attacks "
+                    "and their losses expect logits and are weaker on probabilities (softmax "
+                    "saturates the gradients) -- return the logits, or pass output= to pick them",
+                    UserWarning,
+                    stacklevel=6,
+                )
+
+    def _scores(self, x: Tensor) -> Tensor:
+        self.total_queries += x.shape[0]
+        return self._forward(x)
+
+    def _value_and_grad(self, x: Tensor, loss_fn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.total_queries += x.shape[0]
+        self.total_grads += x.shape[0]
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._forward(xg)
+            loss = loss_fn(logits, *args)
+            # autograd.grad with inputs=[x] skips the weight gradients and leaves param.grad alone
+            (grad,) = torch.autograd.grad(loss.sum(), xg)
+        return loss.detach(), grad, logits.detach()
+
+    # ---- chunk size -------------------------------------------------------------------------
+    def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        key = (x.device.type, x.device.index, x.dtype, tuple(x.shape[1:]), grad)
+        size = self._tuned.get(key)
+        if size is None:
+            if x.shape[0] <= 64:
+                return max(1, x.shape[0])  # too few rows for the tuning to pay off
+            size = self._tune(x, grad)
+            self._tuned[key] = size
+        return size
+
+    def _tune(self, x: Tensor, grad: bool) -> int:
+        """Measure time per row at a few chunk sizes and keep the fastest (smallest on ties)."""
+        sizes = _GPU_SIZES if x.device.type == "cuda" else _CPU_SIZES
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        n = x.shape[0]
+
+        def run(b: int) -> None:
+            rows = x[torch.arange(b, device=x.device) % n]
+            if grad:
+                xg = rows.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    torch.autograd.grad(self._forward(xg).logsumexp(dim=1).sum(), xg)
+            else:
+                with torch.no_grad():
+                    self._forward(rows)
+
+        per_row: dict[int, float] = {}
+        worse = 0
+        for b in sizes:
+            run(b)  # warm-up: allocator, kernels
+            best = math.inf
+            for _ in range(2):
+                sync()
+                t0 = time.perf_counter()
+                run(b)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            per_row[b] = best / b
+            fastest = min(per_row.values())
+            worse = worse + 1 if per_row[b] > 1.15 * fastest else 0
+            if worse >= 2:
+                break
+        fastest = min(per_row.values())
+        choice = min(b for b, t in per_row.items() if t <= 1.05 * fastest)
+        log.debug("advx: chunk size %d for %s (%s), per-row times %s", choice, tuple(x.shape[1:]),
+                  "forward+backward" if grad else "forward", per_row)
+        return choice
+
+
+def _channel_stat(name: str, value) -> Tensor | None:
+    if value is None:
+        return None
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).flatten()
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: expected a sequence of per-channel numbers, got {value!r}") from None
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name}: expected finite per-channel numbers, got {value!r}")
+    return t
+
+
+def as_model(model: Any) -> Model:
+    """Accept a Model as is; wrap a bare ``nn.Module`` in a Classifier with default settings."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        return Classifier(model)
+    raise InputError(
+        f"model: expected an advx.Classifier, a torch.nn.Module or an advx.BlackBox, got "
+        f"{type(model).__name__}"
+    )

@@ -1,0 +1,129 @@
+"""Building and loading models: built-in architectures, ``pkg.module:factory`` specs and weights.
+
+Only ``torch.load(..., weights_only=True)`` and safetensors are used to read weights: advx never
+unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from . import nets
+
+__all__ = ["build", "load_weights", "file_sha256", "BUILTIN", "nets"]
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {
+    "smallcnn": nets.smallcnn,
+    "lenet": nets.lenet,
+    "resnet20": nets.resnet20,
+}
+
+
+def _factory(spec: str) -> Callable[..., Any]:
+    if spec.lower() in BUILTIN:
+        return BUILTIN[spec.lower()]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise InputError(
+            f"model: expected a built-in name ({', '.join(BUILTIN)}) or pkg.module:factory "
+            f"(or path/to/file.py:factory), got {spec!r}"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.exists():
+            raise InputError(f"model: no file {module_name}")
+        mod_spec = importlib.util.spec_from_file_location(f"_advx_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise InputError(f"model: cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise InputError(f"model: {module_name} has no attribute {attr!r}") from None
+
+
+def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any):
+    """Call the factory named by ``spec`` and load ``weights`` into what it returns.
+
+    The factory may return an ``nn.Module`` or an :class:`advx.Classifier` (to declare
+    bounds and normalization together with the architecture).
+    """
+    from ..models import Classifier
+
+    obj = _factory(spec)(**kwargs)
+    net = obj.net if isinstance(obj, Classifier) else obj
+    if not isinstance(net, nn.Module):
+        raise InputError(f"model: {spec} returned a {type(obj).__name__}, expected an nn.Module or an advx.Classifier")
+    if weights is not None:
+        load_weights(net, weights)
+    return obj
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise InputError("weights: reading .safetensors needs the safetensors package: pip install safetensors") from None
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "cannot read"
+        raise InputError(f"weights: cannot read {path} as a state dict ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"weights: {path} does not hold a state dict (a mapping of names to tensors)")
+    # checkpoints saved from DataParallel/DDP prefix every key with "module."
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict into ``net`` strictly; a mismatch names the keys that differ."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"weights: no file {path}")
+    state = _read_state(path)
+    own = net.state_dict()
+    # checkpoints from before PyTorch 0.4.1 lack batch norm's bookkeeping counter: not a mismatch
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5]))
+        raise InputError(f"weights: {path.name} does not fit {type(net).__name__}: " + "; ".join(parts))
+    net.load_state_dict(state, strict=False)
+    return net
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
