@@ -30,6 +30,10 @@ class CW(Attack):
     step when its loss stalls, and the smallest successful perturbation found is kept. With
     ``threat.eps = inf`` it is a minimum-norm attack; with a finite eps only a success inside the
     ball counts.
+
+    Resolution: Adam's first step moves each coordinate by about ``lr`` in tanh space whatever
+    the gradient's size, so perturbations much smaller than that are overestimated; lower
+    ``lr`` when the distances you expect are tiny.
     """
 
     threat: ThreatModel = field(default_factory=lambda: L2(math.inf), kw_only=False)
