@@ -8,14 +8,26 @@
 
 from ._version import __version__
 from .attacks import CW, FGSM, PGD, Attack, AttackResult
-from .errors import AccessError, AdvxError, BudgetExceeded, InputError
-from .models import Classifier
+from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
+from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
 
 __all__ = [
     "__version__",
-    "Classifier",
+    "Classifier", "BlackBox",
     "ThreatModel", "Linf", "L2", "L1",
     "Attack", "AttackResult", "FGSM", "PGD", "CW",
-    "AdvxError", "InputError", "AccessError", "BudgetExceeded",
+    "AdvxError", "InputError", "AccessError", "QueryError", "BudgetExceeded", "ModelError",
 ]
+
+_SUBMODULES = {"attacks", "data", "zoo", "training", "models", "threat", "errors", "viz", "demo",
+               "audit", "defenses", "guard"}
+
+
+def __getattr__(name: str):
+    # `advx.data.load(...)` etc. without importing every subpackage (and its extras) up front
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'advx' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdvxError", "InputError", "BudgetExceeded", "AccessError"]
+__all__ = ["AdvxError", "InputError", "AccessError", "QueryError", "BudgetExceeded", "ModelError"]
 
 
 class AdvxError(Exception):
@@ -20,14 +20,24 @@ class AccessError(AdvxError, TypeError):
     """An attack needs more access to the model than the model gives (e.g. gradients)."""
 
 
-class BudgetExceeded(AdvxError):
-    """A per-sample query budget ran out.
+class QueryError(AdvxError):
+    """An attack had to stop because querying the model failed.
 
     ``queries`` holds what each sample had spent when it happened and ``partial`` the results
-    that were complete at that point (an :class:`~advx.AttackResult` or ``None``).
+    that were complete at that point (an :class:`~advx.AttackResult` or ``None``): samples the
+    clean check already found misclassified, with every sample's counts.
     """
 
     def __init__(self, message: str, *, queries=None, partial=None) -> None:
         super().__init__(message)
         self.queries = queries
         self.partial = partial
+
+
+class BudgetExceeded(QueryError):
+    """A per-sample query budget ran out."""
+
+
+class ModelError(QueryError):
+    """The model misbehaved: wrong output shape, NaN scores, a server that is down or answers
+    garbage. The message names the cause."""

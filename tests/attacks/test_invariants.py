@@ -27,6 +27,13 @@ FAST: dict[str, dict] = {
     "fgsm": {},
     "pgd": {"steps": 10},
     "cw": {"steps": 60, "search_steps": 3, "initial_c": 1.0, "lr": 0.05},
+    "apgd": {"steps": 20},
+    "fab": {"steps": 20},
+    "square": {"queries": 300},
+    "boundary": {"steps": 500},
+    "hopskipjump": {"max_queries": 1000},
+    "zoo": {"max_queries": 2000},
+    "simba": {"max_queries": 1000},
 }
 # Budgets at which the MLP is clearly breakable and uniform noise clearly is not.
 EPS = {"linf": 0.2, "l2": 2.5, "l1": 20.0}
@@ -48,7 +55,7 @@ def test_every_registered_attack_has_harness_settings():
 def _threat(name: str, norm: str, eps: float | None = None):
     cls = attacks.get(name)
     if eps is None:
-        eps = math.inf if cls.minimum_norm and norm == "l2" and name == "cw" else EPS[norm]
+        eps = math.inf if cls.minimum_norm else EPS[norm]
     return advx.ThreatModel(norm, eps)
 
 def _model(net, access: str):

@@ -25,7 +25,7 @@ from .._progress import progress
 from .._rng import SampleRNG
 from .._tensor import flat
 from .._validate import check_classes, check_images, check_index, check_labels, check_target
-from ..errors import AccessError, BudgetExceeded, InputError
+from ..errors import AccessError, InputError, QueryError
 from ..models._base import ACCESS_RANK, Access, ModelView, Tracker
 from ..models.classifier import as_model
 from ..threat import NORMS, ThreatModel
@@ -167,12 +167,12 @@ class Attack(abc.ABC):
                 sub = root.select(todo)
                 try:
                     out = self._run(sub)
-                except BudgetExceeded as e:
+                except QueryError as e:
                     e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
+                    e.queries = tracker.queries.clone()
                     raise
                 xs, ok = out if isinstance(out, tuple) else (out, None)
-                xs = self._finish(sub, xs, ok)
-                x_adv[todo], success[todo] = xs[0], xs[1]
+                x_adv[todo], success[todo] = self._finish(sub, xs, ok)
         return self._result(x, x_adv, success, threat, tracker, target, start)
 
     def _finish(self, p: Problem, x_adv: Tensor, ok: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ import sys
 import click
 
 from .._version import __version__
-from ..errors import AdvxError, BudgetExceeded, InputError
+from ..errors import AdvxError, QueryError
 
 
 class _Group(click.Group):
@@ -20,8 +20,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (InputError, BudgetExceeded) as e:
-            click.echo(f"advx: error: {e}", err=True)
+        except QueryError as e:
+            spent = "" if e.queries is None else f" ({int(e.queries.sum())} queries spent)"
+            click.echo(f"advx: error: {e}{spent}", err=True)
             ctx.exit(2)
         except AdvxError as e:
             click.echo(f"advx: error: {e}", err=True)

@@ -118,6 +118,17 @@ class Classifier(Model):
     def accuracy(self, x: Tensor, y: Tensor) -> float:
         return float((self.predict(x) == y.to(x.device)).float().mean())
 
+    def as_blackbox(self, kind: Access = "scores", *, budget: int | None = None) -> Model:
+        """This classifier seen as a black box that answers ``"scores"`` or only ``"labels"``.
+
+        Attacks see no gradients through it: for testing black-box attacks on a known model.
+        """
+        from .blackbox import ClassifierBox
+
+        if kind not in ("scores", "labels"):
+            raise InputError(f"kind: expected 'scores' or 'labels', got {kind!r}")
+        return ClassifierBox(self, kind, budget=self.budget if budget is None else budget)
+
     @property
     def device(self) -> torch.device:
         for p in self.net.parameters():

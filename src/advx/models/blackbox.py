@@ -1,0 +1,151 @@
+"""Black-box access: a model you can only query for scores, or only for labels.
+
+``BlackBox(fn, kind="scores")`` wraps any callable that maps a batch of inputs (a tensor of
+shape (N, ...)) to scores (N, C) or labels (N,), as a tensor, a NumPy array or a list. Every
+query goes through the same per-sample accounting as a white-box model, no gradient is ever
+asked for, and a misbehaving model (wrong shape, NaN, an exception) stops the attack with a
+:class:`~advx.errors.ModelError` that says what went wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError, ModelError
+from ._base import Access, Model
+
+__all__ = ["BlackBox"]
+
+
+class BlackBox(Model):
+    """A model known only through its answers.
+
+    Args:
+        fn: maps a batch (N, ...) in input space to scores (N, C) or labels (N,).
+        kind: ``"scores"`` (score-based attacks can use it) or ``"labels"`` (decision-based only).
+        bounds: the range of valid inputs.
+        batch_size: the most inputs per call of ``fn`` (None: all at once).
+        budget: a per-sample limit on queries within one attack call.
+        num_classes: the number of classes (read from the first scores when not given; needed
+            for label-only models when the attack must check label ranges).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Any],
+        *,
+        kind: Access = "scores",
+        bounds: tuple[float, float] = (0.0, 1.0),
+        batch_size: int | None = None,
+        budget: int | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        from ..threat import _check_bounds
+
+        if not callable(fn):
+            raise InputError(f"fn: expected a callable that maps a batch of inputs to scores or labels, got {type(fn).__name__}")
+        if kind not in ("scores", "labels"):
+            raise InputError(f"kind: expected 'scores' or 'labels', got {kind!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise InputError(f"budget: expected a positive number of queries per sample, got {budget!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+        self.fn = fn
+        self.access = kind
+        self.bounds = _check_bounds(bounds)
+        self.batch_size = batch_size
+        self.budget = budget
+        self.num_classes = num_classes
+        self.total_queries = 0
+
+    def __repr__(self) -> str:
+        return f"BlackBox({getattr(self.fn, '__name__', type(self.fn).__name__)}, kind={self.access!r}, bounds={self.bounds})"
+
+    def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
+        return self.batch_size or max(1, x.shape[0])
+
+    def _call(self, x: Tensor) -> Tensor:
+        self.total_queries += x.shape[0]
+        try:
+            out = self.fn(x.detach())
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as such
+            raise ModelError(f"the black box raised {type(e).__name__}: {e}") from e
+        if isinstance(out, Tensor):
+            out = out.detach()
+        else:
+            try:
+                out = torch.as_tensor(np.asarray(out))
+            except (TypeError, ValueError) as e:
+                raise ModelError(f"the black box returned {type(out).__name__}, which is not an array ({e})") from None
+        return out.to(x.device)
+
+    def _scores(self, x: Tensor) -> Tensor:
+        if self.access == "labels":
+            raise ModelError("this black box returns labels only")
+        out = self._call(x)
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ModelError(f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]}, classes) scores")
+        if not torch.is_floating_point(out):
+            out = out.to(x.dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise ModelError("the black box returned NaN or Inf scores")
+        if self.num_classes is None:
+            self.num_classes = out.shape[1]
+        elif out.shape[1] != self.num_classes:
+            raise ModelError(f"the black box returned {out.shape[1]} scores per input; expected {self.num_classes}")
+        return out.to(x.dtype)
+
+    def _labels(self, x: Tensor) -> Tensor:
+        if self.access == "scores":
+            return self._scores(x).argmax(dim=1)
+        out = self._call(x)
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = out.view(-1)
+        if out.dim() != 1 or out.shape[0] != x.shape[0]:
+            raise ModelError(f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]},) labels")
+        if torch.is_floating_point(out):
+            if not bool(torch.isfinite(out).all()) or not bool((out == out.round()).all()):
+                raise ModelError("the black box returned labels that are not whole numbers")
+        out = out.long()
+        if out.numel() and (int(out.min()) < 0 or (self.num_classes is not None and int(out.max()) >= self.num_classes)):
+            raise ModelError(f"the black box returned labels outside [0, {(self.num_classes or 0) - 1}]")
+        return out
+
+
+class ClassifierBox(BlackBox):
+    """A white-box Classifier seen as a black box (for testing black-box attacks)."""
+
+    def __init__(self, classifier, kind: Access, budget: int | None = None) -> None:
+        def fn(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                z = classifier._forward(x)
+            return z if kind == "scores" else z.argmax(dim=1)
+
+        super().__init__(fn, kind=kind, bounds=classifier.bounds, budget=budget,
+                         num_classes=classifier.num_classes)
+        self.classifier = classifier
+
+    def __repr__(self) -> str:
+        return f"{self.classifier!r}.as_blackbox({self.access!r})"
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator[None]:
+        with self.classifier.prepared():
+            if self.num_classes is None and self.classifier.num_classes is not None:
+                self.num_classes = self.classifier.num_classes
+            yield
+
+    def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
+        return self.classifier.batch_size_for(x, grad=False)
+
+    def check_input(self, x: Tensor) -> None:
+        self.classifier.check_input(x)
