@@ -11,17 +11,19 @@ from .attacks import CW, FGSM, PGD, Attack, AttackResult
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
+from .audit import Report, audit  # noqa: E402 - `advx.audit(...)` is the function
 
 __all__ = [
     "__version__",
     "Classifier", "BlackBox",
     "ThreatModel", "Linf", "L2", "L1",
     "Attack", "AttackResult", "FGSM", "PGD", "CW",
+    "audit", "Report",
     "AdvxError", "InputError", "AccessError", "QueryError", "BudgetExceeded", "ModelError",
 ]
 
 _SUBMODULES = {"attacks", "data", "zoo", "training", "models", "threat", "errors", "viz", "demo",
-               "audit", "defenses", "guard"}
+               "defenses", "guard"}
 
 
 def __getattr__(name: str):

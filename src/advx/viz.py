@@ -92,12 +92,17 @@ def example_grid(
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
-              title: str = "", ylim: tuple[float, float] | None = (0.0, 1.0)) -> bytes:
-    """A PNG with one line per named series of (x values, y values)."""
+              title: str = "", ylim: tuple[float, float] | None = (0.0, 1.0),
+              marker: tuple[float, float, str] | None = None) -> bytes:
+    """A PNG with one line per named series of (x values, y values), and an optional single
+    labelled point (e.g. the full cascade's result at the audited eps)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+    if marker is not None:
+        ax.plot([marker[0]], [marker[1]], marker="*", markersize=11, linestyle="none", color="crimson", label=marker[2])
+        series = {**series, marker[2]: ([], [])}
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ylim:

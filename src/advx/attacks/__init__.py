@@ -23,6 +23,7 @@ globals().update({cls.__name__: cls for cls in _REGISTRY.values()})
 list = list_attacks  # noqa: A001 - `advx.attacks.list()`, like timm's list_models
 
 from ._targets import random_targets  # noqa: E402
+from .worstcase import WorstCase  # noqa: E402
 
 __all__ = ["Attack", "AttackResult", "Problem", "create", "get", "info", "list", "list_attacks",
-           "register", "random_targets", *sorted(cls.__name__ for cls in _REGISTRY.values())]
+           "register", "random_targets", "WorstCase", *sorted(cls.__name__ for cls in _REGISTRY.values())]

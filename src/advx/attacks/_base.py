@@ -149,6 +149,7 @@ class Attack(abc.ABC):
         tracker = Tracker(n, x.device, budget=model.budget, label=self.name)
         view = ModelView(model, tracker)
         x_adv = x.clone()
+        trace: dict[str, Any] = {}
         with model.prepared(), _preserved_rng(x.device):
             if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
                 clean = view.logits(x)
@@ -171,9 +172,10 @@ class Attack(abc.ABC):
                     e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
                     e.queries = tracker.queries.clone()
                     raise
-                xs, ok = out if isinstance(out, tuple) else (out, None)
+                xs, ok, extra = (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
                 x_adv[todo], success[todo] = self._finish(sub, xs, ok)
-        return self._result(x, x_adv, success, threat, tracker, target, start)
+                trace = _batch_trace(extra, todo, n)
+        return self._result(x, x_adv, success, threat, tracker, target, start, trace)
 
     def _finish(self, p: Problem, x_adv: Tensor, ok: Tensor | None) -> tuple[Tensor, Tensor]:
         """Project onto the threat and the bounds; score the samples whose verdict is unknown
@@ -208,12 +210,12 @@ class Attack(abc.ABC):
             raise InputError(f"threat: {threat.eps.numel()} per-sample eps values for {n} samples")
         return threat.with_bounds(bounds)
 
-    def _result(self, x, x_adv, success, threat, tracker, target, start) -> AttackResult:
+    def _result(self, x, x_adv, success, threat, tracker, target, start, trace=None) -> AttackResult:
         return AttackResult(
             x_adv=x_adv, success=success, distance=threat.distance(x_adv, x),
             queries=tracker.queries, grads=tracker.grads, name=self.name or type(self).__name__,
             params=self.params, threat=threat, target=target,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, trace=trace or {},
         )
 
     @abc.abstractmethod
@@ -222,7 +224,24 @@ class Attack(abc.ABC):
 
         Return the adversarial candidates (N, ...) -- the base projects them -- and, when the
         attack already knows it, a bool (N,) of which are adversarial (saves a final pass).
+        A third element, a dict, goes to ``AttackResult.trace``: its tensors are per sample (one
+        row per sample of ``p``) and are spread over the whole batch; other values pass as given.
         """
+
+
+def _batch_trace(extra: dict[str, Any] | None, rows: Tensor, n: int) -> dict[str, Any]:
+    """``_run``'s trace for the whole batch: each per-sample tensor gets its rows back in a
+    tensor of n rows; the samples the clean check already found adversarial were not attacked
+    and hold NaN (floats), -1 (integers) or False."""
+    out: dict[str, Any] = {}
+    for key, value in (extra or {}).items():
+        if isinstance(value, Tensor):
+            fill = math.nan if value.is_floating_point() else (False if value.dtype == torch.bool else -1)
+            full = torch.full((n, *value.shape[1:]), fill, dtype=value.dtype, device=value.device)
+            full[rows.to(value.device)] = value
+            value = full
+        out[key] = value
+    return out
 
 
 @contextlib.contextmanager

@@ -29,6 +29,9 @@ class AttackResult:
         threat: the threat model the result is inside.
         target: the target classes, or None for an untargeted attack.
         seconds: wall time of the call.
+        trace: what the attack records on the way, e.g. the best distance at query checkpoints
+            of the decision-based attacks. Tensors in it are per sample (first dimension N);
+            other values are shared by the batch.
     """
 
     x_adv: Tensor
@@ -67,6 +70,7 @@ class AttackResult:
             x_adv=self.x_adv[idx], success=self.success[idx], distance=self.distance[idx],
             queries=self.queries[idx], grads=self.grads[idx], target=target,
             threat=self.threat.select(idx) if self.threat.per_sample else self.threat,
+            trace={k: v[idx] if isinstance(v, Tensor) else v for k, v in self.trace.items()},
         )
 
     def summary(self) -> dict[str, Any]:
@@ -111,5 +115,13 @@ def concat_results(results: list[AttackResult]) -> AttackResult:
         first, x_adv=cat("x_adv"), success=cat("success"), distance=cat("distance"),
         queries=cat("queries"), grads=cat("grads"), threat=threat,
         target=None if first.target is None else cat("target"),
-        seconds=sum(r.seconds for r in results),
+        seconds=sum(r.seconds for r in results), trace=_concat_traces(results),
     )
+
+
+def _concat_traces(results: list[AttackResult]) -> dict[str, Any]:
+    """Per-sample trace tensors joined; keys missing from a batch (one whose samples were all
+    misclassified already has no trace) are dropped; other values from the first batch."""
+    keys = [k for k in results[0].trace if all(k in r.trace for r in results)]
+    return {k: torch.cat([r.trace[k] for r in results]) if isinstance(results[0].trace[k], Tensor)
+            else results[0].trace[k] for k in keys}

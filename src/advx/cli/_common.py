@@ -74,13 +74,14 @@ def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.
     lo_hi = parse_floats(bounds, "bounds")
     if not lo_hi or len(lo_hi) != 2:
         raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
-    net = obj.to(device)  # our own freshly built module: moving it is fine
+    net = obj.to(device).eval()  # our own freshly built module: moving it is fine
     return Classifier(net, bounds=tuple(lo_hi), mean=parse_floats(mean, "mean"),
                       std=parse_floats(std, "std"), batch_size=batch_size)
 
 
 def data_option(f):
-    f = click.option("--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples.")(f)
+    # -n as well: under torchrun, whose own parser takes "--n" for one of its options
+    f = click.option("-n", "--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples (-n N under torchrun).")(f)
     f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(f)
     f = click.option("--data", default="mnist-demo", show_default=True,
                      help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.")(f)

@@ -311,7 +311,7 @@ class Classifier(Model):
                 break
         fastest = min(per_row.values())
         choice = min(b for b, t in per_row.items() if t <= 1.05 * fastest)
-        log.debug("advx: chunk size %d for %s (%s), per-row times %s", choice, tuple(x.shape[1:]),
+        log.debug("chunk size %d for %s (%s), per-row times %s", choice, tuple(x.shape[1:]),
                   "forward+backward" if grad else "forward", per_row)
         return choice
 

@@ -1,0 +1,276 @@
+"""The cascade runner: per-sample state saved as it goes, resumable, shardable across processes.
+
+Work is cut into units (one stage of the cascade on one chunk of the samples still robust); the
+state is written atomically after each unit. Every per-sample outcome depends only on (seed,
+stage, sample index), so a resumed run, a run with another chunk size, and a run split across
+processes all give the same per-sample results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .._io import atomic_open
+from ..attacks import Attack
+from ..errors import InputError
+from ..models._base import ACCESS_RANK, ModelView, Tracker
+
+log = logging.getLogger("advx")
+
+__all__ = ["CascadeState", "run_cascade", "model_fingerprint", "Shard", "current_shard"]
+
+_STATE_VERSION = 1
+
+
+@dataclass
+class CascadeState:
+    """Per-sample outcome of a cascade over N samples and K stages (CPU tensors)."""
+
+    n: int
+    stages: int
+    clean_done: bool = False
+    clean_correct: Tensor | None = None  # bool (N,)
+    clean_pred: Tensor | None = None  # long (N,)
+    broken_by: Tensor = field(default=None)  # long (N,), -1: not broken
+    stage_done: Tensor = field(default=None)  # bool (K, N)
+    distance: Tensor = field(default=None)  # float (N,), nan where not broken
+    queries: Tensor = field(default=None)  # long (K + 1, N); row 0 is the clean pass
+    grads: Tensor = field(default=None)  # long (K + 1, N)
+    seconds: Tensor = field(default=None)  # float (K + 1,)
+    x_adv: Tensor | None = None  # (N, ...) adversarial examples of the broken samples, else x
+
+    def __post_init__(self) -> None:
+        n, k = self.n, self.stages
+        if self.broken_by is None:
+            self.broken_by = torch.full((n,), -1, dtype=torch.long)
+            self.stage_done = torch.zeros(k, n, dtype=torch.bool)
+            self.distance = torch.full((n,), float("nan"), dtype=torch.float64)
+            self.queries = torch.zeros(k + 1, n, dtype=torch.long)
+            self.grads = torch.zeros(k + 1, n, dtype=torch.long)
+            self.seconds = torch.zeros(k + 1, dtype=torch.float64)
+
+    @property
+    def robust(self) -> Tensor:
+        return self.clean_correct & (self.broken_by < 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("n", "stages", "clean_done", "clean_correct", "clean_pred", "broken_by",
+                                             "stage_done", "distance", "queries", "grads", "seconds", "x_adv")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CascadeState":
+        return cls(**d)
+
+    def select(self, rows: Tensor) -> "CascadeState":
+        """The state of some samples (for merging shards)."""
+        out = CascadeState(n=rows.numel(), stages=self.stages, clean_done=self.clean_done)
+        out.clean_correct, out.clean_pred = self.clean_correct[rows], self.clean_pred[rows]
+        out.broken_by, out.stage_done = self.broken_by[rows], self.stage_done[:, rows]
+        out.distance, out.queries, out.grads = self.distance[rows], self.queries[:, rows], self.grads[:, rows]
+        out.seconds = self.seconds.clone()
+        out.x_adv = None if self.x_adv is None else self.x_adv[rows]
+        return out
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's weights and buffers, in state-dict order (what a resume must match)."""
+    net = getattr(model, "net", None) or getattr(getattr(model, "classifier", None), "net", None)
+    h = hashlib.sha256()
+    if net is None:
+        h.update(repr(model).encode())
+        return h.hexdigest()
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for attr in ("_mean", "_std", "bounds"):
+        h.update(repr(getattr(model, attr, None)).encode())
+    return h.hexdigest()
+
+
+# ---- sharding ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world: int = 1
+
+    def rows(self, n: int) -> Tensor:
+        """This process's samples: every world-th one, from its rank."""
+        return torch.arange(self.rank, n, self.world)
+
+
+def current_shard() -> Shard:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Shard(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Shard()
+
+
+# ---- state file ----------------------------------------------------------------------------
+def _load_state(path: Path, fingerprint: dict[str, Any], *, mismatch: str = "error") -> CascadeState | None:
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"resume: cannot read the state file {path} ({type(e).__name__}); delete it to start afresh") from None
+    if not isinstance(blob, dict) or blob.get("version") != _STATE_VERSION:
+        raise InputError(f"resume: {path} is not an advx audit state file (or from another version); delete it to start afresh")
+    old = blob["fingerprint"]
+    differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if differ and mismatch == "restart":
+        log.warning("%s is from a different %s; starting afresh", path, ", ".join(differ))
+        return None
+    if differ:
+        what = "; ".join(f"{k}: {_short(old.get(k))} in the file, {_short(fingerprint[k])} now" for k in differ)
+        raise InputError(f"resume: {path} was written for a different {', '.join(differ)} ({what}); "
+                         "pass another --resume path or delete the file to start afresh")
+    return CascadeState.from_dict(blob["state"])
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s[:12] + "…" if len(s) > 40 else s
+
+
+def _save_state(path: Path, fingerprint: dict[str, Any], state: CascadeState) -> None:
+    with atomic_open(path, "wb") as f:
+        torch.save({"version": _STATE_VERSION, "fingerprint": fingerprint, "state": state.to_dict()}, f)
+
+
+# ---- the cascade -----------------------------------------------------------------------------
+def run_cascade(
+    model,
+    x: Tensor,
+    y: Tensor,
+    attacks: list[Attack],
+    *,
+    index: Tensor | None = None,
+    state_path: str | os.PathLike | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    batch_size: int = 500,
+    desc: str = "audit",
+    mismatch: str = "error",
+) -> CascadeState:
+    """Run ``attacks`` in order on (x, y); each stage only on the samples still robust.
+
+    ``index`` holds the global sample ids (they key the random streams); with ``state_path`` the
+    state is loaded from it when it exists (and matches ``fingerprint``; else an error, or a fresh
+    start with ``mismatch="restart"``) and saved after each unit.
+    """
+    n = x.shape[0]
+    index = torch.arange(n) if index is None else index.cpu()
+    path = Path(state_path) if state_path is not None else None
+    fingerprint = fingerprint or {}
+    state = _load_state(path, fingerprint, mismatch=mismatch) if path is not None else None
+    if state is not None:
+        log.info("resuming from %s", path)
+    else:
+        state = CascadeState(n=n, stages=len(attacks))
+    if state.n != n or state.stages != len(attacks):
+        raise InputError(f"resume: the state file holds {state.n} samples and {state.stages} stages, this run has {n} and {len(attacks)}")
+
+    def save() -> None:
+        if path is not None:
+            _save_state(path, fingerprint, state)
+
+    dev = x.device
+    if not state.clean_done:
+        t0 = time.perf_counter()
+        tracker = Tracker(n, dev)
+        view = ModelView(model, tracker)
+        with model.prepared():
+            if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
+                pred = torch.cat([view.select(torch.arange(b, min(b + batch_size, n), device=dev)).logits(x[b : b + batch_size]).argmax(1)
+                                  for b in range(0, n, batch_size)])
+            else:
+                pred = torch.cat([view.select(torch.arange(b, min(b + batch_size, n), device=dev)).labels(x[b : b + batch_size])
+                                  for b in range(0, n, batch_size)])
+        state.clean_pred = pred.cpu()
+        state.clean_correct = (pred == y).cpu()
+        state.queries[0] += tracker.queries.cpu()
+        state.seconds[0] += time.perf_counter() - t0
+        state.x_adv = x.detach().cpu().clone()
+        state.clean_done = True
+        save()
+
+    total = int(state.clean_correct.sum()) * len(attacks)
+    done_units = int((state.stage_done & state.clean_correct).sum())
+    with _bar(total, desc, done_units) as advance:
+        for k, attack in enumerate(attacks):
+            todo = (state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]).nonzero().view(-1)
+            skipped = int((state.clean_correct & ~state.stage_done[k]).sum()) - todo.numel()
+            for b in range(0, todo.numel(), batch_size):
+                rows = todo[b : b + batch_size]
+                rows_dev = rows.to(dev)
+                t0 = time.perf_counter()
+                r = attack(model, x[rows_dev], y[rows_dev], index=index[rows].to(dev))
+                state.seconds[k + 1] += time.perf_counter() - t0
+                hit = r.success.cpu()
+                state.queries[k + 1, rows] += r.queries.cpu()
+                state.grads[k + 1, rows] += r.grads.cpu()
+                state.broken_by[rows[hit]] = k
+                state.distance[rows[hit]] = r.distance.cpu()[hit].double()
+                state.x_adv[rows[hit]] = r.x_adv.detach().cpu()[hit].to(state.x_adv.dtype)
+                state.stage_done[k, rows] = True
+                save()
+                advance(rows.numel())
+            # samples broken by an earlier stage count as done for this one
+            state.stage_done[k] |= state.clean_correct & (state.broken_by >= 0) & (state.broken_by < k)
+            advance(skipped)
+    save()
+    return state
+
+
+@contextlib.contextmanager
+def _bar(total: int, desc: str, initial: int) -> Iterator:
+    """A progress bar over sample-stages, advanced by hand."""
+    from .._progress import _setting
+
+    setting = _setting()
+    if setting is False or total == 0:
+        yield lambda k: None
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        yield lambda k: None
+        return
+    with tqdm(total=total, initial=initial, desc=desc, unit="sample", leave=False, dynamic_ncols=True,
+              disable=None if setting is None else False) as bar:
+        yield bar.update
+
+
+def gather_states(state: CascadeState, shard: Shard, n: int) -> CascadeState | None:
+    """Merge the shards' states on rank 0 (None on the other ranks)."""
+    if shard.world == 1:
+        return state
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * shard.world if shard.rank == 0 else None
+    dist.gather_object(state.to_dict(), parts, dst=0)
+    if shard.rank != 0:
+        return None
+    merged = CascadeState(n=n, stages=state.stages, clean_done=True)
+    first = CascadeState.from_dict(parts[0])
+    merged.clean_correct = torch.zeros(n, dtype=torch.bool)
+    merged.clean_pred = torch.zeros(n, dtype=torch.long)
+    merged.x_adv = torch.zeros((n, *first.x_adv.shape[1:]), dtype=first.x_adv.dtype)
+    merged.seconds = torch.zeros_like(first.seconds)
+    for r, blob in enumerate(parts):
+        part = CascadeState.from_dict(blob)
+        rows = Shard(r, shard.world).rows(n)
+        merged.clean_correct[rows], merged.clean_pred[rows] = part.clean_correct, part.clean_pred
+        merged.broken_by[rows], merged.stage_done[:, rows] = part.broken_by, part.stage_done
+        merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = part.distance, part.queries, part.grads
+        merged.x_adv[rows] = part.x_adv
+        merged.seconds = torch.maximum(merged.seconds, part.seconds)  # wall time: the slowest shard
+    return merged

@@ -1,0 +1,65 @@
+"""The HTML report: self-contained, and rendered by a real headless browser when one is here."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import advx
+
+pytest.importorskip("jinja2")
+pytest.importorskip("matplotlib")
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def page(trained_mlp, mnist_test, tmp_path_factory):
+    x, y = mnist_test
+    r = advx.audit(trained_mlp, x[:80], y[:80], advx.Linf(EPS),
+                   suite=[advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10)], eps_curve=[0.05, 0.1])
+    path = tmp_path_factory.mktemp("html") / "report.html"
+    r.save_html(path)
+    return r, path
+
+
+def test_the_page_is_self_contained_and_says_what_the_json_says(page):
+    r, path = page
+    html = path.read_text()
+    assert f"{100 * r.robust_accuracy:.2f}%" in html and f"{100 * r.clean_accuracy:.2f}%" in html
+    assert html.count("data:image/png;base64,") >= 4  # eps curve, cascade, per class, examples
+    assert not re.search(r"""(src|href)=["']https?://""", html)  # nothing fetched from the network
+    for section in ("cascade", "per-class", "eps-curve", "provenance"):
+        assert f'id="{section}"' in html
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless browser installed (Debian: apt-get install chromium)")
+def test_a_real_browser_renders_the_report(page, tmp_path):
+    r, path = page
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_browser(), *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="robust-accuracy"' in dom.stdout and f"{100 * r.robust_accuracy:.2f}%" in dom.stdout
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([_browser(), *flags, f"--screenshot={shot}", "--window-size=1200,1800", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.exists()
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    # the plots drew: a good share of the page is neither white nor near-white
+    dark = sum(img.histogram()[:200]) / (img.width * img.height)
+    assert dark > 0.03, dark
