@@ -150,31 +150,33 @@ class Attack(abc.ABC):
         view = ModelView(model, tracker)
         x_adv = x.clone()
         trace: dict[str, Any] = {}
+        success = torch.zeros(n, dtype=torch.bool, device=x.device)
         with model.prepared(), _preserved_rng(x.device):
-            if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
-                clean = view.logits(x)
-                num_classes = clean.shape[1]
-            else:
-                clean = view.labels(x)
-                num_classes = int(getattr(model, "num_classes", None) or 0)
-            if num_classes:
-                check_classes(y, num_classes)
-                if target is not None:
-                    check_classes(target, num_classes, name="target")
-            root = Problem(view, x, y, target, threat, SampleRNG(self.seed, index), num_classes, self.name)
-            success = root.is_adversarial(clean)
-            todo = (~success).nonzero().view(-1)
-            if todo.numel() and not threat.is_zero:
-                sub = root.select(todo)
-                try:
+            try:
+                if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
+                    clean = view.logits(x)
+                    num_classes = clean.shape[1]
+                else:
+                    clean = view.labels(x)
+                    num_classes = int(getattr(model, "num_classes", None) or 0)
+                if num_classes:
+                    check_classes(y, num_classes)
+                    if target is not None:
+                        check_classes(target, num_classes, name="target")
+                root = Problem(view, x, y, target, threat, SampleRNG(self.seed, index), num_classes, self.name)
+                success = root.is_adversarial(clean)
+                todo = (~success).nonzero().view(-1)
+                if todo.numel() and not threat.is_zero:
+                    sub = root.select(todo)
                     out = self._run(sub)
-                except QueryError as e:
-                    e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
-                    e.queries = tracker.queries.clone()
-                    raise
-                xs, ok, extra = (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
-                x_adv[todo], success[todo] = self._finish(sub, xs, ok)
-                trace = _batch_trace(extra, todo, n)
+                    xs, ok, extra = (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
+                    x_adv[todo], success[todo] = self._finish(sub, xs, ok)
+                    trace = _batch_trace(extra, todo, n)
+            except QueryError as e:
+                # keep what is known (the clean check's verdicts) and what was spent
+                e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
+                e.queries = tracker.queries.clone()
+                raise
         return self._result(x, x_adv, success, threat, tracker, target, start, trace)
 
     def _finish(self, p: Problem, x_adv: Tensor, ok: Tensor | None) -> tuple[Tensor, Tensor]:

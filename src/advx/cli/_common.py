@@ -59,7 +59,7 @@ def model_options(f):
     f = click.option("--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225.")(f)
     f = click.option("--mean", default=None, help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt/.pth/.th or .safetensors).")(f)
-    f = click.option("--model", "model_spec", required=True,
+    f = click.option("--model", "model_spec", required=False, default=None,
                      help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory or file.py:factory.")(f)
     return f
 

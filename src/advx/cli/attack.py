@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import cli
-from ._common import build_classifier, data_option, emit_json, info, model_options, parse_params, pick_device
+from ._common import (build_classifier, data_option, emit_json, info, model_options, parse_floats, parse_params,
+                      pick_device)
 from ..errors import InputError
 
 
@@ -23,6 +24,12 @@ def _attack_names() -> list[str]:
 @cli.command("attack")
 @click.argument("name", type=click.Choice(_attack_names(), case_sensitive=False))
 @model_options
+@click.option("--blackbox", default=None, metavar="URL|FILE.onnx|pkg.module:fn",
+              help="Attack a model you can only query (instead of --model): an HTTP endpoint, an ONNX file or a callable.")
+@click.option("--kind", type=click.Choice(["scores", "labels"]), default="scores", show_default=True,
+              help="What the black box returns.")
+@click.option("--budget", type=click.IntRange(min=1), default=None, help="Hard cap on queries per sample.")
+@click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Classes of a label-only black box.")
 @data_option
 @click.option("--threat", "threat_spec", default="linf:0.3", show_default=True, help="NORM:EPS, e.g. linf:8/255, l2:0.5, l2:inf.")
 @click.option("--target", default=None, help="Targeted attack: a class index for all samples, or 'random'.")
@@ -31,8 +38,8 @@ def _attack_names() -> list[str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per attack call.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the .npz of results.")
-def attack_command(name, model_spec, weights, mean, std, bounds, data, split, n, threat_spec, target,
-                   params, seed, batch_size, device, out) -> None:
+def attack_command(name, model_spec, weights, mean, std, bounds, blackbox, kind, budget, num_classes, data, split, n,
+                   threat_spec, target, params, seed, batch_size, device, out) -> None:
     """Run attack NAME and write x_adv with per-sample success, distance, queries and grads.
 
     A JSON summary goes to stdout.
@@ -50,11 +57,21 @@ def attack_command(name, model_spec, weights, mean, std, bounds, data, split, n,
     dev = pick_device(device)
     threat = parse_threat(threat_spec)
     attack = attacks.create(name, threat, seed=seed, **parse_params(params))
-    model = build_classifier(model_spec, weights, mean, std, bounds, dev)
+    if (model_spec is None) == (blackbox is None):
+        raise InputError("give either --model (white-box) or --blackbox (query access), not both and not neither")
+    if blackbox is not None:
+        from ..models import BlackBox
+
+        lo_hi = parse_floats(bounds, "bounds")
+        model = BlackBox.from_spec(blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=tuple(lo_hi))
+    else:
+        model = build_classifier(model_spec, weights, mean, std, bounds, dev)
+        if budget is not None:
+            model.budget = budget
     x, y = load(data, split=split, n=n)
     x, y = x.to(dev), y.to(dev)
     index = torch.arange(len(x), device=dev)
-    num_classes = model(x[:1]).shape[1]
+    num_classes = _num_classes(model, x, num_classes)
 
     tgt = None
     if target is not None:
@@ -97,8 +114,22 @@ def attack_command(name, model_spec, weights, mean, std, bounds, data, split, n,
         "summary": summary,
         "provenance": {
             "advx": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(dev), "seed": seed, "model": model_spec,
+            "device": str(dev), "seed": seed, "model": model_spec or blackbox,
             "weights_sha256": file_sha256(weights) if weights else None,
             "data": str(data), "data_sha256": data_sha256(x, y),
         },
     })
+
+
+def _num_classes(model, x, given: int | None) -> int:
+    """From one query of the first input (charged to no attack), or as given for labels-only."""
+    from ..models import ModelView, Tracker
+
+    if model.access == "labels":
+        if given is None:
+            if model.num_classes is None:
+                raise InputError("--num-classes: a label-only black box does not say how many classes it has")
+            return model.num_classes
+        return given
+    with model.prepared():
+        return ModelView(model, Tracker(1, x.device)).logits(x[:1]).shape[1]

@@ -45,6 +45,8 @@ def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat
     from ..threat import parse_threat
     from ..zoo import file_sha256
 
+    if model_spec is None:
+        raise InputError("--model is required: a built-in name, pkg.module:factory or file.py:factory")
     rank, world = _init_distributed(device)
     for path, name in ((out, "out"), (html_path, "html"), (resume, "resume")):
         if path is not None and rank == 0:

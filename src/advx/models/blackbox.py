@@ -68,6 +68,39 @@ class BlackBox(Model):
     def __repr__(self) -> str:
         return f"BlackBox({getattr(self.fn, '__name__', type(self.fn).__name__)}, kind={self.access!r}, bounds={self.bounds})"
 
+    @classmethod
+    def from_http(cls, url: str, *, kind: Access = "scores", timeout: float = 10.0, retries: int = 3,
+                  backoff: float = 0.5, headers: dict[str, str] | None = None, batch_size: int | None = 64,
+                  **kwargs: Any) -> "BlackBox":
+        """A model behind an HTTP endpoint (the JSON protocol of :mod:`advx.models.remote`):
+        timeouts, retries with exponential backoff, and a clear error when the server misbehaves."""
+        from .remote import http_fn
+
+        fn = http_fn(url, kind=kind, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
+        return cls(fn, kind=kind, batch_size=batch_size, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path, *, kind: Access = "scores", output: int = 0, providers: list[str] | None = None,
+                  **kwargs: Any) -> "BlackBox":
+        """An ONNX model run with onnxruntime; with ``kind="labels"`` only its argmax is disclosed."""
+        from .remote import onnx_fn
+
+        return cls(onnx_fn(path, kind=kind, output=output, providers=providers), kind=kind, **kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs: Any) -> "BlackBox":
+        """``http(s)://...``, ``path/to/model.onnx`` or ``pkg.module:fn`` (a callable, or a
+        factory of one when called with no arguments returns a callable)."""
+        spec = str(spec)
+        if spec.startswith(("http://", "https://")):
+            return cls.from_http(spec, **kwargs)
+        if spec.endswith(".onnx"):
+            return cls.from_onnx(spec, **kwargs)
+        from ..zoo import _factory
+
+        fn = _factory(spec)
+        return cls(fn, **kwargs)
+
     def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
         return self.batch_size or max(1, x.shape[0])
 
