@@ -29,7 +29,7 @@ FAST: dict[str, dict] = {
     "cw": {"steps": 60, "search_steps": 3, "initial_c": 1.0, "lr": 0.05},
     "apgd": {"steps": 20},
     "fab": {"steps": 20},
-    "square": {"queries": 300},
+    "square": {"queries": 1000},
     "boundary": {"steps": 500},
     "hopskipjump": {"max_queries": 1000},
     "zoo": {"max_queries": 2000},
