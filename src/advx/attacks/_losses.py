@@ -1,7 +1,8 @@
 """Losses that attacks maximize, one value per sample.
 
 Convention: larger is better for the attacker, for the untargeted and the targeted case alike,
-and ``margin > 0`` exactly when the sample is adversarial.
+and ``margin > 0`` (likewise ``dlr > 0`` and ``dlr_targeted > 0``) exactly when the sample is
+adversarial.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["ce", "margin", "other_max", "LOSSES", "get_loss"]
+__all__ = ["ce", "margin", "dlr", "dlr_targeted", "other_max", "LOSSES", "get_loss"]
 
 
 def other_max(logits: Tensor, labels: Tensor) -> Tensor:
@@ -35,7 +36,40 @@ def margin(logits: Tensor, labels: Tensor, targeted: bool = False) -> Tensor:
     return own - other if targeted else other - own
 
 
-LOSSES = {"ce": ce, "margin": margin}
+def _sorted_logits(logits: Tensor, need: int, who: str) -> Tensor:
+    """Logits sorted in decreasing order, (N, C); DLR's scale needs at least ``need`` classes."""
+    if logits.shape[1] < need:
+        raise InputError(f"loss: {who} needs at least {need} classes, the model gives {logits.shape[1]}; use ce or margin")
+    return logits.sort(dim=1, descending=True).values
+
+
+def dlr(logits: Tensor, labels: Tensor, targeted: bool = False) -> Tensor:
+    """Difference of logits ratio (Croce & Hein, 2020): ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``
+    with ``z_pi`` the sorted logits. Unchanged by shifting the logits and by scaling them by a
+    positive factor, so a model's logit scale cannot hide a gradient. Targeted: :func:`dlr_targeted`."""
+    if targeted:
+        return dlr_targeted(logits, labels)
+    z = _sorted_logits(logits, 3, "dlr")
+    own = logits.gather(1, labels.view(-1, 1)).view(-1)
+    return (other_max(logits, labels) - own) / (z[:, 0] - z[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: Tensor, labels: Tensor, targeted: bool = True) -> Tensor:
+    """Targeted DLR towards ``labels``: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``.
+
+    The paper's z_y is the true class's logit; here it is the best logit other than the target's,
+    which is z_y as long as the sample is still classified as y (the only case the paper's
+    attack sees) and the margin to beat after that. ``targeted=False`` reads ``labels`` as the
+    true classes and uses the untargeted numerator with this scale.
+    """
+    z = _sorted_logits(logits, 4, "dlr_targeted")
+    own = logits.gather(1, labels.view(-1, 1)).view(-1)
+    gap = own - other_max(logits, labels)
+    scale = z[:, 0] - (z[:, 2] + z[:, 3]) / 2 + 1e-12
+    return (gap if targeted else -gap) / scale
+
+
+LOSSES = {"ce": ce, "margin": margin, "dlr": dlr, "dlr_targeted": dlr_targeted}
 
 
 def get_loss(name: str):

@@ -1,0 +1,237 @@
+"""APGD: Auto-PGD (Croce & Hein, ICML 2020), a step-size-free PGD with momentum.
+
+The step size starts at 2 * eps and is halved, per sample, at the checkpoints of a fixed schedule
+when the last stretch of steps went badly; on a halving the sample restarts from its best point.
+``loss="dlr-targeted"`` without a target is AutoAttack's APGD-T: an untargeted attack that tries
+the most likely other classes one after another. Under L1 it is APGD-L1 (Croce & Hein, ICML 2021,
+"Mind the box"): sparse steps whose sparsity follows the best point's, from a sparse start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .._tensor import flat, per_sample
+from ..errors import InputError
+from ._base import Attack, Problem, one_of, positive_int
+from ._losses import LOSSES
+from ._registry import register
+
+__all__ = ["APGD", "checkpoints"]
+
+MOMENTUM = 0.75  # alpha of the paper: weight of the new step against the last move
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations w_j = ceil(p_j * steps) at which APGD may halve its step size.
+
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): the stretches between
+    checkpoints shrink from 22% to 6% of the run. Computed in hundredths, with integers, so that
+    no rounding error moves a checkpoint (0.41 * 100 is 41.000000000000007 in floating point).
+    """
+    hundredths = [0, 22]
+    while True:
+        nxt = hundredths[-1] + max(hundredths[-1] - hundredths[-2] - 3, 6)
+        if nxt > 100:
+            break
+        hundredths.append(nxt)
+    marks = sorted({-(-h * steps // 100) for h in hundredths})  # ceil(h * steps / 100), deduplicated
+    return [w for w in marks if w < steps or w == 0]
+
+
+@register("apgd")
+@dataclass(kw_only=True, eq=False)
+class APGD(Attack):
+    """Auto-PGD with the cross-entropy (``"ce"``), DLR (``"dlr"``) or targeted DLR loss.
+
+    Per sample: the step size, the count of steps that raised the loss, the best point (highest
+    loss) and the checkpoint tests; ``restarts`` random starts, each only on the samples no earlier
+    one broke. With ``target=`` the attack aims at that class (targeted CE or targeted DLR).
+    ``loss="dlr-targeted"`` without a target is APGD-T: for each sample, the ``targets`` classes
+    with the highest clean logits other than the true one are tried in turn, each on the samples
+    still unbroken, with untargeted success. ``early_stop`` drops a sample from further passes as
+    soon as it is adversarial; without it the sample keeps iterating and its first adversarial
+    point is kept.
+
+    L1 follows APGD-L1: each step moves the largest coordinates of the gradient (skipping those the
+    box blocks) by eta in total, no momentum, from Gaussian noise projected onto the ball and the
+    box; every 4% of the run the share of coordinates moved is set to 1/1.5 of the best point's
+    and the step, which starts at eps, shrinks by 1.5 or resets to eps. The paper's optional
+    phases at 3 eps and 2 eps are not done.
+    """
+
+    loss: str = "ce"
+    steps: int = 100
+    restarts: int = 1
+    targets: int = 9
+    rho: float = 0.75
+    early_stop: bool = True
+
+    norms = ("linf", "l2", "l1")
+
+    def _check(self) -> None:
+        one_of("APGD", "loss", self.loss, ("ce", "dlr", "dlr-targeted"))
+        positive_int("APGD", "steps", self.steps)
+        positive_int("APGD", "restarts", self.restarts)
+        positive_int("APGD", "targets", self.targets)
+        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not 0 <= self.rho <= 1:
+            raise InputError(f"APGD: rho must be a number in [0, 1], got {self.rho!r}")
+
+    def _run(self, p: Problem):
+        n = len(p)
+        best = p.x.clone()
+        best_loss = torch.full((n,), float("-inf"), device=p.x.device, dtype=p.x.dtype)
+        found = torch.zeros(n, dtype=torch.bool, device=p.x.device)
+        loss_fn = LOSSES[self.loss.replace("-", "_")]
+        apgd_t = self.loss == "dlr-targeted" and not p.targeted
+        if apgd_t:
+            if p.num_classes < 4:
+                raise InputError(f"APGD: loss='dlr-targeted' needs at least 4 classes, the model gives {p.num_classes}")
+            # classes other than the true one, most likely first (on the clean input)
+            clean = p.model.logits(p.x)
+            ranked = clean.scatter(1, p.y.view(-1, 1), float("-inf")).argsort(dim=1, descending=True)
+            runs = min(self.targets, p.num_classes - 1)
+            loss_fn = partial(loss_fn, targeted=True)
+        else:
+            runs = 1
+            loss_fn = partial(loss_fn, targeted=p.targeted)
+
+        for k in range(runs):
+            for restart in range(self.restarts):
+                rows = (~found).nonzero().view(-1)
+                if rows.numel() == 0:
+                    return best, found
+                q = p.select(rows)
+                labels = ranked[rows, k] if apgd_t else q.labels
+                desc = f"{p.name} target {k + 1}/{runs}" if apgd_t else p.name
+                if self.restarts > 1:
+                    desc += f" restart {restart + 1}/{self.restarts}"
+                xr, lr, adv = self._descend(q, labels, loss_fn, (restart, k), desc)
+                # per sample: the first adversarial point, else the highest loss over all runs
+                better = adv | (lr > best_loss[rows])
+                best[rows[better]] = xr[better]
+                best_loss[rows[better]] = lr[better]
+                found[rows[adv]] = True
+        return best, found
+
+    def _descend(self, q: Problem, labels: Tensor, loss_fn, key: tuple[int, int], desc: str):
+        """One APGD run from a random start. Returns, per sample, the point to keep (the first
+        adversarial one, else the one with the highest loss), its loss and whether it is adversarial."""
+        n, dev, dtype = len(q), q.x.device, q.x.dtype
+        l1 = q.threat.norm == "l1"
+        if l1:
+            # APGD-L1 checks every 4% of the run and starts sparse, as the paper does: Gaussian
+            # noise projected onto the ball and the box (a uniform point of the ball is dense)
+            every = max(int(0.04 * self.steps), 1)
+            window = {w: every for w in range(every, self.steps, every)}
+            noise = q.rng.normal(*key, shape=tuple(q.x.shape[1:]), dtype=dtype).to(dev)
+            x0 = q.threat.project(q.x + noise, q.x)
+        else:
+            marks = checkpoints(self.steps)
+            window = {w: w - v for v, w in zip(marks, marks[1:])}  # checkpoint -> steps since the last one
+            x0 = q.threat.random_init(q.x, q.rng, *key)
+        out_x, out_loss = x0.clone(), torch.full((n,), float("-inf"), device=dev, dtype=dtype)
+        out_adv = torch.zeros(n, dtype=torch.bool, device=dev)
+        eps = q.threat.eps_tensor(q.x)
+        lowest = torch.full((n,), float("-inf"), device=dev, dtype=dtype)
+        # per-sample state of the samples still running; `act` are their positions in q
+        s = {
+            "x": x0, "prev": x0, "eta": eps if l1 else 2 * eps, "eps": eps,
+            "ups": torch.zeros(n, dtype=torch.long, device=dev),  # steps that raised the loss since the last checkpoint
+            "loss_prev": lowest, "best_x": x0.clone(), "best_loss": lowest.clone(), "best_grad": torch.zeros_like(x0),
+            "reduced": torch.zeros(n, dtype=torch.bool, device=dev),  # step size cut at the last checkpoint
+            "best_at_mark": lowest.clone(),  # best loss at the last checkpoint
+            "act": torch.arange(n, device=dev), "labels": labels,
+        }
+        if l1:
+            d = x0[0].numel()
+            s["frac"] = torch.full((n,), 0.2, device=dev, dtype=dtype)  # share of coordinates a step moves
+            s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
+        qa = q
+
+        def record(x, loss, adv):
+            """Keep the best point and the first adversarial one; return the rows to keep running."""
+            act, better = s["act"], loss > s["best_loss"]
+            s["best_x"][better], s["best_loss"][better] = x[better], loss[better]
+            first = adv & ~out_adv[act]
+            out_x[act[first]], out_loss[act[first]] = x[first], loss[first]
+            out_adv[act[first]] = True
+            return (~adv).nonzero().view(-1) if self.early_stop and bool(adv.any()) else None
+
+        for t in q.progress(self.steps, desc):
+            x = s["x"]
+            loss, grad, logits = qa.model.value_and_grad(x, loss_fn, s["labels"])
+            better = loss > s["best_loss"]
+            s["best_grad"][better] = grad[better]
+            keep = record(x, loss, qa.is_adversarial(logits))
+            if t > 0:
+                s["ups"] = s["ups"] + (loss > s["loss_prev"])
+            s["loss_prev"], s["grad"] = loss, grad
+            if keep is not None:
+                if keep.numel() == 0:
+                    break
+                s = {k: v[keep] for k, v in s.items()}
+                qa = qa.select(keep)
+            if t in window:
+                restart = self._l1_checkpoint(s, qa.x) if l1 else self._checkpoint(s, window[t])
+                if bool(restart.any()):  # go on from the best point, without momentum
+                    mask = restart.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
+                    s["x"] = torch.where(mask, s["best_x"], s["x"])
+                    s["prev"] = torch.where(mask, s["best_x"], s["prev"])
+                    s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
+                    s["loss_prev"] = torch.where(restart, s["best_loss"], s["loss_prev"])
+            x, eta = s["x"], per_sample(s["eta"], s["x"])
+            if l1:  # a sparse step, no momentum (Croce & Hein, 2021)
+                x_next = qa.threat.project(x + eta * _sparse_sign(s["grad"], x, s["frac"], qa.threat.bounds), qa.x)
+            else:
+                # z = P(x + eta s(grad)); x' = P(x + a (z - x) + (1 - a) (x - x_prev)); no momentum on the first step
+                z = qa.threat.project(x + eta * qa.threat.steepest_ascent(s["grad"]), qa.x)
+                a = 1.0 if t == 0 else MOMENTUM
+                x_next = qa.threat.project(x + a * (z - x) + (1 - a) * (x - s["prev"]), qa.x)
+            s["prev"], s["x"] = x, x_next
+        else:
+            logits = qa.model.logits(s["x"])  # the last step's point
+            record(s["x"], loss_fn(logits, s["labels"]), qa.is_adversarial(logits))
+
+        act = s["act"]
+        rest = ~out_adv[act]
+        out_x[act[rest]], out_loss[act[rest]] = s["best_x"][rest], s["best_loss"][rest]
+        return out_x, out_loss, out_adv
+
+    def _checkpoint(self, s: dict, window: int) -> Tensor:
+        """Halve the step where too few of the last ``window`` steps raised the loss, or where
+        neither the step size nor the best loss changed since the last checkpoint."""
+        halve = (s["ups"] < self.rho * window) | (~s["reduced"] & (s["best_loss"] <= s["best_at_mark"]))
+        s["reduced"], s["best_at_mark"] = halve, s["best_loss"].clone()
+        s["ups"] = torch.zeros_like(s["ups"])
+        s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
+        return halve
+
+    @staticmethod
+    def _l1_checkpoint(s: dict, x_clean: Tensor) -> Tensor:
+        """APGD-L1: steps move about 1/1.5 of the coordinates the best point changed; where that
+        count fell by more than 5%, reset the step to eps and restart from the best point, else
+        shrink the step by 1.5 (never below eps / 10)."""
+        nnz = (flat(s["best_x"] - x_clean) != 0).sum(dim=1).to(x_clean.dtype)
+        restart = nnz < 0.95 * s["nnz_prev"]
+        s["frac"] = nnz / x_clean[0].numel() / 1.5
+        s["eta"] = torch.where(restart, s["eps"], s["eta"] / 1.5).clamp(min=s["eps"] / 10).minimum(s["eps"])
+        s["nnz_prev"] = nnz
+        return restart
+
+
+def _sparse_sign(grad: Tensor, x: Tensor, frac: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """The sign of the gradient on each sample's ``frac`` share of its largest coordinates, scaled
+    to L1 norm 1; coordinates at a bound and pushed further out are skipped (the box undoes them)."""
+    lo, hi = bounds
+    g, xf = flat(grad), flat(x)  # (N, D)
+    a = g.abs().masked_fill(((xf <= lo) & (g < 0)) | ((xf >= hi) & (g > 0)), 0.0)
+    k = (frac * g.shape[1]).ceil().clamp(1, g.shape[1]).long()
+    kth = a.sort(dim=1, descending=True).values.gather(1, (k - 1).view(-1, 1))  # (N, 1)
+    pick = (a >= kth) & (a > 0)
+    step = g.sign() * pick / pick.sum(dim=1, keepdim=True).clamp(min=1)
+    return step.view_as(grad)
