@@ -83,18 +83,34 @@ class CascadeState:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of the model's weights and buffers, in state-dict order (what a resume must match)."""
-    net = getattr(model, "net", None) or getattr(getattr(model, "classifier", None), "net", None)
+    """sha256 of the model's weights and buffers, in state-dict order (what a resume must match).
+
+    Wrappers (defenses, black-box views) are followed down to every module they hold."""
     h = hashlib.sha256()
-    if net is None:
+    h.update(type(model).__name__.encode())
+    nets = _modules_of(model)
+    if not nets:
         h.update(repr(model).encode())
-        return h.hexdigest()
-    for name, t in net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for net in nets:
+        for name, t in net.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for attr in ("_mean", "_std", "bounds"):
         h.update(repr(getattr(model, attr, None)).encode())
     return h.hexdigest()
+
+
+def _modules_of(model, depth: int = 0) -> list[torch.nn.Module]:
+    if depth > 8 or model is None:
+        return []
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    found: list[torch.nn.Module] = []
+    for attr in ("net", "model", "classifier", "detector"):
+        found += _modules_of(getattr(model, attr, None), depth + 1)
+    for member in getattr(model, "members", None) or []:
+        found += _modules_of(member, depth + 1)
+    return found
 
 
 # ---- sharding ------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class Model(abc.ABC):
     bounds: tuple[float, float] = (0.0, 1.0)
     budget: int | None = None
     num_classes: int | None = None
+    # Queries one pass over a row costs: a wrapper that queries the deployed model several
+    # times per pass (EOT over n draws) sets it to n, so that budgets and counts see every draw.
+    query_cost: int = 1
 
     @abc.abstractmethod
     def _scores(self, x: Tensor) -> Tensor:
@@ -65,9 +68,9 @@ class Tracker:
         self.budget = budget
         self.label = label
 
-    def charge(self, samples: Tensor, *, backward: bool) -> None:
-        """Charge one pass to each entry of ``samples`` (global row ids; repeats allowed)."""
-        ones = torch.ones_like(samples)
+    def charge(self, samples: Tensor, *, backward: bool, cost: int = 1) -> None:
+        """Charge ``cost`` passes to each entry of ``samples`` (global row ids; repeats allowed)."""
+        ones = torch.full_like(samples, cost)
         if self.budget is not None:
             after = self.queries.index_add(0, samples, ones)
             over = after > self.budget
@@ -143,7 +146,7 @@ class ModelView:
         if ACCESS_RANK[self.model.access] < ACCESS_RANK["scores"]:
             raise AccessError("this model gives labels only; the attack asked for scores")
         samples = self._samples(x, rows)
-        self.tracker.charge(samples, backward=False)
+        self.tracker.charge(samples, backward=False, cost=self.model.query_cost)
         if x.shape[0] == 0:
             return x.new_zeros(0, self.model.num_classes or 0)
         with torch.no_grad():
@@ -152,7 +155,7 @@ class ModelView:
     def labels(self, x: Tensor, *, rows: Tensor | None = None) -> Tensor:
         """Predicted class of each row, shape (R,). Works with every kind of access."""
         samples = self._samples(x, rows)
-        self.tracker.charge(samples, backward=False)
+        self.tracker.charge(samples, backward=False, cost=self.model.query_cost)
         if x.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=x.device)
         with torch.no_grad():
@@ -170,7 +173,7 @@ class ModelView:
         if ACCESS_RANK[self.model.access] < ACCESS_RANK["gradients"]:
             raise AccessError("this model gives no gradients; the attack asked for them")
         samples = self._samples(x, rows)
-        self.tracker.charge(samples, backward=True)
+        self.tracker.charge(samples, backward=True, cost=self.model.query_cost)
         if x.shape[0] == 0:
             return x.new_zeros(0), torch.zeros_like(x), x.new_zeros(0, self.model.num_classes or 0)
         losses, grads, logits = [], [], []
