@@ -3,13 +3,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
+_QUIET = [0]  # > 0 inside quiet(): no bars (e.g. an attack run as one step of a training epoch)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bars for the duration (nested bars under an outer one are noise)."""
+    _QUIET[0] += 1
+    try:
+        yield
+    finally:
+        _QUIET[0] -= 1
+
+
 def _setting() -> bool | None:
+    if _QUIET[0]:
+        return False
     value = os.environ.get("ADVX_PROGRESS", "").strip().lower()
     if value in ("0", "false", "no", "off"):
         return False

@@ -193,8 +193,9 @@ class ThreatModel:
             return (x + delta).clamp(lo, hi)
         return x + _project_l1_box(delta, lo - x, hi - x, self.eps_tensor(x))
 
-    def random_init(self, x: Tensor, rng: SampleRNG, *key: int) -> Tensor:
-        """A point drawn uniformly from the ball (then clipped to the bounds)."""
+    def random_init(self, x: Tensor, rng: SampleRNG, *key: int, clip: bool = True) -> Tensor:
+        """A point drawn uniformly from the ball, then clipped to the bounds (``clip=False``
+        leaves it unclipped: FGSM-RS training takes its gradient there, as Wong et al. do)."""
         if self.unbounded:
             raise InputError("random_init: eps is infinite; there is no ball to sample from")
         n, shape = x.shape[0], tuple(x.shape[1:])
@@ -217,6 +218,8 @@ class ThreatModel:
             s = rng.sign(*key, 1, shape=(d,), dtype=torch.float64).to(x.device)
             delta = (v * s).to(x.dtype) * eps.view(-1, 1)
             delta = delta.view_as(x)
+        if not clip:
+            return x + delta
         lo, hi = self.bounds
         return (x + delta).clamp(lo, hi)
 

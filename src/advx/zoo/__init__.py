@@ -20,12 +20,13 @@ from torch import nn
 from ..errors import InputError
 from . import nets
 
-__all__ = ["build", "load_weights", "file_sha256", "BUILTIN", "nets"]
+__all__ = ["build", "load", "load_weights", "file_sha256", "BUILTIN", "nets"]
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": nets.smallcnn,
     "lenet": nets.lenet,
     "resnet20": nets.resnet20,
+    "wong_cnn": nets.wong_cnn,
 }
 
 
@@ -71,7 +72,45 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
         raise InputError(f"model: {spec} returned a {type(obj).__name__}, expected an nn.Module or an advx.Classifier")
     if weights is not None:
         load_weights(net, weights)
+    # how to rebuild it: training records this in its checkpoints, for advx.zoo.load
+    net._advx_spec = {"spec": spec, "kwargs": dict(kwargs)}
     return obj
+
+
+def load(path: str | os.PathLike, *, model: str | nn.Module | None = None, device: str | torch.device = "cpu"):
+    """A ready :class:`advx.Classifier` from an advx training checkpoint.
+
+    ``path`` is a checkpoint folder (``fit(..., out=DIR)`` or ``advx train --out DIR``), its
+    ``checkpoint.json`` or a ``.safetensors`` file written there. The architecture is rebuilt from
+    the model spec the checkpoint records (or from ``model``: a spec or an ``nn.Module`` to load
+    into), the weights are loaded strictly -- a checkpoint of another architecture is refused,
+    naming the keys that differ -- and the Classifier gets the recorded bounds and normalization.
+    """
+    from ..models import Classifier
+    from ..training.checkpoint import read_sidecar
+
+    meta, weights = read_sidecar(path)
+    info = meta.get("model") or {}
+    ours = not isinstance(model, nn.Module)  # a module we build ourselves may be moved; the caller's is not
+    if model is None:
+        if not info.get("spec"):
+            raise InputError(f"load: {path} was trained from a {info.get('class', 'model')} that advx cannot rebuild "
+                             "(no model spec recorded); pass model= (a spec such as 'lenet' or the nn.Module to load into)")
+        obj = build(info["spec"], **(info.get("kwargs") or {}))
+    elif isinstance(model, str):
+        obj = build(model)
+    else:
+        obj = model
+    if isinstance(obj, Classifier):
+        load_weights(obj.net, weights)
+        if ours:
+            obj.net.to(device).eval()
+        return obj
+    if not isinstance(obj, nn.Module):
+        raise InputError(f"load: model must be a spec or an nn.Module, got {type(obj).__name__}")
+    load_weights(obj, weights)
+    net = obj.to(device).eval() if ours else obj
+    return Classifier(net, bounds=tuple(info.get("bounds") or (0.0, 1.0)), mean=info.get("mean"), std=info.get("std"))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

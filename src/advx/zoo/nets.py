@@ -3,6 +3,7 @@
 ``SmallCNN`` matches the state-dict keys of the TRADES MNIST checkpoint (Zhang et al., 2019) and
 ``ResNet20`` those of the CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10, so their
 published weights load into them. ``LeNet`` is a small, fast CNN for the demo and the tests.
+``WongCNN`` is the MNIST network of Wong, Rice & Kolter (2020), "Fast is better than free".
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "LeNet", "ResNet20", "smallcnn", "lenet", "resnet20"]
+__all__ = ["SmallCNN", "LeNet", "ResNet20", "WongCNN", "smallcnn", "lenet", "resnet20", "wong_cnn"]
 
 
 class SmallCNN(nn.Module):
@@ -55,6 +56,25 @@ class LeNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (N, C, H, W) -> (N, w, H/2, W/2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # -> (N, 2w, H/4, W/4)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class WongCNN(nn.Module):
+    """The small MNIST CNN of Wong, Rice & Kolter (2020, "Fast is better than free: revisiting
+    adversarial training", ICLR): conv 16 4x4 stride 2, conv 32 4x4 stride 2 (both padding 1),
+    a linear layer of 100 units and the output layer, ReLU between them."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 4, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 4, stride=2, padding=1)
+        side = size // 4
+        self.fc1 = nn.Linear(32 * side * side, 100)
+        self.fc2 = nn.Linear(100, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))  # (N, C, 28, 28) -> (N, 16, 14, 14)
+        x = F.relu(self.conv2(x))  # -> (N, 32, 7, 7)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))  # (N, 32*7*7) -> (N, classes)
 
 
 class _BasicBlock(nn.Module):
@@ -112,3 +132,7 @@ def lenet(**kw) -> LeNet:
 
 def resnet20(**kw) -> ResNet20:
     return ResNet20(**kw)
+
+
+def wong_cnn(**kw) -> WongCNN:
+    return WongCNN(**kw)
