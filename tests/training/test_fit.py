@@ -1,0 +1,238 @@
+"""The fit loop: determinism, schedules, mixed precision, compile, NaN, catastrophic overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import advx
+from advx.errors import InputError
+from advx.training import Recipe, Step, TrainingError, fgsm_rs, fit, lr_at, standard
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def small(mnist_train):
+    x, y = mnist_train
+    return x[:600], y[:600]
+
+
+def weights(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def recording(inner: Recipe, log: list) -> Recipe:
+    def run(b):
+        log.append((b.epoch, b.index.clone()))
+        return inner(b)
+    return Recipe(inner.name, inner.params, run, inner.threat, inner.overfit_check)
+
+
+def test_same_seed_same_weights_bit_for_bit_and_the_callers_rng_is_left_alone(small):
+    x, y = small
+    kw = dict(loss=fgsm_rs(0.1), epochs=2, batch_size=64, lr=2e-3, lr_schedule="cyclic", seed=3, progress=False)
+    a, b, c = mlp(), mlp(), mlp()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    fit(a, x, y, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    fit(b, x, y, **kw)
+    fit(c, x, y, **{**kw, "seed": 4})
+    assert same(weights(a), weights(b))
+    assert not same(weights(a), weights(c))
+
+
+def test_every_training_sample_is_seen_once_per_epoch_and_the_monitor_is_held_out(small):
+    x, y = small
+    log: list = []
+    h = fit(mlp(), x, y, loss=recording(fgsm_rs(0.1), log), epochs=2, batch_size=50, progress=False, monitor=40)
+    for e in (0, 1):
+        seen = torch.cat([i for ep, i in log if ep == e]).sort().values
+        assert seen.numel() == 560 and seen.unique().numel() == 560
+    held = set(range(600)) - set(seen.tolist())
+    assert len(held) == 40
+    orders = [torch.cat([i for ep, i in log if ep == e]) for e in (0, 1)]
+    assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
+    row = h.epochs[-1]
+    assert set(row) >= {"epoch", "lr", "loss", "train_clean_accuracy", "train_adv_accuracy",
+                        "monitor_clean_accuracy", "monitor_adv_accuracy", "seconds"}
+    assert 0 <= row["monitor_adv_accuracy"] <= row["monitor_clean_accuracy"] <= 1
+
+
+def test_lr_schedules():
+    # Wong et al.'s triangle: 0 -> lr at 2/5 of the epochs -> 0
+    assert lr_at("cyclic", 0.1, 0.0, 10) == 0.0
+    assert lr_at("cyclic", 0.1, 2.0, 10) == pytest.approx(0.05)
+    assert lr_at("cyclic", 0.1, 4.0, 10) == pytest.approx(0.1)
+    assert lr_at("cyclic", 0.1, 7.0, 10) == pytest.approx(0.05)
+    assert lr_at("cyclic", 0.1, 10.0, 10) == pytest.approx(0.0)
+    # multistep: x0.1 from the start of epoch 5 (0-based) and again from epoch 7
+    assert lr_at("multistep", 0.1, 5.0, 10, (5, 7)) == pytest.approx(0.1)  # the last batch of epoch 4
+    assert lr_at("multistep", 0.1, 5.01, 10, (5, 7)) == pytest.approx(0.01)
+    assert lr_at("multistep", 0.1, 8.0, 10, (5, 7)) == pytest.approx(0.001)
+    assert lr_at("constant", 0.1, 8.0, 10) == 0.1
+
+
+def test_the_history_records_the_schedule(small):
+    x, y = small
+    h = fit(mlp(), x, y, epochs=4, batch_size=100, lr=0.01, optimizer="sgd", lr_schedule="multistep", progress=False)
+    assert [r["lr"] for r in h.epochs] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+
+
+def _accuracy(net, x, y):
+    return advx.Classifier(net).accuracy(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_reaches_the_accuracy_of_fp32(mnist_train, mnist_test, dtype):
+    x, y = mnist_train
+    xt, yt = mnist_test
+    kw = dict(epochs=2, batch_size=64, lr=3e-3, progress=False)
+    ref = mlp()
+    fit(ref, x[:1500], y[:1500], **kw)
+    low = mlp()
+    try:
+        fit(low, x[:1500], y[:1500], autocast=dtype, **kw)
+    except RuntimeError as e:  # pragma: no cover - depends on the CPU build
+        pytest.skip(f"autocast {dtype} is not supported here: {e}")
+    a, b = _accuracy(ref, xt[:500], yt[:500]), _accuracy(low, xt[:500], yt[:500])
+    assert a > 0.8 and abs(a - b) < 0.03, (a, b)
+    assert not same(weights(ref), weights(low))  # it did run in lower precision
+
+
+def _compiled_matches(small, backend):
+    x, y = small
+    ref, comp = mlp(), mlp()
+    fit(ref, x, y, epochs=1, batch_size=100, lr=3e-3, progress=False)
+    try:
+        fit(comp, x, y, epochs=1, batch_size=100, lr=3e-3, progress=False, compile=backend)
+    except Exception as e:  # noqa: BLE001 - a compiler backend fails in many ways on a bare CPU build
+        pytest.skip(f"torch.compile(backend={backend!r}) does not work on this CPU build: {type(e).__name__}: {str(e)[:200]}")
+    for k, v in weights(ref).items():
+        assert torch.allclose(v, comp.state_dict()[k], atol=1e-4)
+
+
+def test_compile_traces_the_loop(small):
+    """Dynamo's tracing with the aot_eager backend: the plumbing, in seconds."""
+    _compiled_matches(small, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor(small):
+    """compile=True (inductor: generates and compiles C++; about a minute on two busy cores)."""
+    _compiled_matches(small, True)
+
+
+def test_a_nan_loss_stops_naming_the_epoch_and_batch_and_keeps_the_last_good_checkpoint(small, tmp_path):
+    x, y = small
+    inner = standard()
+
+    def run(b):
+        step = inner(b)
+        if b.epoch == 1 and calls.append(1) is None and len(calls) == 3:
+            return Step(step.loss * math.nan, logits=step.logits)
+        return step
+
+    calls: list = []
+    net = mlp()
+    with pytest.raises(TrainingError, match=r"epoch 2, batch 3 of 6") as err:
+        fit(net, x, y, loss=Recipe("standard", inner.params, run), epochs=3, batch_size=100, progress=False,
+            out=tmp_path)
+    assert len(err.value.history.epochs) == 1 and "nan" in err.value.history.stopped
+    saved = advx.zoo.load(tmp_path, model=mlp())
+    assert same(weights(net), weights(saved.net))  # the model holds the checkpoint's weights
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values())
+
+
+def test_catastrophic_overfitting_rolls_back_to_the_best_epoch_and_stops(mnist_train, tmp_path):
+    """From epoch 3 on the recipe trains on wrong labels: the monitor's PGD accuracy collapses,
+    and fit must notice, restore epoch 2's weights and stop."""
+    import json
+
+    x, y = mnist_train[0][:1200], mnist_train[1][:1200]
+    good = fgsm_rs(0.02)
+
+    def run(b):
+        if b.epoch >= 2:
+            logits = b.model(b.x)
+            return Step(F.cross_entropy(logits, (b.y + 1) % 10, reduction="none"), logits=logits)
+        return good(b)
+
+    recipe = Recipe("fgsm_rs", good.params, run, good.threat, overfit_check=True)
+    kw = dict(loss=recipe, batch_size=50, lr=1e-2, progress=False, monitor=100)
+    net = mlp()
+    h = fit(net, x, y, epochs=6, out=tmp_path, **kw)
+    assert h.stopped and "catastrophic overfitting at epoch 3" in h.stopped and h.best_epoch == 2, h.stopped
+    assert len(h.epochs) == 3
+    accs = [r["monitor_adv_accuracy"] for r in h.epochs]
+    assert accs[1] > 0.5 and accs[2] < accs[1] - 0.2
+    # the same run stopped after two epochs (constant lr: the same first two epochs) has the weights kept
+    ref = mlp()
+    fit(ref, x, y, epochs=2, overfit_check=False, **kw)
+    assert same(weights(net), weights(ref))
+    side = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert side["training"]["stopped"] == h.stopped and side["training"]["best_epoch"] == 2
+    assert same(weights(advx.zoo.load(tmp_path, model=mlp()).net), weights(ref))
+    # a floor alone stops it too
+    h = fit(mlp(), x, y, epochs=6, overfit_drop=1.0, overfit_floor=0.5, **kw)
+    assert "epoch 3" in h.stopped and "under the floor of 50%" in h.stopped and h.best_epoch == 2
+
+
+def test_a_plain_loss_function_still_works(small):
+    x, y = small
+    net = mlp()
+    h = fit(net, x, y, loss=lambda m, xb, yb: F.cross_entropy(m(xb), yb), epochs=2, batch_size=64, lr=3e-3,
+            progress=False)
+    assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
+
+
+def test_a_classifier_trains_through_its_normalization(small):
+    x, y = small
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, t):
+            seen.append(float(t.min()))
+            return self.body(t)
+
+    clf = advx.Classifier(Spy(), mean=(0.5,), std=(0.25,))
+    fit(clf, x, y, epochs=1, batch_size=100, progress=False)
+    assert min(seen) == pytest.approx(-2.0)
+
+
+def test_bad_arguments_fail_before_training(small):
+    x, y = small
+    with pytest.raises(InputError, match="labels run from 0 to 9 but the model gives 5 classes"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), x, y, progress=False)
+    for kw, match in (({"optimizer": "rmsprop"}, "optimizer"), ({"lr_schedule": "cosine"}, "lr_schedule"),
+                      ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"autocast": torch.float64}, "autocast"),
+                      ({"monitor": 600}, "monitor"), ({"loss": standard(), "overfit_check": True}, "threat")):
+        with pytest.raises(InputError, match=match):
+            fit(mlp(), x, y, progress=False, **kw)
+    with pytest.raises(InputError, match=r"expected x in \[0, 1\]"):
+        fit(mlp(), x * 255, y, progress=False)
+
+
+def test_the_progress_bar_shows_loss_and_accuracies(small, monkeypatch, capsys):
+    x, y = small
+    monkeypatch.setenv("ADVX_PROGRESS", "1")
+    fit(mlp(), x[:200], y[:200], loss=fgsm_rs(0.1), epochs=1, batch_size=50, progress=True, monitor=20)
+    err = capsys.readouterr().err
+    assert "loss=" in err and "clean=" in err and "adv=" in err and "monitor PGD" in err
