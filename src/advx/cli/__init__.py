@@ -39,7 +39,7 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, listing  # noqa: F401 - each module adds its command to `cli`
+    from . import attack, audit, demo, listing, train  # noqa: F401 - each module adds its command to `cli`
 
 
 _register_commands()
