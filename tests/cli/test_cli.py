@@ -113,11 +113,20 @@ def test_unknown_attack_is_a_usage_error():
     assert code == 2 and "nope" in stderr
 
 
-def test_demo_writes_a_summary_and_a_picture(tmp_path):
-    code, stdout, stderr = run("demo", "--out", str(tmp_path / "d"), "--n", "40", "--epochs", "1")
+def test_demo_tells_the_whole_story(tmp_path):
+    code, stdout, stderr = run("demo", "--out", str(tmp_path / "d"), "--n", "40", "--epochs", "1",
+                               "--audit-n", "16", "--harden-epochs", "1")
     assert code == 0
     assert "robust acc" in stdout and "pgd" in stdout and "cw" in stdout
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    story = summary["story"]
+    assert [m["model"] for m in story["models"]] == ["standard", "FGSM-RS", "distilled (T=100)"]
+    for m, key in zip(story["models"], ("standard", "fgsm-rs", "distilled")):
+        report = json.loads((tmp_path / "d" / f"audit-{key}.json").read_text())
+        assert report["data"]["n"] == 16 and report["robust_accuracy"] == m["robust_accuracy"] <= m["clean_accuracy"]
+        assert m["model"] in stdout
+    page = (tmp_path / "d" / "report.html").read_text()
+    assert all(m["model"] in page for m in story["models"]) and "<img" in page
     assert {r["attack"] for r in summary["rows"]} == {"fgsm", "pgd", "cw"}
     pgd = [r for r in summary["rows"] if r["attack"] == "pgd"]
     assert pgd[-1]["robust_accuracy"] < pgd[0]["robust_accuracy"] <= summary["clean_accuracy"]
@@ -128,3 +137,12 @@ def test_demo_writes_a_summary_and_a_picture(tmp_path):
 def test_the_console_script_and_python_m_run():
     out = subprocess.run([sys.executable, "-m", "advx", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "advx" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_full_demo_shows_what_it_claims(tmp_path):
+    code, stdout, _ = run("demo", "--out", str(tmp_path / "d"))
+    assert code == 0
+    std, robust, distilled = json.loads((tmp_path / "d" / "summary.json").read_text())["story"]["models"]
+    assert std["robust_accuracy"] < 0.1 and robust["robust_accuracy"] > 0.6 and robust["reliable"]
+    assert "masked-gradients" in distilled["findings"] and not distilled["reliable"]
