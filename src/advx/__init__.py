@@ -7,7 +7,8 @@
 """
 
 from ._version import __version__
-from .attacks import CW, FGSM, PGD, Attack, AttackResult
+from .attacks import (APGD, CW, FAB, FGSM, PGD, ZOO, Attack, AttackResult, Boundary, HopSkipJump, SimBA, Square,
+                      WorstCase)
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
@@ -17,7 +18,8 @@ __all__ = [
     "__version__",
     "Classifier", "BlackBox",
     "ThreatModel", "Linf", "L2", "L1",
-    "Attack", "AttackResult", "FGSM", "PGD", "CW",
+    "Attack", "AttackResult", "FGSM", "PGD", "CW", "APGD", "FAB", "Square", "ZOO", "SimBA", "Boundary",
+    "HopSkipJump", "WorstCase",
     "audit", "Report",
     "AdvxError", "InputError", "AccessError", "QueryError", "BudgetExceeded", "ModelError",
 ]
