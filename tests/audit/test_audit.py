@@ -223,3 +223,17 @@ def test_bad_arguments(trained_mlp, data):
         advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=[{"name": "nope"}])
     with pytest.raises(InputError, match="neither a built-in suite"):
         advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite="no-such-suite")
+
+
+def test_a_model_with_batchnorm_is_audited_and_fingerprinted_by_its_buffers(data):
+    # BatchNorm keeps 0-dim integer buffers (num_batches_tracked); the fingerprint hashes them too
+    from advx.audit.runner import model_fingerprint
+
+    x, y = data
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).eval()
+    r = advx.audit(net, x[:16], y[:16], advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False)
+    assert 0 <= r.robust_accuracy <= r.clean_accuracy
+    before = model_fingerprint(advx.Classifier(net))
+    net[1].num_batches_tracked += 1
+    assert model_fingerprint(advx.Classifier(net)) != before

@@ -94,7 +94,8 @@ def model_fingerprint(model) -> str:
     for net in nets:
         for name, t in net.state_dict().items():
             h.update(name.encode())
-            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for attr in ("_mean", "_std", "bounds"):
         h.update(repr(getattr(model, attr, None)).encode())
     return h.hexdigest()
