@@ -40,11 +40,23 @@ class Counting(torch.nn.Module):
         self.bwd += g.shape[0]
 
 
-def run_torchattacks(net, x, y, eps):
+def run_torchattacks(net, x, y, eps, steps: int | None = None):
+    """torchattacks' AutoAttack(version="standard"). Its APGD, APGD-T and FAB-T run their own
+    default of 10 steps there (fra31/auto-attack runs 100); ``steps`` builds the same cascade
+    from torchattacks' attacks with that many steps instead, the paper's recipe."""
     import torchattacks
 
     counted = Counting(net).eval()
-    atk = torchattacks.AutoAttack(counted, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    if steps is None:
+        atk = torchattacks.AutoAttack(counted, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    else:
+        kw = dict(eps=eps, norm="Linf", seed=0, n_restarts=1)
+        atk = torchattacks.MultiAttack([
+            torchattacks.APGD(counted, loss="ce", steps=steps, **kw),
+            torchattacks.APGDT(counted, n_classes=10, steps=steps, **kw),
+            torchattacks.FAB(counted, multi_targeted=True, n_classes=10, steps=steps, **kw),
+            torchattacks.Square(counted, n_queries=5000, **kw),
+        ])
     t0 = time.perf_counter()
     xa = atk(x, y)
     seconds = time.perf_counter() - t0
@@ -69,6 +81,9 @@ def main() -> None:
     ap.add_argument("--n-aa", type=int, default=200)
     ap.add_argument("--skip-standard-n", action="store_true", help="run `standard` on the n-aa points only")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--peer-steps", type=int, default=None,
+                    help="only run torchattacks' cascade with this many APGD/APGD-T/FAB-T steps (the paper's 100)"
+                         " on the first n-aa points and write it as its own section")
     args = ap.parse_args()
 
     if args.model == "trades":
@@ -77,35 +92,63 @@ def main() -> None:
         net, (x, y), eps, what = resnet20_normalized(), cifar_balanced(args.n), 8 / 255, "ResNet-20 (undefended), CIFAR-10, Linf 8/255, class-balanced"
     advx.PGD(advx.Linf(eps), steps=1)(net, x[:200], y[:200])  # warm-up: chunk sizes measured once
 
-    rows = []
     m = args.n_aa
-    ta = run_torchattacks(net, x[:m], y[:m], eps)
-    std_m = run_advx(net, x[:m], y[:m], eps, "standard")
-    fast_m = run_advx(net, x[:m], y[:m], eps, "fast")
-    rows.append(["torchattacks AutoAttack (standard)", m, f"{ta['robust']:.2%}", ta["seconds"], 1.0, ta["fwd"], ta["bwd"]])
-    rows.append(["advx standard", m, f"{std_m['robust']:.2%}", std_m["seconds"], std_m["seconds"] / ta["seconds"], std_m["fwd"], std_m["bwd"]])
-    rows.append(["advx fast", m, f"{fast_m['robust']:.2%}", fast_m["seconds"], fast_m["seconds"] / ta["seconds"], fast_m["fwd"], fast_m["bwd"]])
-    if args.n > m:
-        fast_n = run_advx(net, x, y, eps, "fast")
-        if not args.skip_standard_n:
-            std_n = run_advx(net, x, y, eps, "standard")
-            rows.append(["advx standard", args.n, f"{std_n['robust']:.2%}", std_n["seconds"], None, std_n["fwd"], std_n["bwd"]])
-        rows.append(["advx fast", args.n, f"{fast_n['robust']:.2%}", fast_n["seconds"],
-                     fast_n["seconds"] / std_n["seconds"] if not args.skip_standard_n else None, fast_n["fwd"], fast_n["bwd"]])
+    results: dict[str, dict] = {}
 
-    stages = []
-    for name, res in (("standard", std_m), ("fast", fast_m)):
-        for s in res["report"].cascade:
-            stages.append([name, s["attack"], s["params"].get("loss", s["params"].get("targeted", "")), s["broke"],
-                           f"{s['robust_accuracy_after']:.2%}", s["queries"], s["grads"], s["seconds"]])
+    def emit() -> None:
+        """Write what has been measured so far: a killed run loses nothing already computed."""
+        text = section(args, what, m, results)
+        print(text, flush=True)
+        if args.write:
+            write_section(f"audit-{args.model}", text)
 
+    if args.peer_steps:
+        ta = run_torchattacks(net, x[:m], y[:m], eps, steps=args.peer_steps)
+        text = "\n".join([
+            f"### torchattacks' AutoAttack cascade with {args.peer_steps} steps: {args.model}",
+            "",
+            f"{what} first {m} test images. torchattacks' `AutoAttack(version=\"standard\")` runs APGD, APGD-T and"
+            f" FAB-T with torchattacks' default of 10 steps; here the same cascade is built from torchattacks' attacks"
+            f" with {args.peer_steps} steps each (fra31/auto-attack's recipe), Square with 5,000 queries. {machine()}.",
+            "",
+            f"Command: `python benchmarks/bench_audit.py --model {args.model} --n-aa {m} --peer-steps {args.peer_steps} --write`",
+            "",
+            table(["evaluation", "n", "robust accuracy", "seconds", "forward passes", "backward passes"],
+                  [[f"torchattacks APGD-CE, APGD-T, FAB-T ({args.peer_steps} steps), Square 5000", m,
+                    f"{ta['robust']:.2%}", ta["seconds"], ta["fwd"], ta["bwd"]]]),
+        ])
+        print(text, flush=True)
+        if args.write:
+            write_section(f"audit-{args.model}-peer{args.peer_steps}", text)
+        return
+    results["ta"] = run_torchattacks(net, x[:m], y[:m], eps)
+    emit()
+    results["std_m"] = run_advx(net, x[:m], y[:m], eps, "standard")
+    results["fast_m"] = run_advx(net, x[:m], y[:m], eps, "fast")
     # the extras of a full audit, once: sanity checks and the eps curve
-    t0 = time.perf_counter()
     full = advx.audit(net, x[:m], y[:m], advx.Linf(eps), suite="fast")
-    extras = full["totals"]["seconds"]
+    results["extras"] = {"totals": full["totals"]["seconds"], "findings": [f["code"] for f in full.findings]}
+    emit()
+    if args.n > m:
+        results["fast_n"] = run_advx(net, x, y, eps, "fast")
+        emit()
+        if not args.skip_standard_n:
+            results["std_n"] = run_advx(net, x, y, eps, "standard")
+            emit()
 
+
+def section(args, what: str, m: int, res: dict) -> str:
+    ta, std_m, fast_m = res["ta"], res.get("std_m"), res.get("fast_m")
+    rows = [["torchattacks AutoAttack (standard)", m, f"{ta['robust']:.2%}", ta["seconds"], 1.0, ta["fwd"], ta["bwd"]]]
+    for label, key, n, ref in (("advx standard", "std_m", m, "ta"), ("advx fast", "fast_m", m, "ta"),
+                               ("advx standard", "std_n", args.n, None), ("advx fast", "fast_n", args.n, "std_n")):
+        r = res.get(key)
+        if r is None:
+            continue
+        ratio = r["seconds"] / res[ref]["seconds"] if ref in res else None
+        rows.append([label, n, f"{r['robust']:.2%}", r["seconds"], ratio, r["fwd"], r["bwd"]])
     v = versions("torchattacks")
-    text = "\n".join([
+    parts = [
         f"## Audit suites vs AutoAttack: {args.model} (issue 3)",
         "",
         f"{what} {args.n} test images (AutoAttack on the first {m}). {machine()}. Versions: {v}.",
@@ -118,23 +161,27 @@ def main() -> None:
         "",
         "Time ratio: against torchattacks' AutoAttack on the same points (rows with n = n-aa), and `fast` against"
         " `standard` on all n points (last row).",
-        "",
-        f"`fast` against `standard` on the first {m}: {fast_m['seconds'] / std_m['seconds']:.2f}x the time, "
-        f"{100 * (fast_m['robust'] - std_m['robust']):+.2f} points of robust accuracy"
-        + (f"; on all {args.n}: {fast_n['seconds'] / std_n['seconds']:.2f}x the time, "
-           f"{100 * (fast_n['robust'] - std_n['robust']):+.2f} points." if args.n > m and not args.skip_standard_n else "."),
-        "",
-        f"Per stage on the first {m} images:",
-        "",
-        table(["suite", "attack", "loss / targeted", "broke", "accuracy after", "forward", "backward", "seconds"], stages),
-        "",
-        f"A full `advx.audit(..., suite=\"fast\")` on the first {m} images with its sanity checks and eps curve: "
-        f"{extras['total']:.1f} s in all ({extras['cascade']:.1f} s cascade, {extras['checks']:.1f} s checks, "
-        f"{extras['eps_curve']:.1f} s eps curve); findings: {[f['code'] for f in full.findings] or 'none'}.",
-    ])
-    print(text)
-    if args.write:
-        write_section(f"audit-{args.model}", text)
+    ]
+    if std_m and fast_m:
+        line = (f"`fast` against `standard` on the first {m}: {fast_m['seconds'] / std_m['seconds']:.2f}x the time, "
+                f"{100 * (fast_m['robust'] - std_m['robust']):+.2f} points of robust accuracy")
+        if "std_n" in res and "fast_n" in res:
+            line += (f"; on all {args.n}: {res['fast_n']['seconds'] / res['std_n']['seconds']:.2f}x the time, "
+                     f"{100 * (res['fast_n']['robust'] - res['std_n']['robust']):+.2f} points")
+        stages = []
+        for name, r in (("standard", std_m), ("fast", fast_m)):
+            for s in r["report"].cascade:
+                stages.append([name, s["attack"], s["params"].get("loss", s["params"].get("targeted", "")), s["broke"],
+                               f"{s['robust_accuracy_after']:.2%}", s["queries"], s["grads"], s["seconds"]])
+        e = res["extras"]["totals"]
+        parts += ["", line + ".", "", f"Per stage on the first {m} images:", "",
+                  table(["suite", "attack", "loss / targeted", "broke", "accuracy after", "forward", "backward",
+                         "seconds"], stages),
+                  "",
+                  f"A full `advx.audit(..., suite=\"fast\")` on the first {m} images with its sanity checks and eps"
+                  f" curve: {e['total']:.1f} s in all ({e['cascade']:.1f} s cascade, {e['checks']:.1f} s checks,"
+                  f" {e['eps_curve']:.1f} s eps curve); findings: {res['extras']['findings'] or 'none'}."]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
