@@ -84,7 +84,10 @@ def main() -> None:
     ap.add_argument("--peer-steps", type=int, default=None,
                     help="only run torchattacks' cascade with this many APGD/APGD-T/FAB-T steps (the paper's 100)"
                          " on the first n-aa points and write it as its own section")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one per process: the machines are shared)")
+    ap.add_argument("--save", default=None, help="a folder for each advx report's JSON (per-sample results)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     if args.model == "trades":
         net, (x, y), eps, what = trades_smallcnn(), mnist_test(args.n), 0.3, "TRADES SmallCNN, MNIST, Linf 0.3, first"
@@ -97,6 +100,13 @@ def main() -> None:
 
     def emit() -> None:
         """Write what has been measured so far: a killed run loses nothing already computed."""
+        if args.save:
+            import pathlib
+            folder = pathlib.Path(args.save)
+            folder.mkdir(parents=True, exist_ok=True)
+            for key, r in results.items():
+                if isinstance(r, dict) and "report" in r:
+                    r["report"].save(folder / f"{args.model}-{key}.json")
         text = section(args, what, m, results)
         print(text, flush=True)
         if args.write:

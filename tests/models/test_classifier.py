@@ -139,3 +139,39 @@ def test_constructor_errors_name_the_argument(trained_mlp):
         advx.Classifier(trained_mlp, batch_size=-3)
     with pytest.raises(InputError, match="channels"):
         advx.Classifier(trained_mlp, mean=[0.1, 0.2, 0.3], std=[1, 1, 1])(torch.rand(2, 1, 28, 28))
+    with pytest.raises(InputError, match="autocast"):
+        advx.Classifier(trained_mlp, autocast=torch.float64)
+    with pytest.raises(InputError, match="compile"):
+        advx.Classifier(trained_mlp, compile="yes")
+
+
+def test_compile_runs_forward_passes_compiled_and_gradients_eagerly(trained_mlp, batch):
+    """Compiled score passes give the eager results; gradient passes never go through the
+    compiled module (its input gradients were found all zero after a recompilation)."""
+    x, y = batch
+    eager = advx.Classifier(trained_mlp)
+    comp = advx.Classifier(trained_mlp, compile={"backend": "aot_eager"})
+    calls = []
+    real = comp._compiled_net
+
+    def spy(xin):
+        calls.append((tuple(xin.shape), torch.is_grad_enabled()))
+        return real(xin)
+
+    comp._compiled_net = spy
+    for attack in (advx.Square(advx.Linf(0.1), queries=30), advx.PGD(advx.Linf(0.1), steps=5)):
+        a, b = attack(eager, x, y), attack(comp, x, y)
+        assert torch.equal(a.success, b.success) and torch.allclose(a.x_adv, b.x_adv, atol=1e-6)
+        assert torch.equal(a.queries, b.queries)
+    assert calls and not any(grad for _, grad in calls)
+    assert comp.compile  # every shape it saw matched the eager model
+    assert len({shape for shape, _ in calls}) > 1  # samples dropping out: several batch sizes
+
+
+def test_a_compiled_model_that_disagrees_with_the_eager_one_is_dropped(trained_mlp, batch):
+    x, _ = batch
+    clf = advx.Classifier(trained_mlp, compile={"backend": "aot_eager"})
+    clf._compiled = lambda inp: trained_mlp(inp) + 1.0  # a broken compiler
+    with pytest.warns(UserWarning, match="differs from the eager"):
+        out = clf(x)
+    assert torch.allclose(out, trained_mlp(x)) and clf.compile is False

@@ -64,19 +64,23 @@ def model_options(f):
     return f
 
 
-def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.device, batch_size="auto"):
+def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.device, batch_size="auto",
+                     **classifier_kw):
     from ..models import Classifier
     from ..zoo import build
 
     obj = build(model_spec, weights=weights)
     if isinstance(obj, Classifier):
+        for key, value in classifier_kw.items():
+            if value:
+                setattr(obj, key, value)
         return obj
     lo_hi = parse_floats(bounds, "bounds")
     if not lo_hi or len(lo_hi) != 2:
         raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
     net = obj.to(device).eval()  # our own freshly built module: moving it is fine
     return Classifier(net, bounds=tuple(lo_hi), mean=parse_floats(mean, "mean"),
-                      std=parse_floats(std, "std"), batch_size=batch_size)
+                      std=parse_floats(std, "std"), batch_size=batch_size, **classifier_kw)
 
 
 def data_option(f):

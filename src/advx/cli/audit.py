@@ -35,8 +35,12 @@ from ..errors import InputError
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per unit of work (and of saved state).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--autocast", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+              help="Run the model in mixed precision (a GPU); losses stay in full precision.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Compile the model's forward passes with torch.compile (pays off on long audits).")
 def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat_spec, suite, seed, out, html_path,
-                  fail_under, resume, eps_curve, no_checks, batch_size, device) -> None:
+                  fail_under, resume, eps_curve, no_checks, batch_size, device, autocast, compile_) -> None:
     """Measure robust accuracy with a cascade of attacks; write a JSON (and HTML) report."""
     from .. import audit as run_audit
     from .._io import check_writable
@@ -60,7 +64,8 @@ def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat
     threat = parse_threat(threat_spec)
     load_suite(suite, threat)  # a bad suite fails here, before the model or the data are loaded
     curve = _curve(eps_curve)
-    model = build_classifier(model_spec, weights, mean, std, bounds, dev)
+    model = build_classifier(model_spec, weights, mean, std, bounds, dev, compile=compile_,
+                             autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
     x, y = load(data, split=split, n=n)
     x, y = x.to(dev), y.to(dev)
     state = resume if resume is not None else (f"{out}.state" if out is not None else None)

@@ -41,8 +41,18 @@ class Classifier(Model):
         budget: a per-sample limit on forward passes within one attack call.
         batch_size: rows per pass; ``"auto"`` measures the fastest chunk size once per device,
             dtype and input shape.
-        autocast: run the net under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``
-            on a GPU); losses and gradients stay in the input's dtype.
+        autocast: run the net under ``torch.autocast`` with this dtype (``torch.bfloat16`` or
+            ``torch.float16``, on a GPU); losses and gradients stay in the input's dtype.
+        compile: run the forward-only passes (scores, labels: what score- and decision-based
+            attacks spend) through ``torch.compile`` -- True, or a dict of its keyword
+            arguments such as ``{"mode": "max-autotune"}``. The compiled wrapper shares the
+            net's weights and leaves the net as it was; its output for each new input shape is
+            checked once against the eager net (on a mismatch it is dropped with a warning).
+            Gradient passes stay eager: with torch 2.13's inductor on a CPU (one thread), the input
+            gradients of a compiled net came out all zero once it had been recompiled for a
+            second batch size, and an attack fed zero gradients silently reports robustness
+            that is not there. The first passes pay for the compilation (tens of seconds; on a
+            CPU it needs a C++ compiler).
     """
 
     access: Access = "gradients"
@@ -59,6 +69,7 @@ class Classifier(Model):
         budget: int | None = None,
         batch_size: int | str = "auto",
         autocast: torch.dtype | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         if isinstance(net, Classifier):
             raise InputError("net: already a Classifier; pass it directly to the attack")
@@ -89,7 +100,14 @@ class Classifier(Model):
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size: expected a positive int or 'auto', got {batch_size!r}")
         self.batch_size = batch_size
+        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+            raise InputError(f"autocast: expected torch.bfloat16, torch.float16 or None, got {autocast!r}")
         self.autocast = autocast
+        if not isinstance(compile, (bool, dict)):
+            raise InputError(f"compile: expected True, False or a dict of torch.compile options, got {compile!r}")
+        self.compile = compile
+        self._compiled: Callable[[Tensor], Any] | None = None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
         self._stats: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._tuned: dict[tuple, int] = {}
         self._depth = 0
@@ -220,17 +238,43 @@ class Classifier(Model):
         p = next(self.net.parameters(), None)
         xin = x if p is None or p.dtype == x.dtype or not p.is_floating_point() else x.to(p.dtype)
         xin = self._normalize(xin)
-        if self.autocast is not None:
-            with torch.autocast(device_type=x.device.type, dtype=self.autocast):
-                out = self.net(xin)
-        else:
-            out = self.net(xin)
+        out = self._run_net(xin, compiled=self.compile and not torch.is_grad_enabled())
         logits = self._adapt(out)
         if logits.dtype != x.dtype:
             logits = logits.to(x.dtype)  # losses in the caller's precision
         if not self._checked_output:
             self._check_output(logits)
         return logits
+
+    def _run_net(self, xin: Tensor, *, compiled: bool) -> Any:
+        net = self._compiled_net(xin) if compiled else self.net
+        if self.autocast is not None:
+            with torch.autocast(device_type=xin.device.type, dtype=self.autocast):
+                return net(xin)
+        return net(xin)
+
+    def _compiled_net(self, xin: Tensor) -> Callable[[Tensor], Any]:
+        """The compiled wrapper (built on the first pass), once its output for this input
+        shape has matched the eager net's; the eager net when compiling is off or failed."""
+        if not self.compile:
+            return self.net
+        if self._compiled is None:
+            options = self.compile if isinstance(self.compile, dict) else {}
+            try:
+                self._compiled = torch.compile(self.net, **options)
+            except TypeError as e:
+                raise InputError(f"compile: torch.compile does not take these options: {e}") from None
+        shape = tuple(xin.shape)
+        if shape not in self._compiled_shapes:
+            fast, slow = self._adapt(self._compiled(xin)), self._adapt(self.net(xin))
+            scale = float(slow.abs().max()) if slow.numel() else 0.0
+            if fast.shape != slow.shape or not bool(torch.allclose(fast.float(), slow.float(), rtol=1e-3, atol=1e-3 * max(1.0, scale))):
+                warnings.warn("compile: the compiled model's output differs from the eager model's; "
+                              "advx runs it eagerly from now on", UserWarning, stacklevel=2)
+                self.compile = False
+                return self.net
+            self._compiled_shapes.add(shape)
+        return self._compiled
 
     def _check_output(self, logits: Tensor) -> None:
         self._checked_output = True

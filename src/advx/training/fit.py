@@ -274,20 +274,27 @@ def fit(
     was_training = {m: m.training for m in net.modules()}
     train_mod = group.wrap(net)
     craft_mod: nn.Module = net
+    train_fast = craft_fast = None
     if compile:
         opts = {} if compile is True else {"backend": str(compile)}
-        train_mod = torch.compile(train_mod, **opts)
-        craft_mod = torch.compile(net, **opts) if group.distributed else train_mod
+        train_fast = torch.compile(train_mod, **opts)
+        craft_fast = torch.compile(net, **opts) if group.distributed else train_fast
     amp = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+    full_rows = batch_size // group.world
 
-    def runner(mod: nn.Module) -> Callable[[Tensor], Tensor]:
+    def runner(mod: nn.Module, fast: Callable | None) -> Callable[[Tensor], Tensor]:
         def forward(inp: Tensor) -> Tensor:
+            # The compiled module sees one shape only, the full batch: with torch 2.13's inductor
+            # (CPU, one thread) the gradients of a compiled module came out all zero, for every shape, once
+            # it had been recompiled for a second one -- a short last batch would have silently
+            # ended the training. Other shapes run eagerly.
+            use = fast if fast is not None and inp.shape[0] == full_rows else mod
             with amp():
-                logits = adapt(mod(normalize(inp)))
+                logits = adapt(use(normalize(inp)))
             return logits if logits.dtype == inp.dtype else logits.to(inp.dtype)
         return forward
 
-    model_fn, craft_fn = runner(train_mod), runner(craft_mod)
+    model_fn, craft_fn = runner(train_mod, train_fast), runner(craft_mod, craft_fast)
     grad_scale = 1024.0 if autocast is torch.float16 else 1.0
     started = time.perf_counter()
     seconds_before = history.seconds
