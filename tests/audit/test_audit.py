@@ -17,7 +17,10 @@ EPS = 0.1
 
 
 def small_suite():
-    return [advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10)]
+    # the last stage is gated (only the surviving samples closest to the boundary): the batch-size,
+    # resume and report tests below then cover the margins too
+    return [advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10),
+            {"name": "pgd", "steps": 20, "loss": "margin", "closest": 0.5}]
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +240,38 @@ def test_a_model_with_batchnorm_is_audited_and_fingerprinted_by_its_buffers(data
     before = model_fingerprint(advx.Classifier(net))
     net[1].num_batches_tracked += 1
     assert model_fingerprint(advx.Classifier(net)) != before
+
+
+def test_a_gated_stage_attacks_only_the_samples_closest_to_the_boundary(trained_mlp, data):
+    import math
+
+    from advx.audit.runner import run_cascade
+
+    x, y = data
+    clf = advx.Classifier(trained_mlp)
+    stages = [advx.FGSM(advx.Linf(0.05)), advx.PGD(advx.Linf(0.05), steps=10, seed=3)]
+    st = run_cascade(clf, x, y, stages, closest=[None, 0.3])
+    alive = st.clean_correct & (st.broken_by != 0)  # what the gated stage could have attacked
+    assert 10 < int(alive.sum()) < len(y)
+    margins = st.margin[0]
+    assert bool(torch.isfinite(margins[alive]).all()) and bool(torch.isinf(margins[~alive]).all())
+    # they are the margins at FGSM's points (FGSM is deterministic)
+    fgsm = stages[0](clf, x[alive], y[alive])
+    z = clf(fgsm.x_adv)
+    true = z.gather(1, y[alive].view(-1, 1)).view(-1)
+    other = z.scatter(1, y[alive].view(-1, 1), float("-inf")).amax(1)
+    assert torch.allclose(margins[alive], (true - other).double(), atol=1e-5)
+    k = math.ceil(0.3 * int(alive.sum()))
+    cut = margins[alive].sort().values[k - 1]
+    attacked = st.queries[2] > 0
+    assert torch.equal(attacked, alive & (margins <= cut))
+    assert float(st.gate[1]) == float(cut) and bool(torch.isnan(st.gate[0]))
+    # and nothing the gate left out is counted as broken by the gated stage
+    assert not bool((st.broken_by == 1)[~attacked].any())
+
+
+def test_a_bad_gate_is_refused_before_any_work(trained_mlp, data):
+    x, y = data
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(InputError, match="closest"):
+            advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=[{"name": "fgsm", "closest": bad}])

@@ -90,7 +90,8 @@ def audit(
     if threat.bounds != tuple(model.bounds):
         raise InputError(f"threat: its bounds {threat.bounds} differ from the model's {model.bounds}")
     the_suite = load_suite(suite, threat)
-    stages = the_suite.build(threat, seed=seed)
+    staged = the_suite.stages(threat, seed=seed)
+    stages = [attack for attack, _ in staged]
     if batch_size < 1:
         raise InputError(f"batch_size: expected a positive int, got {batch_size}")
 
@@ -120,7 +121,7 @@ def audit(
     part = run_cascade(model, x[rows_dev], y[rows_dev], stages, index=rows, state_path=state_path,
                        fingerprint={**fingerprint, "shard": f"{shard.rank}/{shard.world}"}, batch_size=batch_size,
                        desc=f"audit {the_suite.name}" + (f" [{shard.rank}/{shard.world}]" if shard.world > 1 else ""),
-                       mismatch=state_mismatch)
+                       mismatch=state_mismatch, closest=[c for _, c in staged])
     full = gather_states(part, shard, n)
     t_cascade = time.perf_counter() - t0
     if full is None:
@@ -147,6 +148,7 @@ def audit(
         t_checks += time.perf_counter() - t0
 
     data = _document(model, x, y, threat, the_suite, stages, full, findings, curve, seed=seed, shard=shard,
+                     closest=[c for _, c in staged],
                      fingerprint=fingerprint, n_examples=n_examples, meta=meta or {},
                      seconds={"cascade": round(t_cascade, 3), "checks": round(t_checks, 3), "eps_curve": round(t_curve, 3),
                               "total": round(time.perf_counter() - started, 3)})
@@ -189,7 +191,7 @@ def _eps_curve(model, x, y, threat: ThreatModel, spec, full: CascadeState, *, se
             "large_eps": big, "robust_accuracy_large_eps": accs[-1]}
 
 
-def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, curve, *, seed, shard: Shard,
+def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, curve, *, seed, shard: Shard, closest,
               fingerprint, n_examples, meta, seconds) -> dict[str, Any]:
     n = st.n
     correct = st.clean_correct
@@ -204,6 +206,9 @@ def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, cu
             "queries": int(st.queries[k + 1].sum()), "grads": int(st.grads[k + 1].sum()),
             "seconds": round(float(st.seconds[k + 1]), 3),
         })
+        if not math.isnan(float(st.gate[k])):  # a gated stage: which samples it ran on
+            cascade[-1]["gate"] = {"closest": closest[k], "margin_at_most": float(st.gate[k]),
+                                   "attacked": int((st.queries[k + 1] > 0).sum())}
     y_cpu = y.cpu()
     classes = int(max(int(y_cpu.max()), int(st.clean_pred.max()))) + 1
     per_class = []

@@ -90,7 +90,8 @@ class Report:
                  f"({d['data']['n']} samples, {d['threat']['norm']} eps {d['threat']['eps']}, suite {d['suite']['name']})"]
         for row in d["cascade"]:
             lines.append(f"  after {row['attack']:<28} {row['robust_accuracy_after']:.2%}   "
-                         f"(broke {row['broke']}, {row['queries']:,} fwd / {row['grads']:,} bwd, {row['seconds']:.1f}s)")
+                         f"(broke {row['broke']}, {row['queries']:,} fwd / {row['grads']:,} bwd, {row['seconds']:.1f}s"
+                         + (f"; on the {row['gate']['attacked']} closest to the boundary" if row.get("gate") else "") + ")")
         for f in self.findings:
             lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
         return lines

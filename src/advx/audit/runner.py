@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ log = logging.getLogger("advx")
 
 __all__ = ["CascadeState", "run_cascade", "model_fingerprint", "Shard", "current_shard"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 @dataclass
@@ -48,9 +49,16 @@ class CascadeState:
     grads: Tensor = field(default=None)  # long (K + 1, N)
     seconds: Tensor = field(default=None)  # float (K + 1,)
     x_adv: Tensor | None = None  # (N, ...) adversarial examples of the broken samples, else x
+    # logit margin (true class minus the best other) at the best point each stage found on each
+    # sample it did not break; +inf where not measured. Only measured for gated suites.
+    margin: Tensor = field(default=None)  # float64 (K, N)
+    gate: Tensor = field(default=None)  # float64 (K,): each gated stage's margin threshold, nan if none
 
     def __post_init__(self) -> None:
         n, k = self.n, self.stages
+        if self.margin is None:
+            self.margin = torch.full((k, n), float("inf"), dtype=torch.float64)
+            self.gate = torch.full((k,), float("nan"), dtype=torch.float64)
         if self.broken_by is None:
             self.broken_by = torch.full((n,), -1, dtype=torch.long)
             self.stage_done = torch.zeros(k, n, dtype=torch.bool)
@@ -65,7 +73,8 @@ class CascadeState:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("n", "stages", "clean_done", "clean_correct", "clean_pred", "broken_by",
-                                             "stage_done", "distance", "queries", "grads", "seconds", "x_adv")}
+                                             "stage_done", "distance", "queries", "grads", "seconds", "x_adv",
+                                             "margin", "gate")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CascadeState":
@@ -79,6 +88,7 @@ class CascadeState:
         out.distance, out.queries, out.grads = self.distance[rows], self.queries[:, rows], self.grads[:, rows]
         out.seconds = self.seconds.clone()
         out.x_adv = None if self.x_adv is None else self.x_adv[rows]
+        out.margin, out.gate = self.margin[:, rows], self.gate.clone()
         return out
 
 
@@ -176,12 +186,18 @@ def run_cascade(
     batch_size: int = 500,
     desc: str = "audit",
     mismatch: str = "error",
+    closest: list[float | None] | None = None,
 ) -> CascadeState:
     """Run ``attacks`` in order on (x, y); each stage only on the samples still robust.
 
     ``index`` holds the global sample ids (they key the random streams); with ``state_path`` the
     state is loaded from it when it exists (and matches ``fingerprint``; else an error, or a fresh
     start with ``mismatch="restart"``) and saved after each unit.
+
+    ``closest[k] = c`` runs stage k only on the fraction c of the samples still robust whose
+    logit margin, at the best points the earlier stages found, is smallest (the samples closest
+    to breaking; across all processes under torchrun). The threshold is fixed once per stage and
+    saved with the state, so a resumed or sharded run gates the same samples.
     """
     n = x.shape[0]
     index = torch.arange(n) if index is None else index.cpu()
@@ -219,32 +235,84 @@ def run_cascade(
         state.clean_done = True
         save()
 
+    closest = list(closest or [None] * len(attacks))
+    if len(closest) != len(attacks):
+        raise InputError(f"closest: one entry per stage expected ({len(attacks)}), got {len(closest)}")
+    has_scores = ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]
+    if any(c is not None for c in closest) and not has_scores:
+        log.warning("the suite gates stages by logit margin, but the model gives labels only: every stage runs on all samples")
+        closest = [None] * len(attacks)
+
     total = int(state.clean_correct.sum()) * len(attacks)
     done_units = int((state.stage_done & state.clean_correct).sum())
     with _bar(total, desc, done_units) as advance:
         for k, attack in enumerate(attacks):
-            todo = (state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]).nonzero().view(-1)
+            track = any(c is not None for c in closest[k + 1:])  # a later stage needs the margins
+            todo = state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]
+            if closest[k] is not None:
+                # From what the finished earlier stages measured on the samples still robust when
+                # this stage began: the same on a resumed run, and on every shard (a collective,
+                # so every process computes it, with work left or not).
+                alive = state.clean_correct & ((state.broken_by < 0) | (state.broken_by >= k))
+                reached = state.margin[:k].amin(dim=0) if k else state.margin[0]
+                state.gate[k] = _threshold(reached[alive], closest[k])
+                todo &= reached <= state.gate[k]
+            todo = todo.nonzero().view(-1)
             skipped = int((state.clean_correct & ~state.stage_done[k]).sum()) - todo.numel()
             for b in range(0, todo.numel(), batch_size):
                 rows = todo[b : b + batch_size]
                 rows_dev = rows.to(dev)
                 t0 = time.perf_counter()
                 r = attack(model, x[rows_dev], y[rows_dev], index=index[rows].to(dev))
-                state.seconds[k + 1] += time.perf_counter() - t0
                 hit = r.success.cpu()
                 state.queries[k + 1, rows] += r.queries.cpu()
                 state.grads[k + 1, rows] += r.grads.cpu()
+                if track and not bool(hit.all()):
+                    miss = (~hit).nonzero().view(-1)
+                    m, spent = _margins(model, r.x_adv[miss.to(dev)], y[rows_dev[miss.to(dev)]])
+                    state.margin[k, rows[miss]] = m
+                    state.queries[k + 1, rows[miss]] += spent
+                state.seconds[k + 1] += time.perf_counter() - t0
                 state.broken_by[rows[hit]] = k
                 state.distance[rows[hit]] = r.distance.cpu()[hit].double()
                 state.x_adv[rows[hit]] = r.x_adv.detach().cpu()[hit].to(state.x_adv.dtype)
                 state.stage_done[k, rows] = True
                 save()
                 advance(rows.numel())
+            if closest[k] is not None:  # the gated-out samples are done with this stage too
+                state.stage_done[k] |= state.clean_correct & (state.broken_by < 0)
             # samples broken by an earlier stage count as done for this one
             state.stage_done[k] |= state.clean_correct & (state.broken_by >= 0) & (state.broken_by < k)
             advance(skipped)
     save()
     return state
+
+
+def _margins(model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Logit margin (true class minus the best other) at x_adv, float64 (R,) on the CPU, and the
+    forward passes it cost per row."""
+    tracker = Tracker(x_adv.shape[0], x_adv.device)
+    with model.prepared():
+        z = ModelView(model, tracker).logits(x_adv)
+    true = z.gather(1, y.view(-1, 1)).view(-1)
+    other = z.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
+    return (true - other).double().cpu(), tracker.queries.cpu()
+
+
+def _threshold(margins: Tensor, fraction: float) -> float:
+    """The margin below which (inclusive) lie the ``fraction`` smallest margins of the samples
+    still robust -- of every process's samples under torchrun, so that the shards agree."""
+    values = margins
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, margins.tolist())
+        values = torch.tensor([v for part in parts for v in part], dtype=torch.float64)
+    if values.numel() == 0:
+        return float("inf")
+    count = max(1, math.ceil(fraction * values.numel()))
+    return float(values.sort().values[count - 1])
 
 
 @contextlib.contextmanager
@@ -289,5 +357,7 @@ def gather_states(state: CascadeState, shard: Shard, n: int) -> CascadeState | N
         merged.broken_by[rows], merged.stage_done[:, rows] = part.broken_by, part.stage_done
         merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = part.distance, part.queries, part.grads
         merged.x_adv[rows] = part.x_adv
+        merged.margin[:, rows] = part.margin
+        merged.gate = part.gate  # the same on every shard (computed from all of their margins)
         merged.seconds = torch.maximum(merged.seconds, part.seconds)  # wall time: the slowest shard
     return merged
