@@ -124,6 +124,13 @@ def test_pgd_at_with_enough_steps_reaches_the_corner_from_a_random_start():
     assert torch.allclose(step.loss, F.cross_entropy(net(x_adv), y, reduction="none"))
 
 
+@pytest.mark.parametrize("epoch, eps", [(0, 0.1 / 3), (1, 0.2 / 3), (2, 0.1), (7, 0.1)])
+def test_pgd_at_warmup_grows_the_budget_linearly_over_the_first_epochs(epoch, eps):
+    net, x, y, w = _problem()
+    x_adv, _ = _crafted(pgd_at(0.1, steps=8, step_size=0.03, warmup=2), net, x, y, epoch=epoch)
+    assert torch.allclose(x_adv, _corner(w, x, y, eps), atol=1e-12)  # the corner of the smaller ball
+
+
 def test_pgd_at_default_step_is_madrys_rule():
     assert pgd_at(0.3, steps=40).params["step_size"] == pytest.approx(2.5 * 0.3 / 40)
     assert fgsm_rs(0.3).params["alpha"] == pytest.approx(0.375)  # 1.25 eps
@@ -213,6 +220,7 @@ def test_a_student_that_equals_its_teacher_does_not_move():
     (lambda: fgsm_rs(0.3, alpha=0), "alpha"),
     (lambda: pgd_at(0.3, steps=0), "steps"),
     (lambda: pgd_at(0.3, step_size=-0.1), "step_size"),
+    (lambda: pgd_at(0.3, warmup=-1), "warmup"),
     (lambda: trades(0.3, beta=-1), "beta"),
     (lambda: trades(0.3, steps=1.5), "steps"),
     (lambda: standard(temperature=0), "temperature"),

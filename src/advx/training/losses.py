@@ -204,25 +204,38 @@ def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start:
 
 
 def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = None, *,
-           random_start: bool = True) -> Recipe:
+           random_start: bool = True, warmup: int = 0) -> Recipe:
     """PGD adversarial training (Madry et al. 2018): minimize the cross-entropy at the point
     that ``steps`` projected steepest-ascent steps of ``step_size`` (default 2.5 * eps / steps)
-    from a uniform random start reach. Crafted in training mode, as in the paper's code."""
+    from a uniform random start reach. Crafted in training mode, as in the paper's code.
+
+    ``warmup``: the first ``warmup`` epochs train at a budget growing linearly to eps (epoch e
+    at eps * (e + 1) / (warmup + 1)), the step size in proportion. A small net trained from
+    scratch at the full budget can stay at chance: measured on MNIST at Linf 0.3 with the
+    WongCNN, the loss stayed at 2.30 for 18 epochs at lr 5e-3, and for 2 epochs at 1e-3 and 3e-4.
+    """
     threat = _threat("pgd_at", eps)
     n = _count("pgd_at", "steps", steps)
     size = 2.5 * float(threat.eps) / n if step_size is None else _positive("pgd_at", "step_size", step_size)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise InputError(f"pgd_at: warmup must be an int >= 0 (epochs), got {warmup!r}")
 
     def run(b: Batch) -> Step:
         th = b.threat(threat)
+        scale = min(1.0, (b.epoch + 1) / (warmup + 1)) if warmup else 1.0
+        if scale < 1.0:
+            th = th.with_eps(float(th.eps) * scale)
         x_adv = th.random_init(b.x, b.rng(0)) if random_start else b.x.clone()
         for _ in range(n):
             grad, _ = b.input_grad(x_adv, lambda z: _ce(z, b.y))
-            x_adv = th.project(x_adv + size * th.steepest_ascent(grad, x_adv=x_adv), b.x).detach()
+            x_adv = th.project(x_adv + scale * size * th.steepest_ascent(grad, x_adv=x_adv), b.x).detach()
         logits = b.model(x_adv)
         return Step(_ce(logits, b.y), adv_logits=logits)
 
-    return Recipe("pgd_at", {"eps": float(threat.eps), "steps": n, "step_size": size, "random_start": bool(random_start)},
-                  run, threat)
+    params = {"eps": float(threat.eps), "steps": n, "step_size": size, "random_start": bool(random_start)}
+    if warmup:
+        params["warmup"] = warmup
+    return Recipe("pgd_at", params, run, threat)
 
 
 def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
