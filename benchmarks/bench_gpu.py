@@ -50,8 +50,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--out", default="gpu-results")
     ap.add_argument("--deadline", type=float, default=420.0, help="seconds; later parts are skipped after it")
-    ap.add_argument("--parts", default="precision,audit,train")
+    ap.add_argument("--parts", default="precision,audit,train", help="also: profile (cProfile of advx standard)")
     ap.add_argument("--train-n", type=int, default=None, help="training samples (default: all 60,000)")
+    ap.add_argument("--audit-variants", default="standard,fast,fast-compile,standard-bf16")
     args = ap.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
@@ -102,7 +103,7 @@ def main() -> None:
         save()
 
     if "audit" in parts and not late("audit"):
-        rows = []
+        rows, stages = [], []
         try:
             import torchattacks
 
@@ -115,20 +116,43 @@ def main() -> None:
         except ImportError as e:
             rows.append([f"torchattacks not importable ({e})", "-", "-", "-"])
             ta = None
-        for label, suite, kw in (("advx standard", "standard", {}), ("advx fast", "fast", {}),
-                                 ("advx fast, compile=True", "fast", {"compile": True}),
-                                 ("advx standard, bf16 autocast", "standard", {"autocast": torch.bfloat16})):
+        variants = {"standard": ("advx standard", "standard", {}), "fast": ("advx fast", "fast", {}),
+                    "fast-compile": ("advx fast, compile=True", "fast", {"compile": True}),
+                    "standard-bf16": ("advx standard, bf16 autocast", "standard", {"autocast": torch.bfloat16})}
+        for label, suite, kw in (variants[v] for v in args.audit_variants.split(",")):
             if late(label):
                 break
             clf = advx.Classifier(net, **kw)
             advx.PGD(advx.Linf(0.3), steps=1)(clf, x[:200], y[:200])  # chunk sizes
             secs, rep = timed(lambda: advx.audit(clf, x, y, advx.Linf(0.3), suite=suite, eps_curve=None, checks=False))
             rows.append([label, f"{rep.robust_accuracy:.2%}", secs, secs / ta if ta else "-"])
+            stages.append(f"- {label}: " + "; ".join(
+                f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']} in {c['seconds']:.1f} s"
+                + (f" (on {c['gate']['attacked']})" if c.get("gate") else "") for c in rep.cascade))
             results.setdefault("audit", []).append({"label": label, "robust": rep.robust_accuracy, "seconds": secs,
                                                     "fwd": rep["totals"]["queries"], "bwd": rep["totals"]["grads"]})
             save()
         md += [f"### Audit, first {args.n} MNIST test images, TRADES SmallCNN, Linf 0.3", "",
-               table(["evaluation", "robust accuracy", "seconds", "ratio to torchattacks"], rows), ""]
+               table(["evaluation", "robust accuracy", "seconds", "ratio to torchattacks"], rows), "",
+               "Per stage:", "", *stages, ""]
+        save()
+
+    if "profile" in parts and not late("profile"):
+        import cProfile
+        import io
+        import pstats
+
+        clf = advx.Classifier(net)
+        advx.PGD(advx.Linf(0.3), steps=1)(clf, x[:200], y[:200])
+        prof = cProfile.Profile()
+        prof.enable()
+        advx.audit(clf, x, y, advx.Linf(0.3), suite="standard", eps_curve=None, checks=False)
+        sync()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        (out / "profile.txt").write_text(buf.getvalue())
+        md += ["(profile of advx standard: profile.txt)", ""]
         save()
 
     if "train" in parts and not late("train"):
