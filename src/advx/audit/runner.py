@@ -196,8 +196,8 @@ def run_cascade(
 
     ``closest[k] = c`` runs stage k only on the fraction c of the samples still robust whose
     logit margin, at the best points the earlier stages found, is smallest (the samples closest
-    to breaking; across all processes under torchrun). The threshold is fixed once per stage and
-    saved with the state, so a resumed or sharded run gates the same samples.
+    to breaking; across all processes under torchrun). The margins are saved with the state,
+    so a resumed or sharded run gates the same samples.
     """
     n = x.shape[0]
     index = torch.arange(n) if index is None else index.cpu()
