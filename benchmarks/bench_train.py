@@ -67,7 +67,7 @@ def train_mnist(args) -> None:
     from advx.training import fgsm_rs, fit, pgd_at, trades
 
     x, y = mnist("train")
-    recipe = {"fgsm-rs": lambda: fgsm_rs(0.3, alpha=args.alpha),
+    recipe = {"fgsm-rs": lambda: fgsm_rs(0.3, alpha=args.alpha, warmup=args.warmup),
               "pgd-at": lambda: pgd_at(0.3, steps=args.steps, step_size=0.01 if args.steps >= 40 else None,
                                        warmup=args.warmup),
               "trades": lambda: trades(0.3, beta=6.0, steps=args.steps)}[args.cmd]()
@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="cyclic")
     ap.add_argument("--steps", type=int, default=10, help="PGD-AT / TRADES inner steps")
     ap.add_argument("--alpha", type=float, default=0.375, help="FGSM-RS step (Wong et al.: 1.25 eps = 0.375)")
-    ap.add_argument("--warmup", type=int, default=0, help="PGD-AT: epochs of linearly growing eps")
+    ap.add_argument("--warmup", type=int, default=0, help="PGD-AT, FGSM-RS: epochs of linearly growing eps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="checkpoint folder (resumed from when it exists)")
     ap.add_argument("--audit-n", type=int, default=1000)

@@ -131,6 +131,12 @@ def test_pgd_at_warmup_grows_the_budget_linearly_over_the_first_epochs(epoch, ep
     assert torch.allclose(x_adv, _corner(w, x, y, eps), atol=1e-12)  # the corner of the smaller ball
 
 
+def test_fgsm_rs_warmup_shrinks_the_ball_and_the_step_alike():
+    net, x, y, w = _problem()
+    x_adv, _ = _crafted(fgsm_rs(0.1, alpha=1.0, warmup=3), net, x, y, epoch=1)  # half the budget
+    assert torch.allclose(x_adv, _corner(w, x, y, 0.05), atol=1e-12)
+
+
 def test_pgd_at_default_step_is_madrys_rule():
     assert pgd_at(0.3, steps=40).params["step_size"] == pytest.approx(2.5 * 0.3 / 40)
     assert fgsm_rs(0.3).params["alpha"] == pytest.approx(0.375)  # 1.25 eps
@@ -221,6 +227,7 @@ def test_a_student_that_equals_its_teacher_does_not_move():
     (lambda: pgd_at(0.3, steps=0), "steps"),
     (lambda: pgd_at(0.3, step_size=-0.1), "step_size"),
     (lambda: pgd_at(0.3, warmup=-1), "warmup"),
+    (lambda: fgsm_rs(0.3, warmup=1.5), "warmup"),
     (lambda: trades(0.3, beta=-1), "beta"),
     (lambda: trades(0.3, steps=1.5), "steps"),
     (lambda: standard(temperature=0), "temperature"),

@@ -175,7 +175,20 @@ def standard(temperature: float = 1.0) -> Recipe:
     return Recipe("standard", {"temperature": t}, run)
 
 
-def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start: bool = False) -> Recipe:
+def _warmup(who: str, warmup: Any) -> int:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise InputError(f"{who}: warmup must be an int >= 0 (epochs), got {warmup!r}")
+    return warmup
+
+
+def _budget_scale(epoch: int, warmup: int) -> float:
+    """The fraction of eps trained at in ``epoch`` (0-based): (epoch + 1) / (warmup + 1) during
+    the first ``warmup`` epochs, then 1."""
+    return min(1.0, (epoch + 1) / (warmup + 1)) if warmup else 1.0
+
+
+def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start: bool = False,
+            warmup: int = 0) -> Recipe:
     """FGSM with a random start (Wong, Rice & Kolter 2020, "Fast is better than free").
 
     A point drawn uniformly from the ball, one steepest-ascent step of size ``alpha`` (default
@@ -187,19 +200,27 @@ def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start:
     0 or 1, clipping the start (``clip_start=True``) leaves half of them on the boundary, takes
     most of the randomness away, and training overfits catastrophically from the first epochs
     (PGD accuracy 0% while FGSM accuracy climbs past 90%, measured with Wong et al.'s settings).
+
+    ``warmup``: as for :func:`pgd_at`, the first epochs train at a budget growing to eps (alpha
+    in proportion).
     """
     threat = _threat("fgsm_rs", eps)
     a = 1.25 * float(threat.eps) if alpha is None else _positive("fgsm_rs", "alpha", alpha)
+    warm = _warmup("fgsm_rs", warmup)
 
     def run(b: Batch) -> Step:
         th = b.threat(threat)
+        scale = _budget_scale(b.epoch, warm)
+        if scale < 1.0:
+            th = th.with_eps(float(th.eps) * scale)
         start = th.random_init(b.x, b.rng(0), clip=clip_start)
         grad, _ = b.input_grad(start, lambda z: _ce(z, b.y))
-        x_adv = th.project(start + a * th.steepest_ascent(grad), b.x).detach()
+        x_adv = th.project(start + scale * a * th.steepest_ascent(grad), b.x).detach()
         logits = b.model(x_adv)
         return Step(_ce(logits, b.y), adv_logits=logits)
 
-    params = {"eps": float(threat.eps), "alpha": a, **({"clip_start": True} if clip_start else {})}
+    params = {"eps": float(threat.eps), "alpha": a, **({"clip_start": True} if clip_start else {}),
+              **({"warmup": warm} if warm else {})}
     return Recipe("fgsm_rs", params, run, threat, overfit_check=True)
 
 
@@ -217,12 +238,11 @@ def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = 
     threat = _threat("pgd_at", eps)
     n = _count("pgd_at", "steps", steps)
     size = 2.5 * float(threat.eps) / n if step_size is None else _positive("pgd_at", "step_size", step_size)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise InputError(f"pgd_at: warmup must be an int >= 0 (epochs), got {warmup!r}")
+    warmup = _warmup("pgd_at", warmup)
 
     def run(b: Batch) -> Step:
         th = b.threat(threat)
-        scale = min(1.0, (b.epoch + 1) / (warmup + 1)) if warmup else 1.0
+        scale = _budget_scale(b.epoch, warmup)
         if scale < 1.0:
             th = th.with_eps(float(th.eps) * scale)
         x_adv = th.random_init(b.x, b.rng(0)) if random_start else b.x.clone()
