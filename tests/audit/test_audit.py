@@ -275,3 +275,19 @@ def test_a_bad_gate_is_refused_before_any_work(trained_mlp, data):
     for bad in (0, 1.5, "half", True):
         with pytest.raises(InputError, match="closest"):
             advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=[{"name": "fgsm", "closest": bad}])
+
+
+@pytest.mark.parametrize("gained, left, severity", [(2, 10, "warning"), (6, 913, "warning"), (50, 779, "error"),
+                                                    (3, 100, "error")])
+def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond_a_small_share(gained, left, severity):
+    from advx.audit.checks import check_blackbox_gain
+
+    stages = [advx.PGD(advx.Linf(EPS)), advx.Square(advx.Linf(EPS), queries=10)]
+    n = left + 20
+    broken_by = torch.full((n,), -1)
+    broken_by[:20] = 0  # broken by the white-box stage
+    broken_by[20:20 + gained] = 1  # then by Square
+    (finding,) = check_blackbox_gain(broken_by, stages, torch.ones(n, dtype=torch.bool))
+    assert finding.code == "blackbox-beats-whitebox" and finding.severity == severity
+    assert f"{gained} point" in finding.message
+    assert not check_blackbox_gain(torch.where(broken_by == 1, -1, broken_by), stages)

@@ -139,7 +139,7 @@ def audit(
                                     large=curve.get("large_eps"), acc_large=curve.get("robust_accuracy_large_eps"))
     if checks:
         t0 = time.perf_counter()
-        findings += check_blackbox_gain(full.broken_by, stages)
+        findings += check_blackbox_gain(full.broken_by, stages, full.clean_correct)
         robust_rows = full.robust.nonzero().view(-1)[: max(1, subset // 4)]
         if robust_rows.numel() and model.access == "gradients":
             steps = 4 * max((a.params.get("steps", 0) or 0) for a in stages if a.access == "gradients") or 400

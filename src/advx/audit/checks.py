@@ -80,23 +80,35 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
     return out
 
 
-def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack]) -> list[Finding]:
+# A black-box stage may break a few points the white-box ones missed on a sound model (Square
+# breaks about 0.7% of the points APGD leaves on the TRADES SmallCNN, benchmarks/RESULTS.md); on
+# a masked one it breaks many more (6% after FGSM-RS training gone wrong). More than this share
+# of the points that reached the stage (and more than 2 points) fails the audit.
+_BLACKBOX_GAIN_ERROR = 0.02
+
+
+def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack],
+                        clean_correct: Tensor | None = None) -> list[Finding]:
     """A score- or label-based stage that breaks points every white-box stage missed."""
     out = []
     white = [k for k, a in enumerate(stages) if a.access == "gradients"]
     if not white:
         return out
+    correct = torch.ones_like(broken_by, dtype=torch.bool) if clean_correct is None else clean_correct
     for k, a in enumerate(stages):
         if a.access == "gradients" or k < max(white):
             continue
         gained = int((broken_by == k).sum())
+        reached = int((correct & ((broken_by < 0) | (broken_by >= k))).sum())
         if gained:
+            share = gained / max(1, reached)
             out.append(Finding(
-                "blackbox-beats-whitebox", "warning" if gained <= 2 else "error",
-                f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks could not",
+                "blackbox-beats-whitebox", "error" if gained > 2 and share > _BLACKBOX_GAIN_ERROR else "warning",
+                f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks could not "
+                f"({share:.1%} of the {reached} points left to it)",
                 "a gradient-free attack should not beat gradient-based ones: suspect gradient masking; "
                 "treat the white-box numbers with suspicion and check the gradients (BPDA, EOT)",
-                {"attack": a.name, "points": gained},
+                {"attack": a.name, "points": gained, "share": round(share, 4)},
             ))
     return out
 
