@@ -2,6 +2,7 @@
 
     python benchmarks/bench_score.py --dataset mnist --n 100 --n-large 25
     python benchmarks/bench_score.py --dataset cifar --n 100 --n-large 25
+    python benchmarks/bench_score.py --dataset cifar --n 50 --budgets 1000 --zoo-resize 16,none --skip-simba
 
 Models (undefended): MNIST -- advx's demo LeNet (``advx.zoo.build("lenet")``) trained here with
 ``advx.training.fit`` on the embedded ``mnist-demo`` train split (4 epochs, batch 64, lr 2e-3,
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")], default=list(BUDGETS))
     ap.add_argument("--simba-eps", type=float, default=None, help="L2 ball of SimBA (default: 3 MNIST, 1 CIFAR)")
     ap.add_argument("--skip-art", action="store_true")
+    ap.add_argument("--zoo-resize", default="", help="extra advx ZOO rows with these first resolutions, e.g. 16,none")
+    ap.add_argument("--skip-simba", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (more threads on a shared machine can be much slower)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,7 +173,12 @@ def main() -> None:
         block = [label + ["advx ZOO"] + cells(ours, common)]
         if theirs is not None:
             block.append(label + ["ART ZooAttack"] + cells(theirs, common))
-        for basis in ("dct", "pixel"):
+        for extra in filter(None, args.zoo_resize.split(",")):
+            size = None if extra == "none" else int(extra)
+            other = run_advx(advx.attacks.ZOO(advx.L2(math.inf), max_queries=budget, resize=size), net, xb, yb)
+            both = None if theirs is None else other["success"] & theirs["success"]
+            block.append(label + [f"advx ZOO (resize={size})"] + cells(other, both))
+        for basis in ("dct", "pixel") if not args.skip_simba else ():
             attack = advx.attacks.SimBA(advx.L2(simba_eps), basis=basis, max_queries=budget)
             block.append(label + [f"advx SimBA-{basis} (L2 <= {simba_eps:g})"] + cells(run_advx(attack, net, xb, yb), None))
         print(table(header, block), flush=True)
