@@ -207,10 +207,11 @@ from advx.training.distributed import init_from_env
 torch.set_num_threads(int(sys.argv[3]))
 g = init_from_env("cpu")
 x, y = advx.data.load(sys.argv[1], split="train", n=int(sys.argv[2]))
-torch.manual_seed(0)
+seed = int(sys.argv[5])
+torch.manual_seed(seed)
 net = advx.zoo.build("wong_cnn")
 h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=0.375), epochs=2, batch_size=100, lr=5e-3, lr_schedule="cyclic",
-        seed=0, progress=False, monitor=None, overfit_check=False)
+        seed=seed, progress=False, monitor=None, overfit_check=False)
 if g.rank == 0:
     torch.save(net.state_dict(), sys.argv[4])
     print("EPOCHS", sum(e["seconds"] for e in h.epochs))
@@ -223,15 +224,16 @@ def ddp(args) -> None:
         script = Path(tmp) / "ddp_fit.py"
         script.write_text(_DDP_SCRIPT)
         env = {**os.environ, "ADVX_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        runs = [("1 process, 1 thread", [sys.executable, str(script)], 1),
-                ("1 process, 2 threads", [sys.executable, str(script)], 2),
-                ("2 processes (torchrun, gloo), 1 thread each",
-                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)], 1)]
-        for label, cmd, threads in runs:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+        runs = [("1 process, 1 thread", [sys.executable, str(script)], 1, 0),
+                ("1 process, 2 threads", [sys.executable, str(script)], 2, 0),
+                ("2 processes (torchrun, gloo), 1 thread each", torchrun, 1, 0),
+                ("1 process, 1 thread, another seed (the spread between seeds)", [sys.executable, str(script)], 1, 1)]
+        for label, cmd, threads, seed in runs:
             times = []
             for r in range(args.repeats):
                 out = Path(tmp) / f"{len(results)}-{r}.pt"
-                proc = subprocess.run([*cmd, str(MNIST), str(args.n), str(threads), str(out)], capture_output=True,
+                proc = subprocess.run([*cmd, str(MNIST), str(args.n), str(threads), str(out), str(seed)], capture_output=True,
                                       text=True, env=env, cwd=tmp, timeout=3600)
                 if proc.returncode:
                     raise SystemExit(proc.stderr[-3000:])

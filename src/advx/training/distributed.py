@@ -23,6 +23,7 @@ and dropout masks (drawn from each process's own global RNG).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -131,7 +132,17 @@ def init_from_env(device: str | None = None) -> Group:
         if use_nccl:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+        # Joined here, left here: a process that exits with the group still up can abort in
+        # gloo's teardown ("terminate called without an active exception", seen with torchrun).
+        atexit.register(_leave)
     return current_group()
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str | None) -> torch.device:
