@@ -290,4 +290,4 @@ def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond
     (finding,) = check_blackbox_gain(broken_by, stages, torch.ones(n, dtype=torch.bool))
     assert finding.code == "blackbox-beats-whitebox" and finding.severity == severity
     assert f"{gained} point" in finding.message
-    assert not check_blackbox_gain(torch.where(broken_by == 1, -1, broken_by), stages)
+    assert not check_blackbox_gain(torch.where(broken_by == 1, -1, broken_by), stages, torch.ones(n, dtype=torch.bool))

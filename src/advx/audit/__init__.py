@@ -91,7 +91,7 @@ def audit(
         raise InputError(f"threat: its bounds {threat.bounds} differ from the model's {model.bounds}")
     the_suite = load_suite(suite, threat)
     staged = the_suite.stages(threat, seed=seed)
-    stages = [attack for attack, _ in staged]
+    stages, closest = [a for a, _ in staged], [c for _, c in staged]
     if batch_size < 1:
         raise InputError(f"batch_size: expected a positive int, got {batch_size}")
 
@@ -121,7 +121,7 @@ def audit(
     part = run_cascade(model, x[rows_dev], y[rows_dev], stages, index=rows, state_path=state_path,
                        fingerprint={**fingerprint, "shard": f"{shard.rank}/{shard.world}"}, batch_size=batch_size,
                        desc=f"audit {the_suite.name}" + (f" [{shard.rank}/{shard.world}]" if shard.world > 1 else ""),
-                       mismatch=state_mismatch, closest=[c for _, c in staged])
+                       mismatch=state_mismatch, closest=closest)
     full = gather_states(part, shard, n)
     t_cascade = time.perf_counter() - t0
     if full is None:
@@ -148,7 +148,7 @@ def audit(
         t_checks += time.perf_counter() - t0
 
     data = _document(model, x, y, threat, the_suite, stages, full, findings, curve, seed=seed, shard=shard,
-                     closest=[c for _, c in staged],
+                     closest=closest,
                      fingerprint=fingerprint, n_examples=n_examples, meta=meta or {},
                      seconds={"cascade": round(t_cascade, 3), "checks": round(t_checks, 3), "eps_curve": round(t_curve, 3),
                               "total": round(time.perf_counter() - started, 3)})

@@ -87,19 +87,17 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
 _BLACKBOX_GAIN_ERROR = 0.02
 
 
-def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack],
-                        clean_correct: Tensor | None = None) -> list[Finding]:
+def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack], clean_correct: Tensor) -> list[Finding]:
     """A score- or label-based stage that breaks points every white-box stage missed."""
     out = []
     white = [k for k, a in enumerate(stages) if a.access == "gradients"]
     if not white:
         return out
-    correct = torch.ones_like(broken_by, dtype=torch.bool) if clean_correct is None else clean_correct
     for k, a in enumerate(stages):
         if a.access == "gradients" or k < max(white):
             continue
         gained = int((broken_by == k).sum())
-        reached = int((correct & ((broken_by < 0) | (broken_by >= k))).sum())
+        reached = int((clean_correct & ((broken_by < 0) | (broken_by >= k))).sum())
         if gained:
             share = gained / max(1, reached)
             out.append(Finding(

@@ -181,10 +181,12 @@ def _warmup(who: str, warmup: Any) -> int:
     return warmup
 
 
-def _budget_scale(epoch: int, warmup: int) -> float:
-    """The fraction of eps trained at in ``epoch`` (0-based): (epoch + 1) / (warmup + 1) during
-    the first ``warmup`` epochs, then 1."""
-    return min(1.0, (epoch + 1) / (warmup + 1)) if warmup else 1.0
+def _warmed(b: Batch, threat: ThreatModel, warmup: int) -> tuple[ThreatModel, float]:
+    """The batch's threat at the budget of its epoch, and that budget as a fraction of eps:
+    (epoch + 1) / (warmup + 1) during the first ``warmup`` epochs (0-based), then 1."""
+    th = b.threat(threat)
+    scale = min(1.0, (b.epoch + 1) / (warmup + 1)) if warmup else 1.0
+    return (th.with_eps(float(th.eps) * scale) if scale < 1.0 else th), scale
 
 
 def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start: bool = False,
@@ -209,10 +211,7 @@ def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start:
     warm = _warmup("fgsm_rs", warmup)
 
     def run(b: Batch) -> Step:
-        th = b.threat(threat)
-        scale = _budget_scale(b.epoch, warm)
-        if scale < 1.0:
-            th = th.with_eps(float(th.eps) * scale)
+        th, scale = _warmed(b, threat, warm)
         start = th.random_init(b.x, b.rng(0), clip=clip_start)
         grad, _ = b.input_grad(start, lambda z: _ce(z, b.y))
         x_adv = th.project(start + scale * a * th.steepest_ascent(grad), b.x).detach()
@@ -241,10 +240,7 @@ def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = 
     warmup = _warmup("pgd_at", warmup)
 
     def run(b: Batch) -> Step:
-        th = b.threat(threat)
-        scale = _budget_scale(b.epoch, warmup)
-        if scale < 1.0:
-            th = th.with_eps(float(th.eps) * scale)
+        th, scale = _warmed(b, threat, warmup)
         x_adv = th.random_init(b.x, b.rng(0)) if random_start else b.x.clone()
         for _ in range(n):
             grad, _ = b.input_grad(x_adv, lambda z: _ce(z, b.y))
