@@ -9,8 +9,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,12 +73,16 @@ def median_time(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, list[fl
 
 
 def versions(*packages: str) -> dict[str, str]:
-    found = {"advx": advx.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    found = {
+        "advx": advx.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     for name in packages:
         try:
             mod = importlib.import_module(name)
             found[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # noqa: BLE001 - report a peer that does not import
+        except Exception as e:
             found[name] = f"not importable ({type(e).__name__})"
     return found
 

@@ -14,7 +14,6 @@ import argparse
 import time
 
 import torch
-
 from _common import advx, machine, median_time, mnist_test, table, trades_smallcnn, versions
 
 
@@ -33,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torchattacks
+
     from advx.attacks import APGD
 
     net = trades_smallcnn()
@@ -41,22 +41,40 @@ def main() -> None:
     eps, steps = 0.3, args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
-    APGD(advx.Linf(eps), steps=2)(clf, x, y)  # warm-up: advx measures its chunk sizes once per shape
+    APGD(advx.Linf(eps), steps=2)(
+        clf, x, y
+    )  # warm-up: advx measures its chunk sizes once per shape
 
     only = set(args.only.split(",")) if args.only else None
     runs = [
-        ("APGD-CE", "advx",
-         lambda: APGD(advx.Linf(eps), loss="ce", steps=steps)(clf, x, y)),
-        ("APGD-CE", "torchattacks",
-         lambda: torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, loss="ce", n_restarts=1)(x, y)),
-        ("APGD-DLR", "advx",
-         lambda: APGD(advx.Linf(eps), loss="dlr", steps=steps)(clf, x, y)),
-        ("APGD-DLR", "torchattacks",
-         lambda: torchattacks.APGD(net, norm="Linf", eps=eps, steps=steps, loss="dlr", n_restarts=1)(x, y)),
-        ("APGD-T (9 targets)", "advx",
-         lambda: APGD(advx.Linf(eps), loss="dlr-targeted", steps=steps, targets=9)(clf, x, y)),
-        ("APGD-T (9 targets)", "torchattacks",
-         lambda: torchattacks.APGDT(net, norm="Linf", eps=eps, steps=steps, n_restarts=1, n_classes=10)(x, y)),
+        ("APGD-CE", "advx", lambda: APGD(advx.Linf(eps), loss="ce", steps=steps)(clf, x, y)),
+        (
+            "APGD-CE",
+            "torchattacks",
+            lambda: torchattacks.APGD(
+                net, norm="Linf", eps=eps, steps=steps, loss="ce", n_restarts=1
+            )(x, y),
+        ),
+        ("APGD-DLR", "advx", lambda: APGD(advx.Linf(eps), loss="dlr", steps=steps)(clf, x, y)),
+        (
+            "APGD-DLR",
+            "torchattacks",
+            lambda: torchattacks.APGD(
+                net, norm="Linf", eps=eps, steps=steps, loss="dlr", n_restarts=1
+            )(x, y),
+        ),
+        (
+            "APGD-T (9 targets)",
+            "advx",
+            lambda: APGD(advx.Linf(eps), loss="dlr-targeted", steps=steps, targets=9)(clf, x, y),
+        ),
+        (
+            "APGD-T (9 targets)",
+            "torchattacks",
+            lambda: torchattacks.APGDT(
+                net, norm="Linf", eps=eps, steps=steps, n_restarts=1, n_classes=10
+            )(x, y),
+        ),
     ]
     rows = []
     with torch.no_grad():
@@ -73,19 +91,42 @@ def main() -> None:
         else:
             x_adv, extra = out, ""
         inside = float((x_adv - x).abs().amax() <= eps + 1e-6)
-        rows.append([attack, lib, f"{robust(net, x_adv, y):.2%}", extra, seconds, cpu, "yes" if inside else "NO"])
+        rows.append(
+            [
+                attack,
+                lib,
+                f"{robust(net, x_adv, y):.2%}",
+                extra,
+                seconds,
+                cpu,
+                "yes" if inside else "NO",
+            ]
+        )
         print(" | ".join(map(str, rows[-1])), flush=True)  # progress: the table comes at the end
 
-    text = "\n".join([
-        f"## APGD vs torchattacks: TRADES SmallCNN, first {args.n} MNIST test images, Linf {eps}, {steps} steps, 1 restart",
-        "",
-        f"Clean accuracy {clean:.2%}. {machine()}. Versions: {versions('torchattacks')}.",
-        "",
-        f"Command: `python benchmarks/bench_apgd.py --n {args.n} --steps {steps} --repeats {args.repeats}"
-        f"{' --threads ' + str(args.threads) if args.threads else ''}{' --only ' + args.only if args.only else ''}`",
-        "",
-        table(["attack", "library", "robust acc (plain forward)", "advx", "wall s", "CPU s", "inside ball"], rows),
-    ])
+    text = "\n".join(
+        [
+            f"## APGD vs torchattacks: TRADES SmallCNN, first {args.n} MNIST test images, Linf {eps}, {steps} steps, 1 restart",
+            "",
+            f"Clean accuracy {clean:.2%}. {machine()}. Versions: {versions('torchattacks')}.",
+            "",
+            f"Command: `python benchmarks/bench_apgd.py --n {args.n} --steps {steps} --repeats {args.repeats}"
+            f"{' --threads ' + str(args.threads) if args.threads else ''}{' --only ' + args.only if args.only else ''}`",
+            "",
+            table(
+                [
+                    "attack",
+                    "library",
+                    "robust acc (plain forward)",
+                    "advx",
+                    "wall s",
+                    "CPU s",
+                    "inside ball",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(text)
 
 

@@ -22,9 +22,8 @@ import math
 import time
 
 import torch
-from torch import nn
-
 from _common import advx, cifar_balanced, machine, mnist_test, resnet20_normalized, table, versions
+from torch import nn
 
 
 class _Spent(Exception):
@@ -35,7 +34,9 @@ class Budgeted(nn.Module):
     """A peer's model that counts calls and reads the closest adversarial input queried so far
     at each budget; stops the attack at the largest one."""
 
-    def __init__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[int]) -> None:
+    def __init__(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[int]
+    ) -> None:
         super().__init__()
         self.net, self.x, self.y = net, x, y
         self.budgets = sorted(budgets)
@@ -59,7 +60,9 @@ class Budgeted(nn.Module):
         return logits
 
 
-def foolbox_run(name: str, net: nn.Module, x, y, budgets: list[int]) -> dict[int, tuple[torch.Tensor, float]]:
+def foolbox_run(
+    name: str, net: nn.Module, x, y, budgets: list[int]
+) -> dict[int, tuple[torch.Tensor, float]]:
     import foolbox as fb
 
     wrapped = Budgeted(net, x, y, budgets).eval()
@@ -122,7 +125,9 @@ def median(d: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", type=int, nargs="+", default=[1000, 5000, 20000])
-    ap.add_argument("--large", type=int, default=20000, help="budgets from here on use the --*-large sizes")
+    ap.add_argument(
+        "--large", type=int, default=20000, help="budgets from here on use the --*-large sizes"
+    )
     ap.add_argument("--n", type=int, default=100, help="MNIST images")
     ap.add_argument("--n-large", type=int, default=20, help="MNIST images at the large budgets")
     ap.add_argument("--cifar-n", type=int, default=20)
@@ -135,8 +140,10 @@ def main() -> None:
     for model in args.models:
         sizes = (args.n, args.n_large) if model == "mnist" else (args.cifar_n, args.cifar_n_large)
         net, x, y = lenet_mnist(sizes[0]) if model == "mnist" else resnet_cifar(sizes[0])
-        groups = [(sizes[0], [b for b in args.budgets if b < args.large]),
-                  (sizes[1], [b for b in args.budgets if b >= args.large])]
+        groups = [
+            (sizes[0], [b for b in args.budgets if b < args.large]),
+            (sizes[1], [b for b in args.budgets if b >= args.large]),
+        ]
         for attack in args.attacks:
             for n, budgets in groups:
                 if not budgets or n == 0:
@@ -147,10 +154,20 @@ def main() -> None:
                 for b in budgets:
                     d_ours, t_ours = advx_run(attack, box, xs, ys, b)
                     d_theirs, t_theirs = theirs[b]
-                    rows.append([model, attack, b, n, median(d_ours), median(d_theirs),
-                                 f"{float(torch.isfinite(d_ours).float().mean()):.0%}",
-                                 f"{float(torch.isfinite(d_theirs).float().mean()):.0%}",
-                                 t_ours, t_theirs])
+                    rows.append(
+                        [
+                            model,
+                            attack,
+                            b,
+                            n,
+                            median(d_ours),
+                            median(d_theirs),
+                            f"{float(torch.isfinite(d_ours).float().mean()):.0%}",
+                            f"{float(torch.isfinite(d_theirs).float().mean()):.0%}",
+                            t_ours,
+                            t_theirs,
+                        ]
+                    )
                     print(table(HEADER, rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(f"{machine()}; {versions('foolbox')}")
@@ -158,8 +175,18 @@ def main() -> None:
     print(table(HEADER, rows))
 
 
-HEADER = ["model", "attack", "queries/sample", "images", "median L2 advx", "median L2 foolbox",
-          "success advx", "success foolbox", "time advx (s)", "time foolbox (s)"]
+HEADER = [
+    "model",
+    "attack",
+    "queries/sample",
+    "images",
+    "median L2 advx",
+    "median L2 foolbox",
+    "success advx",
+    "success foolbox",
+    "time advx (s)",
+    "time foolbox (s)",
+]
 
 if __name__ == "__main__":
     main()

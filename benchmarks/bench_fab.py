@@ -13,7 +13,6 @@ import argparse
 import statistics
 
 import torch
-
 from _common import advx, machine, median_time, mnist_test, table, trades_smallcnn, versions
 
 
@@ -39,8 +38,9 @@ def main() -> None:
     advx.PGD(advx.Linf(eps), steps=2)(clf, x, y)  # warm-up: advx measures its chunk sizes once
 
     ours = advx.attacks.create("fab", advx.Linf(eps), steps=args.steps, targets=9, targeted=True)
-    theirs = torchattacks.FAB(net, norm="Linf", eps=eps, steps=args.steps, n_classes=10,
-                              multi_targeted=True, n_restarts=1)
+    theirs = torchattacks.FAB(
+        net, norm="Linf", eps=eps, steps=args.steps, n_classes=10, multi_targeted=True, n_restarts=1
+    )
     t_ours, t_theirs, r, xa = [], [], None, None
     for _ in range(args.repeats):  # interleaved, so that load drifts hit both alike
         t, _, xa = median_time(lambda: theirs(x, y), 1)
@@ -51,15 +51,46 @@ def main() -> None:
     with torch.no_grad():
         clean = float((net(x).argmax(1) == y).float().mean())
     rows = [
-        ["advx FAB-T", args.n, f"{clean:.0%}", f"{r.robust_accuracy:.0%}",
-         f"{robust(net, r.x_adv, x, y, eps):.0%}", a, f"{r.grads.float().mean():.0f}", a / b],
-        ["torchattacks FAB multi_targeted", args.n, f"{clean:.0%}", "-",
-         f"{robust(net, xa, x, y, eps):.0%}", b, "-", 1.0],
+        [
+            "advx FAB-T",
+            args.n,
+            f"{clean:.0%}",
+            f"{r.robust_accuracy:.0%}",
+            f"{robust(net, r.x_adv, x, y, eps):.0%}",
+            a,
+            f"{r.grads.float().mean():.0f}",
+            a / b,
+        ],
+        [
+            "torchattacks FAB multi_targeted",
+            args.n,
+            f"{clean:.0%}",
+            "-",
+            f"{robust(net, xa, x, y, eps):.0%}",
+            b,
+            "-",
+            1.0,
+        ],
     ]
-    print(table(["attack", "n", "clean", "robust (reported)", "robust (re-checked)", "seconds",
-                 "backward passes / sample", "time ratio"], rows))
+    print(
+        table(
+            [
+                "attack",
+                "n",
+                "clean",
+                "robust (reported)",
+                "robust (re-checked)",
+                "seconds",
+                "backward passes / sample",
+                "time ratio",
+            ],
+            rows,
+        )
+    )
     print()
-    print(f"Linf eps {eps}, {args.steps} steps, 9 targets, 1 restart; {machine()}; {versions('torchattacks')}")
+    print(
+        f"Linf eps {eps}, {args.steps} steps, 9 targets, 1 restart; {machine()}; {versions('torchattacks')}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import SHARED, advx, mnist_test, table, trades_smallcnn, versions
 
 
@@ -49,17 +48,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--out", default="gpu-results")
-    ap.add_argument("--deadline", type=float, default=420.0, help="seconds; later parts are skipped after it")
-    ap.add_argument("--parts", default="precision,audit,train", help="also: profile (cProfile of advx standard)")
-    ap.add_argument("--train-n", type=int, default=None, help="training samples (default: all 60,000)")
+    ap.add_argument(
+        "--deadline", type=float, default=420.0, help="seconds; later parts are skipped after it"
+    )
+    ap.add_argument(
+        "--parts", default="precision,audit,train", help="also: profile (cProfile of advx standard)"
+    )
+    ap.add_argument(
+        "--train-n", type=int, default=None, help="training samples (default: all 60,000)"
+    )
     ap.add_argument("--audit-variants", default="standard,fast,fast-compile,standard-bf16")
     args = ap.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-            "versions": versions("torchattacks"), "n": args.n}
+    info = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "versions": versions("torchattacks"),
+        "n": args.n,
+    }
     results: dict = {"info": info}
     md: list[str] = [f"Device: {info['device']}; {info['versions']}", ""]
 
@@ -82,10 +90,16 @@ def main() -> None:
     if "precision" in parts and not late("precision"):
         rows, ref = [], {}
         cpu_net = trades_smallcnn()
-        configs = [("fp32", dev, None), ("bf16 autocast", dev, torch.bfloat16), ("fp16 autocast", dev, torch.float16),
-                   ("fp32 on the CPU", torch.device("cpu"), None)]
-        for attack_name, attack in (("PGD-40", advx.PGD(advx.Linf(0.3), steps=40, step_size=0.01)),
-                                    ("APGD-CE", advx.APGD(advx.Linf(0.3), steps=100))):
+        configs = [
+            ("fp32", dev, None),
+            ("bf16 autocast", dev, torch.bfloat16),
+            ("fp16 autocast", dev, torch.float16),
+            ("fp32 on the CPU", torch.device("cpu"), None),
+        ]
+        for attack_name, attack in (
+            ("PGD-40", advx.PGD(advx.Linf(0.3), steps=40, step_size=0.01)),
+            ("APGD-CE", advx.APGD(advx.Linf(0.3), steps=100)),
+        ):
             for label, d, ac in configs:
                 if d.type == "cpu" and dev.type == "cpu" and label != "fp32":
                     continue
@@ -95,11 +109,38 @@ def main() -> None:
                 secs, r = timed(lambda: attack(clf, xd, yd), repeats=1 if d.type == "cpu" else 3)
                 ok = r.success.cpu()
                 ref.setdefault(attack_name, ok)
-                rows.append([attack_name, label, f"{1 - r.success_rate:.2%}", int((ok != ref[attack_name]).sum()), secs])
+                rows.append(
+                    [
+                        attack_name,
+                        label,
+                        f"{1 - r.success_rate:.2%}",
+                        int((ok != ref[attack_name]).sum()),
+                        secs,
+                    ]
+                )
                 results.setdefault("precision", []).append(
-                    {"attack": attack_name, "config": label, "robust": 1 - r.success_rate, "seconds": secs})
-        md += ["### Precision (TRADES SmallCNN, MNIST, Linf 0.3)", "",
-               table(["attack", "classifier", "robust accuracy", "verdicts differing from fp32 GPU", "seconds"], rows), ""]
+                    {
+                        "attack": attack_name,
+                        "config": label,
+                        "robust": 1 - r.success_rate,
+                        "seconds": secs,
+                    }
+                )
+        md += [
+            "### Precision (TRADES SmallCNN, MNIST, Linf 0.3)",
+            "",
+            table(
+                [
+                    "attack",
+                    "classifier",
+                    "robust accuracy",
+                    "verdicts differing from fp32 GPU",
+                    "seconds",
+                ],
+                rows,
+            ),
+            "",
+        ]
         save()
 
     if "audit" in parts and not late("audit"):
@@ -107,7 +148,9 @@ def main() -> None:
         try:
             import torchattacks
 
-            atk = torchattacks.AutoAttack(net, norm="Linf", eps=0.3, version="standard", n_classes=10, seed=0)
+            atk = torchattacks.AutoAttack(
+                net, norm="Linf", eps=0.3, version="standard", n_classes=10, seed=0
+            )
             secs, xa = timed(lambda: atk(x, y))
             with torch.no_grad():
                 acc = float((net(xa).argmax(1) == y).float().mean())
@@ -116,25 +159,55 @@ def main() -> None:
         except ImportError as e:
             rows.append([f"torchattacks not importable ({e})", "-", "-", "-"])
             ta = None
-        variants = {"standard": ("advx standard", "standard", {}), "fast": ("advx fast", "fast", {}),
-                    "fast-compile": ("advx fast, compile=True", "fast", {"compile": True}),
-                    "standard-bf16": ("advx standard, bf16 autocast", "standard", {"autocast": torch.bfloat16})}
+        variants = {
+            "standard": ("advx standard", "standard", {}),
+            "fast": ("advx fast", "fast", {}),
+            "fast-compile": ("advx fast, compile=True", "fast", {"compile": True}),
+            "standard-bf16": (
+                "advx standard, bf16 autocast",
+                "standard",
+                {"autocast": torch.bfloat16},
+            ),
+        }
         for label, suite, kw in (variants[v] for v in args.audit_variants.split(",")):
             if late(label):
                 break
             clf = advx.Classifier(net, **kw)
             advx.PGD(advx.Linf(0.3), steps=1)(clf, x[:200], y[:200])  # chunk sizes
-            secs, rep = timed(lambda: advx.audit(clf, x, y, advx.Linf(0.3), suite=suite, eps_curve=None, checks=False))
+            secs, rep = timed(
+                lambda: advx.audit(
+                    clf, x, y, advx.Linf(0.3), suite=suite, eps_curve=None, checks=False
+                )
+            )
             rows.append([label, f"{rep.robust_accuracy:.2%}", secs, secs / ta if ta else "-"])
-            stages.append(f"- {label}: " + "; ".join(
-                f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']} in {c['seconds']:.1f} s"
-                + (f" (on {c['gate']['attacked']})" if c.get("gate") else "") for c in rep.cascade))
-            results.setdefault("audit", []).append({"label": label, "robust": rep.robust_accuracy, "seconds": secs,
-                                                    "fwd": rep["totals"]["queries"], "bwd": rep["totals"]["grads"]})
+            stages.append(
+                f"- {label}: "
+                + "; ".join(
+                    f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']} in {c['seconds']:.1f} s"
+                    + (f" (on {c['gate']['attacked']})" if c.get("gate") else "")
+                    for c in rep.cascade
+                )
+            )
+            results.setdefault("audit", []).append(
+                {
+                    "label": label,
+                    "robust": rep.robust_accuracy,
+                    "seconds": secs,
+                    "fwd": rep["totals"]["queries"],
+                    "bwd": rep["totals"]["grads"],
+                }
+            )
             save()
-        md += [f"### Audit, first {args.n} MNIST test images, TRADES SmallCNN, Linf 0.3", "",
-               table(["evaluation", "robust accuracy", "seconds", "ratio to torchattacks"], rows), "",
-               "Per stage:", "", *stages, ""]
+        md += [
+            f"### Audit, first {args.n} MNIST test images, TRADES SmallCNN, Linf 0.3",
+            "",
+            table(["evaluation", "robust accuracy", "seconds", "ratio to torchattacks"], rows),
+            "",
+            "Per stage:",
+            "",
+            *stages,
+            "",
+        ]
         save()
 
     if "profile" in parts and not late("profile"):
@@ -160,21 +233,57 @@ def main() -> None:
 
         xt, yt = advx.data.load(SHARED / "data" / "mnist", split="train", n=args.train_n)
         rows = []
-        for label, kw in (("fp32", {}), ("bf16 autocast", {"autocast": torch.bfloat16}), ("compile=True", {"compile": True})):
+        for label, kw in (
+            ("fp32", {}),
+            ("bf16 autocast", {"autocast": torch.bfloat16}),
+            ("compile=True", {"compile": True}),
+        ):
             if late(f"train {label}"):
                 break
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(0)
                 wnet = advx.zoo.build("wong_cnn").to(dev)
-            secs, h = timed(lambda: fit(wnet, xt, yt, loss=fgsm_rs(0.3, alpha=0.375), epochs=2, batch_size=100, lr=5e-3,
-                                        lr_schedule="cyclic", progress=False, **kw))
+            secs, h = timed(
+                lambda: fit(
+                    wnet,
+                    xt,
+                    yt,
+                    loss=fgsm_rs(0.3, alpha=0.375),
+                    epochs=2,
+                    batch_size=100,
+                    lr=5e-3,
+                    lr_schedule="cyclic",
+                    progress=False,
+                    **kw,
+                )
+            )
             e = h.epochs
-            rows.append([label, e[0]["seconds"], e[1]["seconds"], f"{e[1]['monitor_clean_accuracy']:.1%}",
-                         f"{e[1]['monitor_adv_accuracy']:.1%}"])
+            rows.append(
+                [
+                    label,
+                    e[0]["seconds"],
+                    e[1]["seconds"],
+                    f"{e[1]['monitor_clean_accuracy']:.1%}",
+                    f"{e[1]['monitor_adv_accuracy']:.1%}",
+                ]
+            )
             results.setdefault("train", []).append({"label": label, "epochs": e})
             save()
-        md += ["### Training: FGSM-RS, WongCNN, MNIST training set, 2 epochs of a 2-epoch cyclic schedule", "",
-               table(["fit", "epoch 1 s (incl. compile)", "epoch 2 s", "monitor clean", "monitor PGD-10"], rows), ""]
+        md += [
+            "### Training: FGSM-RS, WongCNN, MNIST training set, 2 epochs of a 2-epoch cyclic schedule",
+            "",
+            table(
+                [
+                    "fit",
+                    "epoch 1 s (incl. compile)",
+                    "epoch 2 s",
+                    "monitor clean",
+                    "monitor PGD-10",
+                ],
+                rows,
+            ),
+            "",
+        ]
         save()
 
     md.append(f"total {time.perf_counter() - start:.0f} s")

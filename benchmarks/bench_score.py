@@ -47,8 +47,17 @@ import warnings
 
 import numpy as np
 import torch
-
-from _common import advx, build, cifar_balanced, load, machine, mnist_test, resnet20_normalized, table, versions
+from _common import (
+    advx,
+    build,
+    cifar_balanced,
+    load,
+    machine,
+    mnist_test,
+    resnet20_normalized,
+    table,
+    versions,
+)
 
 BUDGETS = (1000, 5000, 20000)
 ZOO_COORDS = 128
@@ -97,8 +106,12 @@ def measure(net, x, y, x_adv, seconds, queries) -> dict:
     with torch.no_grad():
         success = net(x_adv).argmax(1) != y
     dist = (x_adv - x).flatten(1).norm(dim=1)
-    return {"success": success, "dist": torch.where(success, dist, torch.full_like(dist, math.inf)),
-            "queries": queries, "seconds": seconds}
+    return {
+        "success": success,
+        "dist": torch.where(success, dist, torch.full_like(dist, math.inf)),
+        "queries": queries,
+        "seconds": seconds,
+    }
 
 
 def _median(d: torch.Tensor) -> float:
@@ -108,8 +121,14 @@ def _median(d: torch.Tensor) -> float:
 
 def cells(m: dict, common: torch.Tensor | None) -> list:
     ok = m["success"]
-    return [f"{float(ok.float().mean()):.0%}", _median(m["dist"][ok]), _median(m["dist"]),
-            "-" if common is None else _median(m["dist"][common]), m["queries"], m["seconds"]]
+    return [
+        f"{float(ok.float().mean()):.0%}",
+        _median(m["dist"][ok]),
+        _median(m["dist"]),
+        "-" if common is None else _median(m["dist"][common]),
+        m["queries"],
+        m["seconds"],
+    ]
 
 
 def run_advx(attack, net, x, y) -> dict:
@@ -125,12 +144,30 @@ def run_art(net, x, y, budget, shape, lr, c, h):
     from art.estimators.classification import PyTorchClassifier
 
     counter = Counting(net)
-    clf = PyTorchClassifier(counter, loss=torch.nn.CrossEntropyLoss(), input_shape=shape, nb_classes=10,
-                            clip_values=(0.0, 1.0))
+    clf = PyTorchClassifier(
+        counter,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=shape,
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+    )
     max_iter = max(1, (budget - 2) // (2 * ZOO_COORDS + 1))
-    attack = ZooAttack(clf, confidence=0.0, targeted=False, learning_rate=lr, max_iter=max_iter,
-                       binary_search_steps=1, initial_const=c, abort_early=False, use_resize=False,
-                       use_importance=True, nb_parallel=ZOO_COORDS, batch_size=1, variable_h=h, verbose=False)
+    attack = ZooAttack(
+        clf,
+        confidence=0.0,
+        targeted=False,
+        learning_rate=lr,
+        max_iter=max_iter,
+        binary_search_steps=1,
+        initial_const=c,
+        abort_early=False,
+        use_resize=False,
+        use_importance=True,
+        nb_parallel=ZOO_COORDS,
+        batch_size=1,
+        variable_h=h,
+        verbose=False,
+    )
     np.random.seed(0)  # ART draws its coordinates from numpy's global generator
     t0 = time.perf_counter()
     x_adv = torch.from_numpy(attack.generate(x.numpy(), y=y.numpy())).to(x.dtype)
@@ -143,12 +180,25 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["mnist", "cifar"], default="mnist")
     ap.add_argument("--n", type=int, default=100, help="images at the smaller budgets")
     ap.add_argument("--n-large", type=int, default=25, help="images at budgets of 20,000 and more")
-    ap.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",")], default=list(BUDGETS))
-    ap.add_argument("--simba-eps", type=float, default=None, help="L2 ball of SimBA (default: 3 MNIST, 1 CIFAR)")
+    ap.add_argument(
+        "--budgets", type=lambda s: [int(v) for v in s.split(",")], default=list(BUDGETS)
+    )
+    ap.add_argument(
+        "--simba-eps", type=float, default=None, help="L2 ball of SimBA (default: 3 MNIST, 1 CIFAR)"
+    )
     ap.add_argument("--skip-art", action="store_true")
-    ap.add_argument("--zoo-resize", default="", help="extra advx ZOO rows with these first resolutions, e.g. 16,none")
+    ap.add_argument(
+        "--zoo-resize",
+        default="",
+        help="extra advx ZOO rows with these first resolutions, e.g. 16,none",
+    )
     ap.add_argument("--skip-simba", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (more threads on a shared machine can be much slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (more threads on a shared machine can be much slower)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -158,29 +208,49 @@ def main() -> None:
     simba_eps = args.simba_eps or (3.0 if args.dataset == "mnist" else 1.0)
     zoo = advx.attacks.ZOO(advx.L2(math.inf))
     # warm-up: advx measures its chunk sizes once per input shape
-    advx.attacks.ZOO(advx.L2(math.inf), max_queries=1000)(advx.Classifier(net).as_blackbox("scores"), x[:2], y[:2])
+    advx.attacks.ZOO(advx.L2(math.inf), max_queries=1000)(
+        advx.Classifier(net).as_blackbox("scores"), x[:2], y[:2]
+    )
 
-    header = ["data", "budget", "n", "attack", "success", "median L2 (successes)", "median L2 (all, failure = inf)",
-              "median L2 (where both ZOOs succeed)", "queries/sample", "wall s"]
+    header = [
+        "data",
+        "budget",
+        "n",
+        "attack",
+        "success",
+        "median L2 (successes)",
+        "median L2 (all, failure = inf)",
+        "median L2 (where both ZOOs succeed)",
+        "queries/sample",
+        "wall s",
+    ]
     rows = []
     for budget in args.budgets:
         n = args.n if budget < 20000 else min(args.n, args.n_large)
         xb, yb = x[:n], y[:n]
         label = [args.dataset, f"{budget:,}", n]
         ours = run_advx(advx.attacks.ZOO(advx.L2(math.inf), max_queries=budget), net, xb, yb)
-        theirs = None if args.skip_art else run_art(net, xb, yb, budget, shape, zoo.lr, zoo.c, zoo.h)
+        theirs = (
+            None if args.skip_art else run_art(net, xb, yb, budget, shape, zoo.lr, zoo.c, zoo.h)
+        )
         common = None if theirs is None else ours["success"] & theirs["success"]
         block = [label + ["advx ZOO"] + cells(ours, common)]
         if theirs is not None:
             block.append(label + ["ART ZooAttack"] + cells(theirs, common))
         for extra in filter(None, args.zoo_resize.split(",")):
             size = None if extra == "none" else int(extra)
-            other = run_advx(advx.attacks.ZOO(advx.L2(math.inf), max_queries=budget, resize=size), net, xb, yb)
+            other = run_advx(
+                advx.attacks.ZOO(advx.L2(math.inf), max_queries=budget, resize=size), net, xb, yb
+            )
             both = None if theirs is None else other["success"] & theirs["success"]
             block.append(label + [f"advx ZOO (resize={size})"] + cells(other, both))
         for basis in ("dct", "pixel") if not args.skip_simba else ():
             attack = advx.attacks.SimBA(advx.L2(simba_eps), basis=basis, max_queries=budget)
-            block.append(label + [f"advx SimBA-{basis} (L2 <= {simba_eps:g})"] + cells(run_advx(attack, net, xb, yb), None))
+            block.append(
+                label
+                + [f"advx SimBA-{basis} (L2 <= {simba_eps:g})"]
+                + cells(run_advx(attack, net, xb, yb), None)
+            )
         print(table(header, block), flush=True)
         rows += block
 

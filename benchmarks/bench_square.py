@@ -13,11 +13,9 @@ included (torchattacks' own count, which starts at its initial evaluation, plus 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
-
 from _common import advx, machine, mnist_test, table, trades_smallcnn, versions
 
 
@@ -31,7 +29,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--queries", type=int, default=5000)
     ap.add_argument("--eps", type=float, default=0.3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)"
+    )
     ap.add_argument("--apgd-steps", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,16 +49,29 @@ def main() -> None:
     # advx, as a score-only black box (it never asks for a gradient either way)
     advx.attacks.Square(advx.Linf(eps), queries=2)(clf, x[:4], y[:4])  # warm-up
     t0 = time.perf_counter()
-    r = advx.attacks.Square(advx.Linf(eps), queries=q, p_init=0.8, loss="margin")(clf.as_blackbox("scores"), x, y)
+    r = advx.attacks.Square(advx.Linf(eps), queries=q, p_init=0.8, loss="margin")(
+        clf.as_blackbox("scores"), x, y
+    )
     t_ours = time.perf_counter() - t0
     attacked = r.queries > 1  # clean-misclassified points cost one pass and are not attacked
     succ = r.success & attacked
     med_ours = float(r.queries[succ].float().median()) if bool(succ.any()) else float("nan")
-    rows.append([f"advx Square (queries={q})", f"{r.robust_accuracy:.2%}", f"{robust(net, r.x_adv, y):.2%}",
-                 int(succ.sum()), med_ours, int(r.queries.max()), t_ours])
+    rows.append(
+        [
+            f"advx Square (queries={q})",
+            f"{r.robust_accuracy:.2%}",
+            f"{robust(net, r.x_adv, y):.2%}",
+            int(succ.sum()),
+            med_ours,
+            int(r.queries.max()),
+            t_ours,
+        ]
+    )
 
     # torchattacks: capture its per-sample query counts from the single run it makes
-    ta = torchattacks.Square(net, norm="Linf", eps=eps, n_queries=q, n_restarts=1, p_init=0.8, loss="margin")
+    ta = torchattacks.Square(
+        net, norm="Linf", eps=eps, n_queries=q, n_restarts=1, p_init=0.8, loss="margin"
+    )
     captured = {}
     single = ta.attack_single_run
 
@@ -75,33 +88,76 @@ def main() -> None:
         fooled = net(captured["adv"]).argmax(1) != captured["y"]
     ta_q = captured["queries"][fooled] + 1  # + the clean check
     med_ta = float(ta_q.median()) if bool(fooled.any()) else float("nan")
-    rows.append([f"torchattacks Square (n_queries={q})", "-", f"{robust(net, xa, y):.2%}", int(fooled.sum()),
-                 med_ta, int(captured["queries"].max()) + 1, t_ta])
+    rows.append(
+        [
+            f"torchattacks Square (n_queries={q})",
+            "-",
+            f"{robust(net, xa, y):.2%}",
+            int(fooled.sum()),
+            med_ta,
+            int(captured["queries"].max()) + 1,
+            t_ta,
+        ]
+    )
 
     # white-box references
     t0 = time.perf_counter()
-    xa = torchattacks.APGD(net, norm="Linf", eps=eps, steps=args.apgd_steps, n_restarts=1, loss="ce", seed=0)(x, y)
-    rows.append([f"torchattacks APGD-CE ({args.apgd_steps} steps, white-box)", "-", f"{robust(net, xa, y):.2%}",
-                 "-", "-", "-", time.perf_counter() - t0])
+    xa = torchattacks.APGD(
+        net, norm="Linf", eps=eps, steps=args.apgd_steps, n_restarts=1, loss="ce", seed=0
+    )(x, y)
+    rows.append(
+        [
+            f"torchattacks APGD-CE ({args.apgd_steps} steps, white-box)",
+            "-",
+            f"{robust(net, xa, y):.2%}",
+            "-",
+            "-",
+            "-",
+            time.perf_counter() - t0,
+        ]
+    )
     try:
         t0 = time.perf_counter()
         ra = advx.attacks.create("apgd", advx.Linf(eps), steps=args.apgd_steps)(clf, x, y)
-        rows.append([f"advx APGD ({args.apgd_steps} steps, white-box)", f"{ra.robust_accuracy:.2%}",
-                     f"{robust(net, ra.x_adv, y):.2%}", "-", "-", "-", time.perf_counter() - t0])
-    except Exception as e:  # noqa: BLE001 - the reference is optional
-        rows.append([f"advx APGD: not available ({type(e).__name__})", "-", "-", "-", "-", "-", "-"])
+        rows.append(
+            [
+                f"advx APGD ({args.apgd_steps} steps, white-box)",
+                f"{ra.robust_accuracy:.2%}",
+                f"{robust(net, ra.x_adv, y):.2%}",
+                "-",
+                "-",
+                "-",
+                time.perf_counter() - t0,
+            ]
+        )
+    except Exception as e:
+        rows.append(
+            [f"advx APGD: not available ({type(e).__name__})", "-", "-", "-", "-", "-", "-"]
+        )
 
-    text = "\n".join([
-        "## Square Attack (Linf) vs torchattacks",
-        "",
-        f"TRADES SmallCNN, first {args.n} MNIST test images (clean accuracy {clean:.2%}), Linf eps {eps},"
-        f" {q} queries, p_init 0.8, margin loss, 1 restart. {machine()}. Versions: {versions('torchattacks')}.",
-        "",
-        f"Command: `python benchmarks/bench_square.py --n {args.n} --queries {q} --eps {eps} --threads {args.threads}`",
-        "",
-        table(["attack", "advx robust acc (reported)", "robust acc (re-scored)", "successes",
-               "median queries of successes", "max queries per sample", "seconds"], rows),
-    ])
+    text = "\n".join(
+        [
+            "## Square Attack (Linf) vs torchattacks",
+            "",
+            f"TRADES SmallCNN, first {args.n} MNIST test images (clean accuracy {clean:.2%}), Linf eps {eps},"
+            f" {q} queries, p_init 0.8, margin loss, 1 restart. {machine()}. Versions: {versions('torchattacks')}.",
+            "",
+            f"Command: `python benchmarks/bench_square.py --n {args.n} --queries {q} --eps {eps} --threads {args.threads}`",
+            "",
+            table(
+                [
+                    "attack",
+                    "advx robust acc (reported)",
+                    "robust acc (re-scored)",
+                    "successes",
+                    "median queries of successes",
+                    "max queries per sample",
+                    "seconds",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(text)
 
 

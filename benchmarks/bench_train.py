@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from _common import ROOT, SHARED, advx, machine, table, versions
 
 MNIST = SHARED / "data" / "mnist"
 PUBLISHED = {  # TRADES SmallCNN of ../shared/models, full MNIST test set, Linf 0.3
-    "clean": 0.9948, "autoattack": 0.9281,
+    "clean": 0.9948,
+    "autoattack": 0.9281,
 }
 
 
@@ -56,10 +56,24 @@ def wong_cnn(seed: int):
 def audit(net, suite: str, n: int, seed: int, eps_curve) -> dict:
     x, y = mnist("test", n)
     t0 = time.perf_counter()
-    report = advx.audit(advx.Classifier(net.eval()), x, y, advx.Linf(0.3), suite=suite, seed=seed, eps_curve=eps_curve)
-    return {"clean": report.clean_accuracy, "robust": report.robust_accuracy, "reliable": report.reliable,
-            "findings": [f["code"] for f in report.findings], "cascade": [(c["attack"], c["broke"]) for c in report.cascade],
-            "seconds": round(time.perf_counter() - t0, 1), "report": report}
+    report = advx.audit(
+        advx.Classifier(net.eval()),
+        x,
+        y,
+        advx.Linf(0.3),
+        suite=suite,
+        seed=seed,
+        eps_curve=eps_curve,
+    )
+    return {
+        "clean": report.clean_accuracy,
+        "robust": report.robust_accuracy,
+        "reliable": report.reliable,
+        "findings": [f["code"] for f in report.findings],
+        "cascade": [(c["attack"], c["broke"]) for c in report.cascade],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "report": report,
+    }
 
 
 # ---- (a), (b): adversarial training on MNIST -------------------------------------------------
@@ -67,35 +81,91 @@ def train_mnist(args) -> None:
     from advx.training import fgsm_rs, fit, pgd_at, trades
 
     x, y = mnist("train")
-    recipe = {"fgsm-rs": lambda: fgsm_rs(0.3, alpha=args.alpha, warmup=args.warmup),
-              "pgd-at": lambda: pgd_at(0.3, steps=args.steps, step_size=0.01 if args.steps >= 40 else None,
-                                       warmup=args.warmup),
-              "trades": lambda: trades(0.3, beta=6.0, steps=args.steps)}[args.cmd]()
+    recipe = {
+        "fgsm-rs": lambda: fgsm_rs(0.3, alpha=args.alpha, warmup=args.warmup),
+        "pgd-at": lambda: pgd_at(
+            0.3, steps=args.steps, step_size=0.01 if args.steps >= 40 else None, warmup=args.warmup
+        ),
+        "trades": lambda: trades(0.3, beta=6.0, steps=args.steps),
+    }[args.cmd]()
     net = wong_cnn(args.seed)
-    print(f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, batch {args.batch_size}, "
-          f"Adam, lr {args.lr} ({args.lr_schedule}); {machine()}", file=sys.stderr)
-    h = fit(net, x, y, loss=recipe, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            lr_schedule=args.lr_schedule, seed=args.seed, out=args.out, resume=args.out is not None,
-            data_name="mnist:train")
+    print(
+        f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, batch {args.batch_size}, "
+        f"Adam, lr {args.lr} ({args.lr_schedule}); {machine()}",
+        file=sys.stderr,
+    )
+    h = fit(
+        net,
+        x,
+        y,
+        loss=recipe,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        seed=args.seed,
+        out=args.out,
+        resume=args.out is not None,
+        data_name="mnist:train",
+    )
     per_epoch = [e["seconds"] for e in h.epochs]
     print(json.dumps({"history": h.to_dict()}, indent=1), file=sys.stderr)
-    rows = [[e["epoch"], f"{e['lr']:.4g}", f"{e['loss']:.4f}", _pct(e["train_adv_accuracy"]),
-             _pct(e.get("monitor_clean_accuracy")), _pct(e.get("monitor_adv_accuracy")), e["seconds"]] for e in h.epochs]
-    print(table(["epoch", "lr", "loss", "train adv acc", "monitor clean", "monitor PGD-10", "seconds"], rows))
-    print(f"\ntraining: {sum(per_epoch):.0f}s in all ({statistics.median(per_epoch):.1f}s per epoch, median; "
-          f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints){'; stopped: ' + h.stopped if h.stopped else ''}")
+    rows = [
+        [
+            e["epoch"],
+            f"{e['lr']:.4g}",
+            f"{e['loss']:.4f}",
+            _pct(e["train_adv_accuracy"]),
+            _pct(e.get("monitor_clean_accuracy")),
+            _pct(e.get("monitor_adv_accuracy")),
+            e["seconds"],
+        ]
+        for e in h.epochs
+    ]
+    print(
+        table(
+            ["epoch", "lr", "loss", "train adv acc", "monitor clean", "monitor PGD-10", "seconds"],
+            rows,
+        )
+    )
+    print(
+        f"\ntraining: {sum(per_epoch):.0f}s in all ({statistics.median(per_epoch):.1f}s per epoch, median; "
+        f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints){'; stopped: ' + h.stopped if h.stopped else ''}"
+    )
     if args.audit_n:
-        a = audit(net, args.audit_suite, args.audit_n, args.seed, None if args.eps_curve == "none" else "auto")
+        a = audit(
+            net,
+            args.audit_suite,
+            args.audit_n,
+            args.seed,
+            None if args.eps_curve == "none" else "auto",
+        )
         if args.out:
             a["report"].save(Path(args.out) / "report.json")
-        print(f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): clean {a['clean']:.2%}, "
-              f"robust {a['robust']:.2%}, reliable {a['reliable']}, findings {a['findings']}, cascade {a['cascade']}, "
-              f"{a['seconds']:.0f}s")
-        print(table(["model", "training", "clean", "robust (suite)"], [
-            [f"WongCNN ({args.cmd}, {len(h.epochs)} epochs)", f"{sum(per_epoch) / 60:.1f} min, 1 CPU thread",
-             f"{a['clean']:.2%}", f"{a['robust']:.2%} ({args.audit_suite}, n={args.audit_n})"],
-            ["TRADES SmallCNN (published)", "-", f"{PUBLISHED['clean']:.2%}", f"{PUBLISHED['autoattack']:.2%} (AutoAttack, n=10000)"],
-        ]))
+        print(
+            f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): clean {a['clean']:.2%}, "
+            f"robust {a['robust']:.2%}, reliable {a['reliable']}, findings {a['findings']}, cascade {a['cascade']}, "
+            f"{a['seconds']:.0f}s"
+        )
+        print(
+            table(
+                ["model", "training", "clean", "robust (suite)"],
+                [
+                    [
+                        f"WongCNN ({args.cmd}, {len(h.epochs)} epochs)",
+                        f"{sum(per_epoch) / 60:.1f} min, 1 CPU thread",
+                        f"{a['clean']:.2%}",
+                        f"{a['robust']:.2%} ({args.audit_suite}, n={args.audit_n})",
+                    ],
+                    [
+                        "TRADES SmallCNN (published)",
+                        "-",
+                        f"{PUBLISHED['clean']:.2%}",
+                        f"{PUBLISHED['autoattack']:.2%} (AutoAttack, n=10000)",
+                    ],
+                ],
+            )
+        )
     print(json.dumps(versions()))
 
 
@@ -104,7 +174,9 @@ def _pct(v):
 
 
 # ---- (a) overhead against a plain loop ------------------------------------------------------
-def plain_fgsm_rs(net, x, y, *, batches: int, batch_size: int, lr: float, epochs: int, seed: int) -> float:
+def plain_fgsm_rs(
+    net, x, y, *, batches: int, batch_size: int, lr: float, epochs: int, seed: int
+) -> float:
     """What a user writes by hand: FGSM-RS (Wong et al.) with Adam and the cyclic schedule."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=g)
@@ -114,7 +186,7 @@ def plain_fgsm_rs(net, x, y, *, batches: int, batch_size: int, lr: float, epochs
     net.train()
     t0 = time.perf_counter()
     for t in range(batches):
-        idx = order[t * batch_size:(t + 1) * batch_size]
+        idx = order[t * batch_size : (t + 1) * batch_size]
         xb, yb = x[idx], y[idx]
         frac = (t + 1) / steps
         peak = 0.4 * epochs
@@ -123,7 +195,7 @@ def plain_fgsm_rs(net, x, y, *, batches: int, batch_size: int, lr: float, epochs
             group["lr"] = rate
         delta = (torch.rand_like(xb) * 2 - 1) * eps
         delta = ((xb + delta).clamp(0, 1) - xb).requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(net(xb + delta), yb), delta)
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(xb + delta), yb), delta)
         delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
         x_adv = (xb + delta).clamp(0, 1)
         loss = F.cross_entropy(net(x_adv), yb)
@@ -141,28 +213,81 @@ def overhead(args) -> None:
     n = args.batches * args.batch_size
     xs, ys = x[:n], y[:n]
     ours, theirs = [], []
-    plain_fgsm_rs(wong_cnn(0), xs, ys, batches=5, batch_size=args.batch_size, lr=5e-3, epochs=10, seed=0)  # warm-up
-    fit(wong_cnn(0), xs[:500], ys[:500], loss=fgsm_rs(0.3), epochs=1, batch_size=args.batch_size, progress=False, monitor=None,
-        overfit_check=False)
+    plain_fgsm_rs(
+        wong_cnn(0), xs, ys, batches=5, batch_size=args.batch_size, lr=5e-3, epochs=10, seed=0
+    )  # warm-up
+    fit(
+        wong_cnn(0),
+        xs[:500],
+        ys[:500],
+        loss=fgsm_rs(0.3),
+        epochs=1,
+        batch_size=args.batch_size,
+        progress=False,
+        monitor=None,
+        overfit_check=False,
+    )
     for r in range(args.repeats):  # interleaved, so that load drifts hit both alike
-        theirs.append(plain_fgsm_rs(wong_cnn(r), xs, ys, batches=args.batches, batch_size=args.batch_size, lr=5e-3,
-                                    epochs=10, seed=r))
-        h = fit(wong_cnn(r), xs, ys, loss=fgsm_rs(0.3, alpha=0.375), epochs=1, batch_size=args.batch_size, lr=5e-3,
-                lr_schedule="cyclic", seed=r, progress=False, monitor=None, overfit_check=False)
+        theirs.append(
+            plain_fgsm_rs(
+                wong_cnn(r),
+                xs,
+                ys,
+                batches=args.batches,
+                batch_size=args.batch_size,
+                lr=5e-3,
+                epochs=10,
+                seed=r,
+            )
+        )
+        h = fit(
+            wong_cnn(r),
+            xs,
+            ys,
+            loss=fgsm_rs(0.3, alpha=0.375),
+            epochs=1,
+            batch_size=args.batch_size,
+            lr=5e-3,
+            lr_schedule="cyclic",
+            seed=r,
+            progress=False,
+            monitor=None,
+            overfit_check=False,
+        )
         ours.append(h.epochs[0]["seconds"])
     a, b = statistics.median(ours), statistics.median(theirs)
     full = 60000 / n
-    print(table(["loop", f"seconds for {args.batches} batches of {args.batch_size} (median of {args.repeats})",
-                 "per 60k-sample epoch", "ratio"], [
-        ["advx.training.fit (FGSM-RS)", f"{a:.2f} {sorted(round(v, 2) for v in ours)}", f"{a * full:.0f}s", f"{a / b:.3f}"],
-        ["plain PyTorch loop", f"{b:.2f} {sorted(round(v, 2) for v in theirs)}", f"{b * full:.0f}s", "1"],
-    ]))
+    print(
+        table(
+            [
+                "loop",
+                f"seconds for {args.batches} batches of {args.batch_size} (median of {args.repeats})",
+                "per 60k-sample epoch",
+                "ratio",
+            ],
+            [
+                [
+                    "advx.training.fit (FGSM-RS)",
+                    f"{a:.2f} {sorted(round(v, 2) for v in ours)}",
+                    f"{a * full:.0f}s",
+                    f"{a / b:.3f}",
+                ],
+                [
+                    "plain PyTorch loop",
+                    f"{b:.2f} {sorted(round(v, 2) for v in theirs)}",
+                    f"{b * full:.0f}s",
+                    "1",
+                ],
+            ],
+        )
+    )
     print(machine())
 
 
 # ---- (c) defensive distillation --------------------------------------------------------------
 def distillation(args) -> None:
-    from advx.training import distillation as distill, fit, standard
+    from advx.training import distillation as distill
+    from advx.training import fit, standard
 
     T = args.temperature
     x, y = advx.data.load("mnist-demo", split="train")
@@ -183,17 +308,47 @@ def distillation(args) -> None:
         xs, ys = xt[ok], yt[ok]
         pgd = advx.PGD(advx.Linf(0.3), steps=40, seed=args.seed)(clf, xs, ys)
         pgd_m = advx.PGD(advx.Linf(0.3), steps=40, loss="margin", seed=args.seed)(clf, xs, ys)
-        cw = advx.CW(advx.L2(float("inf")), steps=200, search_steps=6, initial_c=0.1, lr=0.05, seed=args.seed)(clf, xs, ys)
-        rows.append([name, f"{float(ok.float().mean()):.1%}", f"{pgd.success_rate:.1%}", f"{pgd_m.success_rate:.1%}",
-                     f"{cw.success_rate:.1%}", f"{float(cw.distance[cw.success].median()):.2f}"])
-    print(table(["model", "clean", "PGD-40 CE Linf 0.3 success", "PGD-40 margin success", "CW-L2 success",
-                 "CW median L2"], rows))
-    rep = advx.audit(advx.Classifier(student.eval()), xt, yt, advx.Linf(0.3), suite=args.audit_suite, seed=args.seed)
+        cw = advx.CW(
+            advx.L2(float("inf")), steps=200, search_steps=6, initial_c=0.1, lr=0.05, seed=args.seed
+        )(clf, xs, ys)
+        rows.append(
+            [
+                name,
+                f"{float(ok.float().mean()):.1%}",
+                f"{pgd.success_rate:.1%}",
+                f"{pgd_m.success_rate:.1%}",
+                f"{cw.success_rate:.1%}",
+                f"{float(cw.distance[cw.success].median()):.2f}",
+            ]
+        )
+    print(
+        table(
+            [
+                "model",
+                "clean",
+                "PGD-40 CE Linf 0.3 success",
+                "PGD-40 margin success",
+                "CW-L2 success",
+                "CW median L2",
+            ],
+            rows,
+        )
+    )
+    rep = advx.audit(
+        advx.Classifier(student.eval()),
+        xt,
+        yt,
+        advx.Linf(0.3),
+        suite=args.audit_suite,
+        seed=args.seed,
+    )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         rep.save(Path(args.out) / "report.json")
-    print(f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): clean {rep.clean_accuracy:.1%}, robust "
-          f"{rep.robust_accuracy:.1%}, reliable {rep.reliable}")
+    print(
+        f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): clean {rep.clean_accuracy:.1%}, robust "
+        f"{rep.robust_accuracy:.1%}, reliable {rep.reliable}"
+    )
     for f in rep.findings:
         print(f"- {f['severity']} {f['code']}: {f['message']}")
     print(f"(training the three models: {train_s:.0f}s)")
@@ -223,23 +378,50 @@ def ddp(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "ddp_fit.py"
         script.write_text(_DDP_SCRIPT)
-        env = {**os.environ, "ADVX_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-        runs = [("1 process, 1 thread", [sys.executable, str(script)], 1, 0),
-                ("1 process, 2 threads", [sys.executable, str(script)], 2, 0),
-                ("2 processes (torchrun, gloo), 1 thread each", torchrun, 1, 0),
-                ("1 process, 1 thread, another seed (the spread between seeds)", [sys.executable, str(script)], 1, 1)]
+        env = {
+            **os.environ,
+            "ADVX_PROGRESS": "0",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT / "src"),
+        }
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+        ]
+        runs = [
+            ("1 process, 1 thread", [sys.executable, str(script)], 1, 0),
+            ("1 process, 2 threads", [sys.executable, str(script)], 2, 0),
+            ("2 processes (torchrun, gloo), 1 thread each", torchrun, 1, 0),
+            (
+                "1 process, 1 thread, another seed (the spread between seeds)",
+                [sys.executable, str(script)],
+                1,
+                1,
+            ),
+        ]
         for label, cmd, threads, seed in runs:
             times = []
             for r in range(args.repeats):
                 out = Path(tmp) / f"{len(results)}-{r}.pt"
-                proc = subprocess.run([*cmd, str(MNIST), str(args.n), str(threads), str(out), str(seed)], capture_output=True,
-                                      text=True, env=env, cwd=tmp, timeout=3600)
+                proc = subprocess.run(
+                    [*cmd, str(MNIST), str(args.n), str(threads), str(out), str(seed)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=tmp,
+                    timeout=3600,
+                )
                 if proc.returncode:
                     raise SystemExit(proc.stderr[-3000:])
                 times.append(float(proc.stdout.split("EPOCHS")[1].split()[0]))
             results[label] = (statistics.median(times), torch.load(out))
-            rows.append([label, f"{statistics.median(times):.1f}", sorted(round(t, 1) for t in times)])
+            rows.append(
+                [label, f"{statistics.median(times):.1f}", sorted(round(t, 1) for t in times)]
+            )
     base_t, base_w = results["1 process, 1 thread"]
     xt, yt = advx.data.load(str(MNIST), split="test", n=1000)
     for row in rows:
@@ -249,26 +431,52 @@ def ddp(args) -> None:
         clf = advx.Classifier(net.eval())
         clean = float((clf.predict(xt) == yt).float().mean())
         pgd = advx.PGD(advx.Linf(0.3), steps=20, seed=0)(clf, xt, yt)
-        row += [f"{base_t / t:.2f}x", f"{max(float((w[k] - base_w[k]).abs().max()) for k in w):.2e}",
-                f"{clean:.1%}", f"{1 - pgd.success_rate:.1%}"]
-    print(table(["run", f"seconds, 2 epochs of FGSM-RS on {args.n:,} MNIST samples (median)", "all runs", "speed vs 1 process",
-                 "max |weight difference| vs 1 process", "clean (1,000 test)", "PGD-20 Linf 0.3"], rows))
-    print("\nThe weights drift apart over hundreds of steps because a different reduction order (threads, or the"
-          " all-reduce) changes the last bits of a gradient and FGSM's sign step amplifies it; the test"
-          " (tests/training) checks a few steps against one process within floating-point tolerance.")
+        row += [
+            f"{base_t / t:.2f}x",
+            f"{max(float((w[k] - base_w[k]).abs().max()) for k in w):.2e}",
+            f"{clean:.1%}",
+            f"{1 - pgd.success_rate:.1%}",
+        ]
+    print(
+        table(
+            [
+                "run",
+                f"seconds, 2 epochs of FGSM-RS on {args.n:,} MNIST samples (median)",
+                "all runs",
+                "speed vs 1 process",
+                "max |weight difference| vs 1 process",
+                "clean (1,000 test)",
+                "PGD-20 Linf 0.3",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nThe weights drift apart over hundreds of steps because a different reduction order (threads, or the"
+        " all-reduce) changes the last bits of a gradient and FGSM's sign step amplifies it; the test"
+        " (tests/training) checks a few steps against one process within floating-point tolerance."
+    )
     print(machine())
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["fgsm-rs", "pgd-at", "trades", "overhead", "distillation", "ddp"])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "cmd", choices=["fgsm-rs", "pgd-at", "trades", "overhead", "distillation", "ddp"]
+    )
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--lr-schedule", default="cyclic")
     ap.add_argument("--steps", type=int, default=10, help="PGD-AT / TRADES inner steps")
-    ap.add_argument("--alpha", type=float, default=0.375, help="FGSM-RS step (Wong et al.: 1.25 eps = 0.375)")
-    ap.add_argument("--warmup", type=int, default=0, help="PGD-AT, FGSM-RS: epochs of linearly growing eps")
+    ap.add_argument(
+        "--alpha", type=float, default=0.375, help="FGSM-RS step (Wong et al.: 1.25 eps = 0.375)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=0, help="PGD-AT, FGSM-RS: epochs of linearly growing eps"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="checkpoint folder (resumed from when it exists)")
     ap.add_argument("--audit-n", type=int, default=1000)
@@ -277,7 +485,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", type=int, default=300, help="overhead: batches per timed run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--n", type=int, default=None, help="ddp: training samples; distillation: test samples")
+    ap.add_argument(
+        "--n", type=int, default=None, help="ddp: training samples; distillation: test samples"
+    )
     ap.add_argument("--temperature", type=float, default=100.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -17,9 +17,18 @@ import math
 import statistics
 
 import torch
-
-from _common import (SHARED, advx, load, machine, median_time, mnist_test, table, trades_smallcnn, versions,
-                     write_section)
+from _common import (
+    SHARED,
+    advx,
+    load,
+    machine,
+    median_time,
+    mnist_test,
+    table,
+    trades_smallcnn,
+    versions,
+    write_section,
+)
 
 
 def robust(net, x_adv, y) -> float:
@@ -73,7 +82,17 @@ def main() -> None:
         lambda: torchattacks.FGSM(net, eps=eps)(x, y),
         args.repeats,
     )
-    rows.append(["FGSM", args.n, f"{r.robust_accuracy:.2%}", f"{robust(net, xa, y):.2%}", t_a, t_t, t_a / t_t])
+    rows.append(
+        [
+            "FGSM",
+            args.n,
+            f"{r.robust_accuracy:.2%}",
+            f"{robust(net, xa, y):.2%}",
+            t_a,
+            t_t,
+            t_a / t_t,
+        ]
+    )
 
     # PGD, 40 steps of 0.01 from a random start
     for early in (True, False):
@@ -83,22 +102,43 @@ def main() -> None:
             lambda: torchattacks.PGD(net, eps=eps, alpha=0.01, steps=40, random_start=True)(x, y),
             args.repeats,
         )
-        rows.append([f"PGD-40 (early_stop={early})", args.n, f"{r.robust_accuracy:.2%}",
-                     f"{robust(net, xa, y):.2%}", t_a, t_t, t_a / t_t])
+        rows.append(
+            [
+                f"PGD-40 (early_stop={early})",
+                args.n,
+                f"{r.robust_accuracy:.2%}",
+                f"{robust(net, xa, y):.2%}",
+                t_a,
+                t_t,
+                t_a / t_t,
+            ]
+        )
 
     v = versions("torchattacks")
-    text = "\n".join([
-        "## White-box: FGSM, PGD, CW-L2 vs torchattacks (issue 2)",
-        "",
-        f"TRADES SmallCNN (`../shared/models/trades_mnist_smallcnn.pt`), first {args.n} MNIST test images,"
-        f" Linf eps {eps}. {machine()}. Versions: {v}.",
-        "",
-        f"Command: `python benchmarks/bench_whitebox.py --n {args.n} --n-cw {args.n_cw} --cw-steps {args.cw_steps} "
-        f"--repeats {args.repeats} --write`",
-        "",
-        table(["attack", "n", "advx robust acc", "torchattacks robust acc", "advx s (median)",
-               "torchattacks s (median)", "ratio advx/ta"], rows),
-    ])
+    text = "\n".join(
+        [
+            "## White-box: FGSM, PGD, CW-L2 vs torchattacks (issue 2)",
+            "",
+            f"TRADES SmallCNN (`../shared/models/trades_mnist_smallcnn.pt`), first {args.n} MNIST test images,"
+            f" Linf eps {eps}. {machine()}. Versions: {v}.",
+            "",
+            f"Command: `python benchmarks/bench_whitebox.py --n {args.n} --n-cw {args.n_cw} --cw-steps {args.cw_steps} "
+            f"--repeats {args.repeats} --write`",
+            "",
+            table(
+                [
+                    "attack",
+                    "n",
+                    "advx robust acc",
+                    "torchattacks robust acc",
+                    "advx s (median)",
+                    "torchattacks s (median)",
+                    "ratio advx/ta",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(text)
     if args.write:
         write_section("whitebox", text)
@@ -132,7 +172,9 @@ def cw_section(args) -> str:
     cw_rows = []
     theirs = {}
     for lr in (0.01, 0.05):  # torchattacks' default lr is 0.01; both libraries at both rates
-        t, _, xt = median_time(lambda: torchattacks.CW(net, c=1, kappa=0, steps=args.cw_steps, lr=lr)(xc, yc), 1)
+        t, _, xt = median_time(
+            lambda: torchattacks.CW(net, c=1, kappa=0, steps=args.cw_steps, lr=lr)(xc, yc), 1
+        )
         with torch.no_grad():
             ok = net(xt).argmax(1) != yc
         theirs[lr] = (t, ok, (xt - xc).flatten(1).norm(dim=1))
@@ -141,9 +183,11 @@ def cw_section(args) -> str:
     def medians(ok, l2, other_ok):
         inf = torch.full_like(l2, math.inf)
         both = ok & other_ok
-        return [float(l2[ok].median()) if bool(ok.any()) else math.nan,
-                float(l2[both].median()) if bool(both.any()) else math.nan,
-                float(torch.where(ok, l2, inf).median())]
+        return [
+            float(l2[ok].median()) if bool(ok.any()) else math.nan,
+            float(l2[both].median()) if bool(both.any()) else math.nan,
+            float(torch.where(ok, l2, inf).median()),
+        ]
 
     ours = {}
     for lr in (0.01, 0.05):
@@ -151,29 +195,58 @@ def cw_section(args) -> str:
         t_a, _, r = median_time(lambda: attack(clf, xc, yc), 1)
         ours[lr] = (t_a, r.success.cpu(), r.distance.cpu())
     for lr, (t, ok, l2) in ours.items():
-        cw_rows.append([f"advx CW {search}x{args.cw_steps // search} (initial_c=1, lr={lr})", len(xc),
-                        f"{float(ok.float().mean()):.1%}", *medians(ok, l2, theirs[lr][1]), t, t / t_ref])
+        cw_rows.append(
+            [
+                f"advx CW {search}x{args.cw_steps // search} (initial_c=1, lr={lr})",
+                len(xc),
+                f"{float(ok.float().mean()):.1%}",
+                *medians(ok, l2, theirs[lr][1]),
+                t,
+                t / t_ref,
+            ]
+        )
     for lr, (t, ok, l2) in theirs.items():
-        cw_rows.append([f"torchattacks CW c=1, {args.cw_steps} steps, lr={lr}", len(xc), f"{float(ok.float().mean()):.1%}",
-                        *medians(ok, l2, ours[lr][1]), t, t / t_ref])
+        cw_rows.append(
+            [
+                f"torchattacks CW c=1, {args.cw_steps} steps, lr={lr}",
+                len(xc),
+                f"{float(ok.float().mean()):.1%}",
+                *medians(ok, l2, ours[lr][1]),
+                t,
+                t / t_ref,
+            ]
+        )
 
     v = versions("torchattacks")
-    return "\n".join([
-        "## White-box: CW-L2 vs torchattacks on undefended points (issue 2)",
-        "",
-        f"An undefended LeNet (2 epochs of cross-entropy on the full MNIST training set, seed 0), the first {args.n_cw}"
-        f" MNIST test images (the {len(xc)} it classifies correctly), minimum-norm CW-L2 with the same total number of"
-        f" optimization steps ({args.cw_steps}); advx searches c per sample, torchattacks uses one c. {machine()}."
-        f" Versions: {v}.",
-        "",
-        f"Command: `python benchmarks/bench_whitebox.py --n-cw {args.n_cw} --cw-steps {args.cw_steps} --only cw --write`",
-        "",
-        table(["attack", "n", "success", "median L2 (successes)", "median L2 (where both at this lr succeed)",
-               "median L2 (all, failure = inf)", "seconds", "time ratio vs ta lr=0.01"], cw_rows),
-        "",
-        "torchattacks' CW stops early when its summed loss rises between two of ten checkpoints, so its time depends"
-        " on the lr; advx's CW runs its 10 searches of c per sample (early abort per sample within a search).",
-    ])
+    return "\n".join(
+        [
+            "## White-box: CW-L2 vs torchattacks on undefended points (issue 2)",
+            "",
+            f"An undefended LeNet (2 epochs of cross-entropy on the full MNIST training set, seed 0), the first {args.n_cw}"
+            f" MNIST test images (the {len(xc)} it classifies correctly), minimum-norm CW-L2 with the same total number of"
+            f" optimization steps ({args.cw_steps}); advx searches c per sample, torchattacks uses one c. {machine()}."
+            f" Versions: {v}.",
+            "",
+            f"Command: `python benchmarks/bench_whitebox.py --n-cw {args.n_cw} --cw-steps {args.cw_steps} --only cw --write`",
+            "",
+            table(
+                [
+                    "attack",
+                    "n",
+                    "success",
+                    "median L2 (successes)",
+                    "median L2 (where both at this lr succeed)",
+                    "median L2 (all, failure = inf)",
+                    "seconds",
+                    "time ratio vs ta lr=0.01",
+                ],
+                cw_rows,
+            ),
+            "",
+            "torchattacks' CW stops early when its summed loss rises between two of ten checkpoints, so its time depends"
+            " on the lr; advx's CW runs its 10 searches of c per sample (early abort per sample within a search).",
+        ]
+    )
 
 
 if __name__ == "__main__":

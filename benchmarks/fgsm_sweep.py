@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-
 from _common import SHARED, advx
 
 
@@ -31,21 +30,60 @@ def main() -> None:
     xt, yt = advx.data.load(SHARED / "data" / "mnist", split="test", n=args.n)
     for spec in args.variants.split(","):
         seed, alpha, epochs, *rest = spec.split(":")
-        seed, alpha, epochs, warmup = int(seed), float(alpha), int(epochs), int(rest[0]) if rest else 0
+        seed, alpha, epochs, warmup = (
+            int(seed),
+            float(alpha),
+            int(epochs),
+            int(rest[0]) if rest else 0,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = advx.zoo.build("wong_cnn")
         t0 = time.perf_counter()
-        h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=alpha, warmup=warmup), epochs=epochs, batch_size=100, lr=5e-3,
-                lr_schedule="cyclic", seed=seed, progress=False)
+        h = fit(
+            net,
+            x,
+            y,
+            loss=fgsm_rs(0.3, alpha=alpha, warmup=warmup),
+            epochs=epochs,
+            batch_size=100,
+            lr=5e-3,
+            lr_schedule="cyclic",
+            seed=seed,
+            progress=False,
+        )
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rep = advx.audit(advx.Classifier(net.eval()), xt, yt, advx.Linf(0.3), suite="fast", eps_curve=None, checks=False)
-        print(json.dumps({"seed": seed, "alpha": alpha, "epochs": epochs, "warmup": warmup, "train_s": round(train_s),
-                          "audit_s": round(time.perf_counter() - t0), "stopped": h.stopped,
-                          "mon": [(e.get("monitor_clean_accuracy"), e.get("monitor_adv_accuracy")) for e in h.epochs],
-                          "clean": rep.clean_accuracy, "robust": rep.robust_accuracy,
-                          "cascade": [(c["attack"], c["broke"]) for c in rep.cascade]}), flush=True)
+        rep = advx.audit(
+            advx.Classifier(net.eval()),
+            xt,
+            yt,
+            advx.Linf(0.3),
+            suite="fast",
+            eps_curve=None,
+            checks=False,
+        )
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "alpha": alpha,
+                    "epochs": epochs,
+                    "warmup": warmup,
+                    "train_s": round(train_s),
+                    "audit_s": round(time.perf_counter() - t0),
+                    "stopped": h.stopped,
+                    "mon": [
+                        (e.get("monitor_clean_accuracy"), e.get("monitor_adv_accuracy"))
+                        for e in h.epochs
+                    ],
+                    "clean": rep.clean_accuracy,
+                    "robust": rep.robust_accuracy,
+                    "cascade": [(c["attack"], c["broke"]) for c in rep.cascade],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import advx
 from advx.data import load
 from advx.training import fit
 

@@ -45,7 +45,7 @@ def test_l1_projection_is_the_exact_nearest_point(eps, seed):
     got = _project_l1_box(v, lo, hi, torch.full((len(x),), eps, dtype=x.dtype))
     for i in range(len(x)):
         a, cap = v[i].abs(), torch.where(v[i] >= 0, hi[i], -lo[i])
-        size = lambda lam: float(torch.minimum((a - lam).clamp(min=0), cap).sum())  # noqa: E731
+        size = lambda lam: float(torch.minimum((a - lam).clamp(min=0), cap).sum())
         if size(0.0) <= eps:
             lam = 0.0
         else:

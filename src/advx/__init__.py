@@ -1,31 +1,76 @@
 """advx: adversarial examples for PyTorch -- attack, audit, harden and guard classifiers.
 
-    >>> import advx
-    >>> model = advx.Classifier(net, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
-    >>> result = advx.PGD(advx.Linf(8 / 255), steps=40)(model, x, y)
-    >>> result.success.float().mean()
+>>> import advx
+>>> model = advx.Classifier(net, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+>>> result = advx.PGD(advx.Linf(8 / 255), steps=40)(model, x, y)
+>>> result.success.float().mean()
 """
 
 from ._version import __version__
-from .attacks import (APGD, CW, FAB, FGSM, PGD, ZOO, Attack, AttackResult, Boundary, HopSkipJump, SimBA, Square,
-                      WorstCase)
+from .attacks import (
+    APGD,
+    CW,
+    FAB,
+    FGSM,
+    PGD,
+    ZOO,
+    Attack,
+    AttackResult,
+    Boundary,
+    HopSkipJump,
+    SimBA,
+    Square,
+    WorstCase,
+)
+from .audit import Report, audit
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
-from .audit import Report, audit  # noqa: E402 - `advx.audit(...)` is the function
 
 __all__ = [
     "__version__",
-    "Classifier", "BlackBox",
-    "ThreatModel", "Linf", "L2", "L1",
-    "Attack", "AttackResult", "FGSM", "PGD", "CW", "APGD", "FAB", "Square", "ZOO", "SimBA", "Boundary",
-    "HopSkipJump", "WorstCase",
-    "audit", "Report",
-    "AdvxError", "InputError", "AccessError", "QueryError", "BudgetExceeded", "ModelError",
+    "Classifier",
+    "BlackBox",
+    "ThreatModel",
+    "Linf",
+    "L2",
+    "L1",
+    "Attack",
+    "AttackResult",
+    "FGSM",
+    "PGD",
+    "CW",
+    "APGD",
+    "FAB",
+    "Square",
+    "ZOO",
+    "SimBA",
+    "Boundary",
+    "HopSkipJump",
+    "WorstCase",
+    "audit",
+    "Report",
+    "AdvxError",
+    "InputError",
+    "AccessError",
+    "QueryError",
+    "BudgetExceeded",
+    "ModelError",
 ]
 
-_SUBMODULES = {"attacks", "data", "zoo", "training", "models", "threat", "errors", "viz", "demo",
-               "defenses", "guard"}
+_SUBMODULES = {
+    "attacks",
+    "data",
+    "zoo",
+    "training",
+    "models",
+    "threat",
+    "errors",
+    "viz",
+    "demo",
+    "defenses",
+    "guard",
+}
 
 
 def __getattr__(name: str):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -34,8 +35,14 @@ def _setting() -> bool | None:
     return None  # tqdm decides: on for a terminal, off for a pipe or a log file
 
 
-def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | None = None,
-             unit: str = "it", leave: bool = False) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    unit: str = "it",
+    leave: bool = False,
+) -> Iterator[T]:
     setting = _setting()
     if setting is False:
         return iter(iterable)
@@ -43,5 +50,14 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str | Non
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
         return iter(iterable)
-    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave,
-                     disable=None if setting is None else False, dynamic_ncols=True))
+    return iter(
+        tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            leave=leave,
+            disable=None if setting is None else False,
+            dynamic_ncols=True,
+        )
+    )

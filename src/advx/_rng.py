@@ -56,7 +56,7 @@ class SampleRNG:
         self.seed = int(seed)
         self.index = index.to(torch.long)
 
-    def select(self, idx: Tensor) -> "SampleRNG":
+    def select(self, idx: Tensor) -> SampleRNG:
         return SampleRNG(self.seed, self.index[idx])
 
     def __len__(self) -> int:
@@ -98,7 +98,9 @@ class SampleRNG:
             top = high - 1
         else:
             top = high - 1
-        return torch.minimum(torch.floor(u * high), torch.as_tensor(top, dtype=u.dtype, device=u.device)).to(torch.long)
+        return torch.minimum(
+            torch.floor(u * high), torch.as_tensor(top, dtype=u.dtype, device=u.device)
+        ).to(torch.long)
 
     def exponential(self, *key: int, shape: tuple[int, ...] = (), dtype=torch.float32) -> Tensor:
         u = self.uniform(*key, shape=shape, dtype=torch.float64)

@@ -17,7 +17,9 @@ _TOL = 1e-4
 def check_images(x, bounds: tuple[float, float], *, name: str = "x") -> Tensor:
     """A floating-point batch (N, ...) inside ``bounds``; returns it (clipped by float slack only)."""
     if not isinstance(x, Tensor):
-        raise InputError(f"{name}: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}")
+        raise InputError(
+            f"{name}: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}"
+        )
     if x.dim() < 2:
         raise InputError(
             f"{name}: expected a batch of shape (N, ...), got shape {tuple(x.shape)}; "
@@ -33,16 +35,20 @@ def check_images(x, bounds: tuple[float, float], *, name: str = "x") -> Tensor:
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = int((~finite).flatten(1).any(dim=1).sum())
-        raise InputError(f"{name}: {bad} sample(s) contain NaN or Inf; clean the data before attacking it")
+        raise InputError(
+            f"{name}: {bad} sample(s) contain NaN or Inf; clean the data before attacking it"
+        )
     lo, hi = bounds
     xmin, xmax = float(x.min()), float(x.max())
     if xmin < lo - _TOL or xmax > hi + _TOL:
         hint = ""
         if xmin < lo - _TOL and lo == 0.0 and xmin < -0.1:
-            hint = (" -- it looks already normalized: pass the unnormalized image and declare "
-                    "mean/std on the Classifier")
+            hint = (
+                " -- it looks already normalized: pass the unnormalized image and declare "
+                "mean/std on the Classifier"
+            )
         elif xmax > hi + _TOL and hi == 1.0 and xmax > 1.5:
-            hint = f" -- it looks like 0-255 pixel values: divide by 255 or set bounds=(0, 255)"
+            hint = " -- it looks like 0-255 pixel values: divide by 255 or set bounds=(0, 255)"
         raise InputError(
             f"expected {name} in [{lo:g}, {hi:g}] (the classifier's bounds), got min {xmin:.4g} "
             f"and max {xmax:.4g}{hint}"
@@ -58,13 +64,19 @@ def check_labels(y, n: int, device: torch.device, *, name: str = "y") -> Tensor:
         try:
             y = torch.as_tensor(y)
         except (TypeError, ValueError):
-            raise InputError(f"{name}: expected integer class labels of shape ({n},), got {type(y).__name__}") from None
+            raise InputError(
+                f"{name}: expected integer class labels of shape ({n},), got {type(y).__name__}"
+            ) from None
     if y.dim() == 2 and y.shape[1] > 1 and y.shape[0] == n:
-        raise InputError(f"{name}: expected class indices of shape ({n},), got shape {tuple(y.shape)} "
-                         f"(one-hot?); convert with {name}.argmax(1)")
+        raise InputError(
+            f"{name}: expected class indices of shape ({n},), got shape {tuple(y.shape)} "
+            f"(one-hot?); convert with {name}.argmax(1)"
+        )
     y = y.reshape(-1) if y.dim() == 2 and y.shape[1] == 1 else y
     if y.dim() != 1 or y.shape[0] != n:
-        raise InputError(f"{name}: expected shape ({n},) to match x's {n} samples, got shape {tuple(y.shape)}")
+        raise InputError(
+            f"{name}: expected shape ({n},) to match x's {n} samples, got shape {tuple(y.shape)}"
+        )
     if torch.is_floating_point(y) or y.dtype == torch.bool:
         if torch.is_floating_point(y) and bool((y == y.round()).all()):
             y = y.long()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,9 +38,16 @@ STORY_EPS = 0.2
 TEMPERATURE = 100.0
 
 
-def run_demo(out: str | Path = "advx-demo", *, n: int = 500, epochs: int = 4, seed: int = 0,
-             audit_n: int = 200, harden_epochs: int = 10,
-             echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "advx-demo",
+    *,
+    n: int = 500,
+    epochs: int = 4,
+    seed: int = 0,
+    audit_n: int = 200,
+    harden_epochs: int = 10,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     """The demo (see the module's docstring); writes ``summary.json``, ``examples.png``,
     ``audit-*.json`` and ``report.html`` into ``out`` and returns the summary.
 
@@ -54,16 +62,22 @@ def run_demo(out: str | Path = "advx-demo", *, n: int = 500, epochs: int = 4, se
 
     echo(f"training a LeNet on {len(x_train):,} embedded MNIST digits ({epochs} epochs)")
     net = _lenet(seed)
-    history = fit(net, x_train, y_train, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, desc="train")
+    history = fit(
+        net, x_train, y_train, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, desc="train"
+    )
     model = Classifier(net.eval())
     clean = model.predict(x) == y
     clean_acc = float(clean.float().mean())
-    echo(f"clean accuracy on {n} held-out digits: {clean_acc:.1%}  (trained in {history.seconds:.1f}s)")
+    echo(
+        f"clean accuracy on {n} held-out digits: {clean_acc:.1%}  (trained in {history.seconds:.1f}s)"
+    )
 
     rows: list[dict[str, Any]] = []
     keep: dict[str, Any] = {}
-    for name, make in (("fgsm", lambda e: attacks.FGSM(Linf(e), seed=seed)),
-                       ("pgd", lambda e: attacks.PGD(Linf(e), steps=40, seed=seed))):
+    for name, make in (
+        ("fgsm", lambda e: attacks.FGSM(Linf(e), seed=seed)),
+        ("pgd", lambda e: attacks.PGD(Linf(e), steps=40, seed=seed)),
+    ):
         for eps in LINF_EPS:
             echo(f"{name} at Linf eps {eps}")
             r = make(eps)(model, x, y)
@@ -73,7 +87,9 @@ def run_demo(out: str | Path = "advx-demo", *, n: int = 500, epochs: int = 4, se
     # CW runs many more passes per sample than PGD: a 200-sample subset keeps the demo short
     m = min(n, CW_SAMPLES)
     echo(f"cw (minimum-norm L2) on the first {m} digits")
-    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(model, x[:m], y[:m])
+    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(
+        model, x[:m], y[:m]
+    )
     keep["cw"] = cw
     for eps in L2_EPS:
         ok = cw.success & (cw.distance <= eps + 1e-6)
@@ -88,8 +104,18 @@ def run_demo(out: str | Path = "advx-demo", *, n: int = 500, epochs: int = 4, se
     else:
         echo("matplotlib is not installed: no examples.png (pip install 'advx[report]')")
 
-    story = _story(out, net, x_train, y_train, x[:audit_n], y[:audit_n], epochs=epochs,
-                   harden_epochs=harden_epochs, seed=seed, echo=echo)
+    story = _story(
+        out,
+        net,
+        x_train,
+        y_train,
+        x[:audit_n],
+        y[:audit_n],
+        epochs=epochs,
+        harden_epochs=harden_epochs,
+        seed=seed,
+        echo=echo,
+    )
     files.update(story.pop("files"))
 
     summary = {
@@ -97,20 +123,49 @@ def run_demo(out: str | Path = "advx-demo", *, n: int = 500, epochs: int = 4, se
         "clean_accuracy": clean_acc,
         "n": n,
         "rows": rows,
-        "cw": {k: v for k, v in cw.summary().items() if k in ("median_distance", "mean_distance", "success_rate", "queries", "grads", "seconds")},
-        "training": {"model": "lenet", "data": "mnist-demo:train", "samples": len(x_train), "epochs": history.epochs, "seconds": round(history.seconds, 2)},
+        "cw": {
+            k: v
+            for k, v in cw.summary().items()
+            if k
+            in ("median_distance", "mean_distance", "success_rate", "queries", "grads", "seconds")
+        },
+        "training": {
+            "model": "lenet",
+            "data": "mnist-demo:train",
+            "samples": len(x_train),
+            "epochs": history.epochs,
+            "seconds": round(history.seconds, 2),
+        },
         "story": story,
         "files": files,
         "seconds": round(time.perf_counter() - start, 2),
-        "provenance": {"advx": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                       "device": "cpu", "seed": seed, "data": "mnist-demo:test", "data_sha256": data_sha256(x, y)},
+        "provenance": {
+            "advx": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": "cpu",
+            "seed": seed,
+            "data": "mnist-demo:test",
+            "data_sha256": data_sha256(x, y),
+        },
     }
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _story(out: Path, net, x_train, y_train, x, y, *, epochs: int, harden_epochs: int, seed: int,
-           echo: Callable[[str], None]) -> dict[str, Any]:
+def _story(
+    out: Path,
+    net,
+    x_train,
+    y_train,
+    x,
+    y,
+    *,
+    epochs: int,
+    harden_epochs: int,
+    seed: int,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     """Steps 2-5: audit the standard model, harden one with FGSM-RS, distill one; compare."""
     from .audit import audit
     from .audit.html import render_comparison
@@ -126,37 +181,84 @@ def _story(out: Path, net, x_train, y_train, x, y, *, epochs: int, harden_epochs
         report.save(out / f"audit-{key}.json")
         files[f"audit-{key}"] = str(out / f"audit-{key}.json")
         reports.append((title, report.to_dict()))
-        models.append({"model": title, "clean_accuracy": report.clean_accuracy,
-                       "robust_accuracy": report.robust_accuracy, "reliable": report.reliable,
-                       "findings": [f["code"] for f in report.findings], "training_seconds": round(seconds, 2)})
+        models.append(
+            {
+                "model": title,
+                "clean_accuracy": report.clean_accuracy,
+                "robust_accuracy": report.robust_accuracy,
+                "reliable": report.reliable,
+                "findings": [f["code"] for f in report.findings],
+                "training_seconds": round(seconds, 2),
+            }
+        )
         flags = ", ".join(f["code"] for f in report.findings) or "none"
-        echo(f"  clean {report.clean_accuracy:.1%}, robust {report.robust_accuracy:.1%}, sanity-check findings: {flags}")
+        echo(
+            f"  clean {report.clean_accuracy:.1%}, robust {report.robust_accuracy:.1%}, sanity-check findings: {flags}"
+        )
 
     prove("standard", "standard", net, 0.0)
 
-    echo(f"training the same LeNet with FGSM-RS at Linf {STORY_EPS:g} ({harden_epochs} epochs, cyclic lr)")
+    echo(
+        f"training the same LeNet with FGSM-RS at Linf {STORY_EPS:g} ({harden_epochs} epochs, cyclic lr)"
+    )
     robust_net = _lenet(seed)
-    h = fit(robust_net, x_train, y_train, loss=fgsm_rs(STORY_EPS), epochs=harden_epochs, batch_size=64, lr=5e-3,
-            lr_schedule="cyclic", seed=seed, desc="fgsm-rs")
+    h = fit(
+        robust_net,
+        x_train,
+        y_train,
+        loss=fgsm_rs(STORY_EPS),
+        epochs=harden_epochs,
+        batch_size=64,
+        lr=5e-3,
+        lr_schedule="cyclic",
+        seed=seed,
+        desc="fgsm-rs",
+    )
     prove("fgsm-rs", "FGSM-RS", robust_net, h.seconds)
 
-    echo(f"defensive distillation at T={TEMPERATURE:g}: a teacher, then a student on its soft labels")
+    echo(
+        f"defensive distillation at T={TEMPERATURE:g}: a teacher, then a student on its soft labels"
+    )
     teacher = _lenet(seed + 1)
-    h1 = fit(teacher, x_train, y_train, loss=standard(TEMPERATURE), epochs=epochs, batch_size=64, lr=5e-3, seed=seed,
-             desc="teacher")
+    h1 = fit(
+        teacher,
+        x_train,
+        y_train,
+        loss=standard(TEMPERATURE),
+        epochs=epochs,
+        batch_size=64,
+        lr=5e-3,
+        seed=seed,
+        desc="teacher",
+    )
     student = _lenet(seed + 2)
-    h2 = fit(student, x_train, y_train, loss=distillation(teacher.eval(), TEMPERATURE), epochs=epochs, batch_size=64,
-             lr=5e-3, seed=seed, desc="student")
+    h2 = fit(
+        student,
+        x_train,
+        y_train,
+        loss=distillation(teacher.eval(), TEMPERATURE),
+        epochs=epochs,
+        batch_size=64,
+        lr=5e-3,
+        seed=seed,
+        desc="student",
+    )
     distilled = Classifier(student.eval())
     ok = distilled.predict(x) == y
     xs, ys = x[ok], y[ok]
     pgd = attacks.PGD(threat, steps=40, seed=seed)(distilled, xs, ys)
-    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(distilled, xs, ys)
-    echo(f"  PGD-40 on the cross-entropy at Linf {STORY_EPS:g}: {pgd.success_rate:.1%} success;  "
-         f"CW-L2: {cw.success_rate:.1%} success, median L2 {float(cw.distance[cw.success].median()):.2f}")
+    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(
+        distilled, xs, ys
+    )
+    echo(
+        f"  PGD-40 on the cross-entropy at Linf {STORY_EPS:g}: {pgd.success_rate:.1%} success;  "
+        f"CW-L2: {cw.success_rate:.1%} success, median L2 {float(cw.distance[cw.success].median()):.2f}"
+    )
     prove("distilled", f"distilled (T={TEMPERATURE:g})", student, h1.seconds + h2.seconds)
 
-    page = render_comparison(reports, title="advx demo: a standard, an FGSM-RS and a distilled LeNet")
+    page = render_comparison(
+        reports, title="advx demo: a standard, an FGSM-RS and a distilled LeNet"
+    )
     with atomic_open(out / "report.html", "w") as f:
         f.write(page)
     files["report"] = str(out / "report.html")
@@ -165,9 +267,14 @@ def _story(out: Path, net, x_train, y_train, x, y, *, epochs: int, harden_epochs
         "suite": "fast",
         "n": len(x),
         "models": models,
-        "distilled_attacks": {"pgd_ce_success_rate": pgd.success_rate, "cw_success_rate": cw.success_rate,
-                              "cw_median_l2": float(cw.distance[cw.success].median()) if bool(cw.success.any()) else None,
-                              "n": len(xs)},
+        "distilled_attacks": {
+            "pgd_ce_success_rate": pgd.success_rate,
+            "cw_success_rate": cw.success_rate,
+            "cw_median_l2": float(cw.distance[cw.success].median())
+            if bool(cw.success.any())
+            else None,
+            "n": len(xs),
+        },
         "files": files,
     }
 
@@ -207,23 +314,34 @@ def _grid(x, y, model: Classifier, keep: dict) -> bytes | None:
     columns = []
     for title, r in (("PGD Linf 0.2", pgd), ("CW L2 min-norm", cw)):
         pred = model.predict(r.x_adv[pick])
-        captions = [f"-> {int(p)}  ({r.threat.norm} {float(d):.2f})" for p, d in zip(pred, r.distance[pick])]
+        captions = [
+            f"-> {int(p)}  ({r.threat.norm} {float(d):.2f})" for p, d in zip(pred, r.distance[pick])
+        ]
         columns.append((title, r.x_adv[pick], captions))
     return example_grid(x[pick], columns, row_labels=[f"label {int(v)}" for v in y[pick]])
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """The demo's results as plain-text tables."""
-    lines = [f"{'attack':<8}{'threat':<12}{'n':>5}{'clean acc':>10}{'robust acc':>12}{'median pert.':>14}{'time':>8}"]
+    lines = [
+        f"{'attack':<8}{'threat':<12}{'n':>5}{'clean acc':>10}{'robust acc':>12}{'median pert.':>14}{'time':>8}"
+    ]
     for r in summary["rows"]:
         med = "-" if r["median_perturbation"] is None else f"{r['median_perturbation']:.3f}"
-        lines.append(f"{r['attack']:<8}{r['threat']:<12}{r['n']:>5}{r['clean_accuracy']:>10.1%}{r['robust_accuracy']:>12.1%}{med:>14}{r['seconds']:>7.1f}s")
+        lines.append(
+            f"{r['attack']:<8}{r['threat']:<12}{r['n']:>5}{r['clean_accuracy']:>10.1%}{r['robust_accuracy']:>12.1%}{med:>14}{r['seconds']:>7.1f}s"
+        )
     story = summary.get("story")
     if story:
         t = story["threat"]
-        lines += ["", f"audit (suite {story['suite']}, {t['norm']} eps {t['eps']:g}, {story['n']} digits)",
-                  f"{'model':<20}{'clean acc':>10}{'robust acc':>12}  sanity checks"]
+        lines += [
+            "",
+            f"audit (suite {story['suite']}, {t['norm']} eps {t['eps']:g}, {story['n']} digits)",
+            f"{'model':<20}{'clean acc':>10}{'robust acc':>12}  sanity checks",
+        ]
         for m in story["models"]:
             flags = ", ".join(m["findings"]) or "ok"
-            lines.append(f"{m['model']:<20}{m['clean_accuracy']:>10.1%}{m['robust_accuracy']:>12.1%}  {flags}")
+            lines.append(
+                f"{m['model']:<20}{m['clean_accuracy']:>10.1%}{m['robust_accuracy']:>12.1%}  {flags}"
+            )
     return "\n".join(lines)

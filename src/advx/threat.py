@@ -9,7 +9,8 @@ so that an attack is written once for every norm.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -100,13 +101,13 @@ class ThreatModel:
             return bool((self.eps == 0).all())
         return self.eps == 0
 
-    def with_eps(self, eps: float | Tensor) -> "ThreatModel":
+    def with_eps(self, eps: float | Tensor) -> ThreatModel:
         return ThreatModel(self.norm, eps, bounds=self._bounds)
 
-    def with_bounds(self, bounds: tuple[float, float]) -> "ThreatModel":
+    def with_bounds(self, bounds: tuple[float, float]) -> ThreatModel:
         return ThreatModel(self.norm, self.eps, bounds=bounds)
 
-    def select(self, idx: Tensor) -> "ThreatModel":
+    def select(self, idx: Tensor) -> ThreatModel:
         """The threat restricted to a subset of the samples (matters for per-sample eps)."""
         if isinstance(self.eps, Tensor):
             return ThreatModel(self.norm, self.eps[idx.to(self.eps.device)], bounds=self._bounds)
@@ -119,7 +120,9 @@ class ThreatModel:
         return torch.full((x.shape[0],), self.eps, device=x.device, dtype=x.dtype)
 
     def __repr__(self) -> str:
-        eps = f"<{self.eps.numel()} per-sample>" if isinstance(self.eps, Tensor) else f"{self.eps:g}"
+        eps = (
+            f"<{self.eps.numel()} per-sample>" if isinstance(self.eps, Tensor) else f"{self.eps:g}"
+        )
         b = "" if self._bounds is None else f", bounds={self._bounds}"
         return f"{_PRETTY[self.norm]}(eps={eps}{b})"
 
@@ -274,7 +277,9 @@ class ThreatModel:
             return (x + (step * g.sign()).view_as(x)).clamp(lo, hi)
         # L2: ||clip(lam * a, 0, room)|| grows with lam; bisect on lam
         full = room.norm(dim=1, keepdim=True)
-        lam_hi = torch.where(a > 0, room / a.clamp_min(1e-30), torch.zeros_like(a)).amax(dim=1, keepdim=True)
+        lam_hi = torch.where(a > 0, room / a.clamp_min(1e-30), torch.zeros_like(a)).amax(
+            dim=1, keepdim=True
+        )
         lam_lo = torch.zeros_like(lam_hi)
         for _ in range(60):
             mid = (lam_lo + lam_hi) / 2
@@ -323,13 +328,21 @@ def _project_l1_box(v: Tensor, lower: Tensor, upper: Tensor, eps: Tensor) -> Ten
     points = points.gather(1, order)
     count = deltas.gather(1, order).cumsum(dim=1)  # active coordinates just below each breakpoint
     gaps = points[:, :-1] - points[:, 1:]
-    g = torch.cat([points.new_zeros(n, 1), (count[:, :-1] * gaps).cumsum(dim=1)], dim=1)  # g(point_k)
+    g = torch.cat(
+        [points.new_zeros(n, 1), (count[:, :-1] * gaps).cumsum(dim=1)], dim=1
+    )  # g(point_k)
     # first breakpoint where g reaches eps; lam lies between it and the one before
     reached = g >= en.view(-1, 1)
-    k = torch.where(reached.any(dim=1), reached.float().argmax(dim=1), torch.full_like(en, 2 * dim - 1, dtype=torch.long))
+    k = torch.where(
+        reached.any(dim=1),
+        reached.float().argmax(dim=1),
+        torch.full_like(en, 2 * dim - 1, dtype=torch.long),
+    )
     k = k.clamp(min=1)
     prev = (k - 1).view(-1, 1)
-    lam = points.gather(1, prev).view(-1) - (en - g.gather(1, prev).view(-1)) / count.gather(1, prev).view(-1).clamp(min=1)
+    lam = points.gather(1, prev).view(-1) - (en - g.gather(1, prev).view(-1)) / count.gather(
+        1, prev
+    ).view(-1).clamp(min=1)
     lam = lam.clamp(min=0)
     d = torch.minimum((an - lam.view(-1, 1)).clamp(min=0), cn)
     out = boxed.clone()
@@ -374,5 +387,7 @@ def parse_threat(text: str) -> ThreatModel:
         else:
             value = float(eps)
     except (ValueError, ZeroDivisionError):
-        raise InputError(f"threat: cannot read eps {eps!r} in {text!r}; use a number like 0.3 or 8/255") from None
+        raise InputError(
+            f"threat: cannot read eps {eps!r} in {text!r}; use a number like 0.3 or 8/255"
+        ) from None
     return ThreatModel(norm.strip().lower(), value)

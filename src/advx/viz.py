@@ -6,9 +6,8 @@ Needs matplotlib (``pip install 'advx[report]'``), imported only when a picture 
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from .errors import InputError
@@ -75,7 +74,12 @@ def example_grid(
             scale = float(delta.abs().max()) or 1.0
             a1, a2 = axes[i][1 + 2 * k], axes[i][2 + 2 * k]
             a1.imshow(_image((xa[i] - lo) / (hi - lo)), cmap="gray", vmin=0, vmax=1)
-            a2.imshow(_image(delta / (2 * scale) + 0.5), cmap="RdBu_r" if delta.dim() == 3 and delta.shape[0] == 1 else None, vmin=0, vmax=1)
+            a2.imshow(
+                _image(delta / (2 * scale) + 0.5),
+                cmap="RdBu_r" if delta.dim() == 3 and delta.shape[0] == 1 else None,
+                vmin=0,
+                vmax=1,
+            )
             if captions is not None:
                 a1.set_xlabel(captions[i], fontsize=7)
             if i == 0:
@@ -91,9 +95,15 @@ def example_grid(
     return _to_png(fig)
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
-              title: str = "", ylim: tuple[float, float] | None = (0.0, 1.0),
-              marker: tuple[float, float, str] | None = None) -> bytes:
+def line_plot(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+    marker: tuple[float, float, str] | None = None,
+) -> bytes:
     """A PNG with one line per named series of (x values, y values), and an optional single
     labelled point (e.g. the full cascade's result at the audited eps)."""
     plt = _pyplot()
@@ -101,7 +111,15 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xla
     for name, (xs, ys) in series.items():
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
     if marker is not None:
-        ax.plot([marker[0]], [marker[1]], marker="*", markersize=11, linestyle="none", color="crimson", label=marker[2])
+        ax.plot(
+            [marker[0]],
+            [marker[1]],
+            marker="*",
+            markersize=11,
+            linestyle="none",
+            color="crimson",
+            label=marker[2],
+        )
         series = {**series, marker[2]: ([], [])}
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -116,8 +134,14 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xla
     return _to_png(fig)
 
 
-def bar_plot(labels: Sequence[str], values: dict[str, Sequence[float]], *, ylabel: str, title: str = "",
-             ylim: tuple[float, float] | None = (0.0, 1.0)) -> bytes:
+def bar_plot(
+    labels: Sequence[str],
+    values: dict[str, Sequence[float]],
+    *,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+) -> bytes:
     """A PNG of grouped bars: one group per label, one bar per named series."""
     plt = _pyplot()
     import numpy as np
@@ -128,7 +152,12 @@ def bar_plot(labels: Sequence[str], values: dict[str, Sequence[float]], *, ylabe
     for k, (name, ys) in enumerate(values.items()):
         ax.bar(pos + k * width - 0.4 + width / 2, list(ys), width, label=name)
     ax.set_xticks(pos)
-    ax.set_xticklabels(labels, rotation=30 if max(map(len, labels), default=0) > 6 else 0, ha="right" if max(map(len, labels), default=0) > 6 else "center", fontsize=8)
+    ax.set_xticklabels(
+        labels,
+        rotation=30 if max(map(len, labels), default=0) > 6 else 0,
+        ha="right" if max(map(len, labels), default=0) > 6 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)

@@ -87,7 +87,9 @@ def test_pgd_converges_to_the_maximizer_on_a_linear_model(threat):
     expected = _optimum(threat, w, x, y)
     steps = 200 if threat.norm == "l1" else 60
     step = float(threat.eps) / (10 if threat.norm == "l1" else 4)
-    r = advx.PGD(threat, steps=steps, step_size=step, random_start=False, early_stop=False)(net, x, y)
+    r = advx.PGD(threat, steps=steps, step_size=step, random_start=False, early_stop=False)(
+        net, x, y
+    )
     assert not bool(r.success.any())
     assert torch.allclose(r.x_adv, expected, atol=1e-6), (r.x_adv - expected).abs().max()
 

@@ -30,13 +30,19 @@ def digits(mnist_test, trained_mlp):
 
 
 # ---- strength -------------------------------------------------------------------------------
-@pytest.mark.parametrize("threat", [advx.Linf(0.06), advx.L2(0.9), advx.L1(6.0)], ids=["linf", "l2", "l1"])
-def test_apgd_ce_at_least_as_strong_as_pgd_with_the_same_gradient_steps(trained_mlp, digits, threat):
+@pytest.mark.parametrize(
+    "threat", [advx.Linf(0.06), advx.L2(0.9), advx.L1(6.0)], ids=["linf", "l2", "l1"]
+)
+def test_apgd_ce_at_least_as_strong_as_pgd_with_the_same_gradient_steps(
+    trained_mlp, digits, threat
+):
     x, y = digits
     steps = 20
     pgd = PGD(threat, steps=steps)(trained_mlp, x, y)
     apgd = APGD(threat, steps=steps)(trained_mlp, x, y)
-    assert int(apgd.grads.max()) == steps and int(pgd.grads.max()) == steps  # the same gradient budget
+    assert (
+        int(apgd.grads.max()) == steps and int(pgd.grads.max()) == steps
+    )  # the same gradient budget
     assert 0.2 < pgd.success_rate < 0.9, "the budget must leave both attacks work to do"
     assert apgd.success_rate < 1.0
     assert int(apgd.success.sum()) >= int(pgd.success.sum())
@@ -94,12 +100,19 @@ def test_l1_steps_move_each_samples_share_of_its_largest_free_coordinates():
 
 
 # ---- the losses -------------------------------------------------------------------------------
-_logits = st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=5, max_size=5, unique=True)
+_logits = st.lists(
+    st.floats(-50, 50, allow_nan=False, width=32), min_size=5, max_size=5, unique=True
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(z=_logits, label=st.integers(0, 4), target=st.integers(0, 4),
-       shift=st.floats(-100, 100), scale=st.floats(0.1, 10))
+@given(
+    z=_logits,
+    label=st.integers(0, 4),
+    target=st.integers(0, 4),
+    shift=st.floats(-100, 100),
+    scale=st.floats(0.1, 10),
+)
 def test_dlr_is_invariant_to_shifting_and_scaling_the_logits(z, label, target, shift, scale):
     z = torch.tensor([z], dtype=torch.float64)
     if float(z.sort(descending=True).values[0, 0] - z.sort(descending=True).values[0, 2]) < 1e-3:
@@ -158,8 +171,12 @@ class _OnlyClass3CanWin(nn.Module):
     def forward(self, x):
         s = x.flatten(1).sum(dim=1)  # (N, 1, 8, 8) -> (N,)
         n = x.shape[0]
-        z3 = -2.0 + 0.4 * (s - 0.45 * D)  # -2 at the clean inputs below, up to about 3 inside the ball
-        return torch.stack([torch.zeros(n), torch.full((n,), -0.5), torch.full((n,), -1.0), z3], dim=1)
+        z3 = -2.0 + 0.4 * (
+            s - 0.45 * D
+        )  # -2 at the clean inputs below, up to about 3 inside the ball
+        return torch.stack(
+            [torch.zeros(n), torch.full((n,), -0.5), torch.full((n,), -1.0), z3], dim=1
+        )
 
 
 @pytest.fixture()

@@ -44,7 +44,7 @@ def test_only_labels_are_used_and_queries_are_exact_per_sample(trained_mlp, batc
     assert bool(r.success.all())
     for i in range(len(x)):
         counter.reset()
-        alone = attack(model, x[i:i + 1], y[i:i + 1], index=torch.tensor([i]))
+        alone = attack(model, x[i : i + 1], y[i : i + 1], index=torch.tensor([i]))
         assert counter.forward_rows == int(r.queries[i]) == int(alone.queries[0])
         assert torch.allclose(alone.x_adv[0], r.x_adv[i])
 
@@ -127,8 +127,13 @@ def test_targeted_runs_reach_the_target(trained_mlp, batch):
 
 
 def test_parameters_are_checked():
-    for bad in ({"candidates": 0}, {"steps": 0}, {"spherical_step": 0.0}, {"step_adaptation": 0.5},
-                {"init": "zeros"}):
+    for bad in (
+        {"candidates": 0},
+        {"steps": 0},
+        {"spherical_step": 0.0},
+        {"step_adaptation": 0.5},
+        {"init": "zeros"},
+    ):
         with pytest.raises(advx.InputError):
             Boundary(**bad)
     with pytest.raises(advx.InputError):

@@ -13,7 +13,11 @@ from advx.attacks.fab import FAB, project_hyperplane
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model was in training mode")
 
-DUAL = {"linf": lambda g: g.abs().sum(-1), "l2": lambda g: g.norm(dim=-1), "l1": lambda g: g.abs().amax(-1)}
+DUAL = {
+    "linf": lambda g: g.abs().sum(-1),
+    "l2": lambda g: g.norm(dim=-1),
+    "l1": lambda g: g.abs().amax(-1),
+}
 
 
 def _linear_multiclass(d=40, c=6, n=24, seed=0, dtype=torch.float64):
@@ -66,7 +70,9 @@ def test_projection_is_exact_with_the_box(norm):
     w = torch.randn(n, d, generator=g, dtype=torch.float64)
     w[::4, :10] = 0  # some coordinates the hyperplane ignores
     x = torch.rand(n, d, generator=g, dtype=torch.float64)
-    c = torch.randn(n, generator=g, dtype=torch.float64) * torch.where(torch.arange(n) % 5 == 0, 20.0, 1.0)
+    c = torch.randn(n, generator=g, dtype=torch.float64) * torch.where(
+        torch.arange(n) % 5 == 0, 20.0, 1.0
+    )
     lower, upper = -x, 1 - x
     delta = project_hyperplane(norm, w, c, lower, upper)
     assert bool(((delta >= lower - 1e-12) & (delta <= upper + 1e-12)).all())
@@ -168,7 +174,9 @@ def test_targeted_towards_the_nearest_class_matches_untargeted_and_others_cost_m
         assert torch.equal(net(far.x_adv[far.success]).argmax(1), farthest[far.success])
     assert far.success.float().mean() >= 0.8
     d = far.distance[far.success]
-    assert bool((d >= pair.gather(1, farthest.view(-1, 1)).view(-1)[far.success] * (1 - 1e-9)).all())
+    assert bool(
+        (d >= pair.gather(1, farthest.view(-1, 1)).view(-1)[far.success] * (1 - 1e-9)).all()
+    )
     assert bool((d > un.distance[far.success] * 1.05).all())
 
 
@@ -198,8 +206,18 @@ def test_restarts_never_lose_and_stay_per_sample(trained_mlp, batch):
     assert bool((two.distance < one.distance).any())
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(alpha_max=1.5), dict(beta=1.0), dict(eta=0.0),
-                                 dict(eps_init=0.0), dict(targets=0), dict(targeted=1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=0),
+        dict(alpha_max=1.5),
+        dict(beta=1.0),
+        dict(eta=0.0),
+        dict(eps_init=0.0),
+        dict(targets=0),
+        dict(targeted=1),
+    ],
+)
 def test_bad_hyper_parameters_are_refused(bad):
     with pytest.raises(advx.errors.InputError):
         FAB(advx.Linf(0.3), **bad)

@@ -68,14 +68,16 @@ def test_queries_are_exact_per_sample_and_within_the_budget(trained_mlp, batch, 
     # each sample alone: the same number of rows reach the net as the batch run charged it
     for i in range(len(x)):
         counter.reset()
-        alone = attack(model, x[i:i + 1], y[i:i + 1], index=torch.tensor([i]))
+        alone = attack(model, x[i : i + 1], y[i : i + 1], index=torch.tensor([i]))
         assert counter.forward_rows == int(r.queries[i]) == int(alone.queries[0])
         assert torch.equal(alone.x_adv[0], r.x_adv[i])
 
 
 def test_the_models_hard_budget_is_respected(trained_mlp, batch):
     x, y = batch
-    r = HopSkipJump(advx.L2(math.inf), max_queries=10_000)(labels_only(trained_mlp, budget=120), x[:4], y[:4])
+    r = HopSkipJump(advx.L2(math.inf), max_queries=10_000)(
+        labels_only(trained_mlp, budget=120), x[:4], y[:4]
+    )
     assert bool((r.queries <= 120).all()) and int(r.queries.max()) == 120
     assert bool(r.success.all())
 
@@ -113,7 +115,9 @@ def test_the_trace_marks_samples_that_were_not_attacked(trained_mlp, mnist_test)
 def test_l2_reaches_the_distance_to_a_hyperplane(search):
     net, x, y, w = _linear_problem(d=40, n=16, seed=2)
     exact = (x @ w + net.b.detach()).abs() / w.norm()
-    r = HopSkipJump(advx.L2(math.inf), max_queries=3000, stepsize_search=search)(labels_only(net), x, y)
+    r = HopSkipJump(advx.L2(math.inf), max_queries=3000, stepsize_search=search)(
+        labels_only(net), x, y
+    )
     assert bool(r.success.all())
     rel = (r.distance - exact) / exact
     assert float(rel.max()) < 0.05, rel.max()
@@ -134,14 +138,18 @@ def test_linf_reaches_the_distance_to_a_hyperplane():
 def test_targeted_runs_reach_the_target(trained_mlp, batch):
     x, y = batch
     target = (y + 1) % 10
-    r = HopSkipJump(advx.L2(math.inf), max_queries=600, init="pool")(labels_only(trained_mlp), x, y, target=target)
+    r = HopSkipJump(advx.L2(math.inf), max_queries=600, init="pool")(
+        labels_only(trained_mlp), x, y, target=target
+    )
     # the pool is the batch: a sample whose target class is in it starts there and succeeds
     assert torch.equal(r.success, (target.view(-1, 1) == y.view(1, -1)).any(dim=1))
     assert r.success.float().mean() >= 0.8
     with torch.no_grad():
         assert torch.equal(trained_mlp(r.x_adv[r.success]).argmax(1), target[r.success])
     # the walk shortens the start: the pool image of the target class was far away
-    assert float(r.distance[r.success].median()) < 0.6 * float((x - x.roll(1, 0)).flatten(1).norm(dim=1).median())
+    assert float(r.distance[r.success].median()) < 0.6 * float(
+        (x - x.roll(1, 0)).flatten(1).norm(dim=1).median()
+    )
 
 
 def test_pool_start_costs_one_query_per_try_and_is_reproducible(trained_mlp, batch):
@@ -173,7 +181,9 @@ def test_samples_without_a_starting_point_fail():
         net[1].weight.zero_()
         net[1].bias.copy_(torch.tensor([3.0, 0.0]))
     x = torch.rand(3, 4)
-    r = HopSkipJump(advx.L2(math.inf), max_queries=500)(labels_only(net), x, torch.zeros(3, dtype=torch.long))
+    r = HopSkipJump(advx.L2(math.inf), max_queries=500)(
+        labels_only(net), x, torch.zeros(3, dtype=torch.long)
+    )
     assert not bool(r.success.any())
     assert torch.equal(r.x_adv, x)
     assert bool((r.queries <= 101).all())  # the noise tries, then nothing to walk from

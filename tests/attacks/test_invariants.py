@@ -40,17 +40,26 @@ EPS = {"linf": 0.2, "l2": 2.5, "l1": 20.0}
 N = 32
 pytestmark = pytest.mark.filterwarnings("ignore:the model was in training mode")
 
+
 def _cases():
     for name in attacks.list_attacks():
         cls = attacks.get(name)
         for norm in cls.norms:
             for targeted in (False, True) if cls.supports_targeted else (False,):
-                yield pytest.param(name, norm, targeted, id=f"{name}-{norm}-{'targeted' if targeted else 'untargeted'}")
+                yield pytest.param(
+                    name,
+                    norm,
+                    targeted,
+                    id=f"{name}-{norm}-{'targeted' if targeted else 'untargeted'}",
+                )
+
 
 CASES = list(_cases())
 
+
 def test_every_registered_attack_has_harness_settings():
     assert set(attacks.list_attacks()) <= set(FAST), "add cheap settings for the new attack to FAST"
+
 
 def _threat(name: str, norm: str, eps: float | None = None):
     cls = attacks.get(name)
@@ -58,17 +67,28 @@ def _threat(name: str, norm: str, eps: float | None = None):
         eps = math.inf if cls.minimum_norm else EPS[norm]
     return advx.ThreatModel(norm, eps)
 
+
 def _model(net, access: str):
     clf = Classifier(CountingNet(net))
     if access == "gradients":
         return clf
     return clf.as_blackbox(access)
 
-def _counting(model) -> CountingNet:
-    return (model.net if isinstance(model, Classifier) else model.classifier.net)
 
-@functools.lru_cache(maxsize=None)
-def _run(net, name: str, norm: str, targeted: bool, eps: float | None = None, seed: int = 0, rows: tuple | None = None):
+def _counting(model) -> CountingNet:
+    return model.net if isinstance(model, Classifier) else model.classifier.net
+
+
+@functools.cache
+def _run(
+    net,
+    name: str,
+    norm: str,
+    targeted: bool,
+    eps: float | None = None,
+    seed: int = 0,
+    rows: tuple | None = None,
+):
     """Run an attack once per configuration; the tests below read the cached outcome."""
 
     x, y = _data(net)
@@ -97,13 +117,15 @@ def _run(net, name: str, norm: str, targeted: bool, eps: float | None = None, se
         "backward_rows": counter.backward_rows,
         "net_training": counter.training,
         "param_grads_kept": all(
-            (a is None and p.grad is None) or (a is not None and p.grad is not None and torch.equal(a, p.grad))
+            (a is None and p.grad is None)
+            or (a is not None and p.grad is not None and torch.equal(a, p.grad))
             for a, p in zip(grads_before, counter.parameters())
         ),
     }
     return x, y, target, result, side
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _data(net):
     from advx.data import load
 
@@ -112,12 +134,15 @@ def _data(net):
         ok = net(x).argmax(1) == y
     return x[ok][:N].clone(), y[ok][:N].clone()
 
+
 def _targets(y):
     return attacks.random_targets(y, 10, seed=3)
+
 
 @pytest.fixture(scope="module")
 def net(trained_mlp):
     return trained_mlp
+
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_shapes_dtypes_devices_kept(net, name, norm, targeted):
@@ -128,12 +153,14 @@ def test_shapes_dtypes_devices_kept(net, name, norm, targeted):
     assert r.queries.dtype == torch.long and r.grads.dtype == torch.long
     assert r.name == name and set(r.params) == set(attacks.get(name).param_names())
 
+
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_inside_threat_model_and_bounds(net, name, norm, targeted):
     x, y, target, r, _ = _run(net, name, norm, targeted)
     assert bool(r.threat.contains(r.x_adv, x).all())
     assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
     assert torch.allclose(r.distance, r.threat.distance(r.x_adv, x))
+
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_reported_success_is_real(net, name, norm, targeted):
@@ -143,19 +170,26 @@ def test_reported_success_is_real(net, name, norm, targeted):
     truth = pred == target if targeted else pred != y
     assert torch.equal(truth, r.success)
 
+
 def check_beats_noise(net, x, y, target, r) -> None:
     """The attack breaks most of an undefended model, and far more than noise of its size."""
     n = len(x)
     threat = r.threat
     if threat.unbounded:  # minimum-norm: compare with noise at the attack's median distance
-        threat = threat.with_eps(float(r.distance[r.success].median()) if bool(r.success.any()) else 0.0)
+        threat = threat.with_eps(
+            float(r.distance[r.success].median()) if bool(r.success.any()) else 0.0
+        )
     noise = threat.random_init(x, SampleRNG(123, torch.arange(n)))
     with torch.no_grad():
         pred = net(noise).argmax(1)
-    noise_rate = float((pred == target).float().mean() if target is not None else (pred != y).float().mean())
+    noise_rate = float(
+        (pred == target).float().mean() if target is not None else (pred != y).float().mean()
+    )
     floor = 0.5 if target is not None else 0.6
     assert r.success_rate >= floor, f"{r.name} broke only {r.success_rate:.0%} of an undefended MLP"
-    assert r.success_rate >= noise_rate + 0.3, f"{r.name} {r.success_rate:.0%} vs noise {noise_rate:.0%}"
+    assert r.success_rate >= noise_rate + 0.3, (
+        f"{r.name} {r.success_rate:.0%} vs noise {noise_rate:.0%}"
+    )
 
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
@@ -194,6 +228,7 @@ def test_targeted_reaches_the_target(net, name, norm, targeted):
     assert torch.equal(pred, target[r.success])
     assert r.success.float().mean() >= 0.5
 
+
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_counted_passes_equal_the_models_calls(net, name, norm, targeted):
     _, _, _, r, side = _run(net, name, norm, targeted)
@@ -203,6 +238,7 @@ def test_counted_passes_equal_the_models_calls(net, name, norm, targeted):
     if attacks.get(name).access != "gradients":
         assert side["backward_rows"] == 0 and int(r.grads.sum()) == 0
 
+
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_callers_state_is_left_alone(net, name, norm, targeted):
     _, _, _, _, side = _run(net, name, norm, targeted)
@@ -211,12 +247,14 @@ def test_callers_state_is_left_alone(net, name, norm, targeted):
     assert side["net_training"] is True, "CountingNet was in training mode and must come back so"
     assert side["param_grads_kept"], "the attack changed the .grad of the weights"
 
+
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_same_seed_same_bits_and_other_seed_may_differ(net, name, norm, targeted):
     _, _, _, r, _ = _run(net, name, norm, targeted)
     _, _, _, again, _ = _run(net, name, norm, targeted, None, 0, tuple(range(N)))
     assert torch.equal(r.x_adv, again.x_adv)
     assert torch.equal(r.queries, again.queries)
+
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_result_does_not_depend_on_the_batch(net, name, norm, targeted):
@@ -227,6 +265,7 @@ def test_result_does_not_depend_on_the_batch(net, name, norm, targeted):
     assert torch.equal(part.success, r.success[idx])
     assert torch.equal(part.queries, r.queries[idx])
     assert torch.allclose(part.x_adv, r.x_adv[idx], atol=1e-5)
+
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_eps_zero_returns_the_input(net, name, norm, targeted):

@@ -24,7 +24,9 @@ def _box(net, budget=None, bounds=(0.0, 1.0)):
     """A score-only view of ``net`` that counts its rows (a fixed chunk size: no uncounted
     tuning passes)."""
     counter = CountingNet(net)
-    return counter, Classifier(counter, batch_size=1 << 16, bounds=bounds).as_blackbox("scores", budget=budget)
+    return counter, Classifier(counter, batch_size=1 << 16, bounds=bounds).as_blackbox(
+        "scores", budget=budget
+    )
 
 
 # ---- the DCT ---------------------------------------------------------------------------------
@@ -44,11 +46,16 @@ def test_dct_matrix_is_the_orthonormal_dct_ii():
     v = torch.arange(n, dtype=torch.float64)
     i = torch.arange(n, dtype=torch.float64)
     # X_k = s_k * sum_i v_i cos(pi (2i + 1) k / (2n)), s_0 = sqrt(1/n), s_k = sqrt(2/n)
-    ref = torch.stack([(v * torch.cos(math.pi * (2 * i + 1) * k / (2 * n))).sum() for k in range(n)])
+    ref = torch.stack(
+        [(v * torch.cos(math.pi * (2 * i + 1) * k / (2 * n))).sum() for k in range(n)]
+    )
     ref = ref * math.sqrt(2 / n)
     ref[0] /= math.sqrt(2)
     assert torch.allclose(m @ v, ref)
-    assert torch.allclose(dct2(torch.ones(1, 1, 4, 4, dtype=torch.float64))[0, 0, 0, 0], torch.tensor(4.0, dtype=torch.float64))
+    assert torch.allclose(
+        dct2(torch.ones(1, 1, 4, 4, dtype=torch.float64))[0, 0, 0, 0],
+        torch.tensor(4.0, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("linf", [False, True])
@@ -57,7 +64,11 @@ def test_dct_directions_are_inverse_dcts_of_unit_coefficients(linf):
     coords = torch.tensor([0, 7, 31, 89])
     mats = (dct_matrix(6, dtype=torch.float64), dct_matrix(5, dtype=torch.float64))
     q = SimBA(advx.L2(1.0), basis="dct")._directions(coords, like, linf, mats)
-    unit = torch.zeros(4, 90, dtype=torch.float64).scatter_(1, coords.view(-1, 1), 1.0).view(4, 3, 6, 5)
+    unit = (
+        torch.zeros(4, 90, dtype=torch.float64)
+        .scatter_(1, coords.view(-1, 1), 1.0)
+        .view(4, 3, 6, 5)
+    )
     ref = idct2(unit)
     if linf:
         ref = ref / ref.flatten(1).abs().amax(dim=1).view(-1, 1, 1, 1)
@@ -76,7 +87,9 @@ def test_never_asks_for_a_gradient(trained_mlp, batch, basis):
         SimBA(advx.L2(2.0))(Classifier(trained_mlp).as_blackbox("labels"), x[:2], y[:2])
 
 
-@pytest.mark.parametrize("norm,eps,basis", [("l2", 1.5, "dct"), ("linf", 0.1, "pixel"), ("linf", 0.15, "dct")])
+@pytest.mark.parametrize(
+    "norm,eps,basis", [("l2", 1.5, "dct"), ("linf", 0.1, "pixel"), ("linf", 0.15, "dct")]
+)
 def test_counts_every_query_and_stays_within_the_budget(trained_mlp, batch, norm, eps, basis):
     x, y = batch
     counter, box = _box(trained_mlp)
@@ -102,7 +115,9 @@ def test_success_grows_with_the_budget(trained_mlp, batch, basis):
     box = Classifier(trained_mlp).as_blackbox("scores")
     target = random_targets(y, 10, seed=2)
     budgets = (15, 100, 250) if basis == "dct" else (60, 200, 600)
-    rates = [SimBA(advx.L2(2.5), basis=basis, max_queries=q)(box, x, y).success_rate for q in budgets]
+    rates = [
+        SimBA(advx.L2(2.5), basis=basis, max_queries=q)(box, x, y).success_rate for q in budgets
+    ]
     assert rates[0] + 0.1 < rates[1] < rates[2] and rates[2] >= 0.9
 
 
@@ -110,7 +125,9 @@ def test_success_grows_with_the_budget(trained_mlp, batch, basis):
 def test_targeted_reaches_the_target(trained_mlp, batch, norm, eps):
     x, y = batch
     target = random_targets(y, 10, seed=5)
-    r = SimBA(advx.ThreatModel(norm, eps), max_queries=300)(Classifier(trained_mlp).as_blackbox("scores"), x, y, target=target)
+    r = SimBA(advx.ThreatModel(norm, eps), max_queries=300)(
+        Classifier(trained_mlp).as_blackbox("scores"), x, y, target=target
+    )
     assert r.success_rate >= 0.6
     with torch.no_grad():
         pred = trained_mlp(r.x_adv[r.success]).argmax(1)
@@ -137,7 +154,9 @@ def test_the_perturbation_is_a_sum_of_steps_along_low_frequencies(trained_mlp, b
     step, f = 0.3, 5
     r = SimBA(advx.L2(1e4), basis="dct", step=step, freq_dims=f, max_queries=400)(box, x, y)
     coef = dct2((r.x_adv - x).double()) / step
-    assert float(coef[:, :, f:, :].abs().max()) < 1e-4 and float(coef[:, :, :, f:].abs().max()) < 1e-4
+    assert (
+        float(coef[:, :, f:, :].abs().max()) < 1e-4 and float(coef[:, :, :, f:].abs().max()) < 1e-4
+    )
     assert torch.allclose(coef, coef.round(), atol=1e-4)
     assert bool((coef.abs().sum(dim=(1, 2, 3)) >= 1).all())
     with torch.no_grad():
@@ -153,14 +172,15 @@ def test_strided_order_reaches_higher_frequencies(trained_mlp, batch):
     kw = dict(basis="dct", step=0.3, freq_dims=4, max_queries=300)
     rand = SimBA(advx.L2(1e4), order="random", **kw)(box, x[:8], y[:8], target=target[:8])
     strided = SimBA(advx.L2(1e4), order="strided", **kw)(box, x[:8], y[:8], target=target[:8])
-    high = lambda r: float(dct2(r.x_adv - x[:8])[:, :, 4:, :].abs().sum())  # noqa: E731
+    high = lambda r: float(dct2(r.x_adv - x[:8])[:, :, 4:, :].abs().sum())
     assert high(rand) < 1e-3 and high(strided) > 0.1
 
 
 def test_pixel_linf_moves_pixels_by_the_step_and_projects(trained_mlp, batch):
     x, y = batch
-    r = SimBA(advx.Linf(0.1), basis="pixel", step=0.25, max_queries=300)(Classifier(trained_mlp).as_blackbox("scores"),
-                                                                          x[:8], y[:8])
+    r = SimBA(advx.Linf(0.1), basis="pixel", step=0.25, max_queries=300)(
+        Classifier(trained_mlp).as_blackbox("scores"), x[:8], y[:8]
+    )
     d = r.x_adv - x[:8]
     assert float(d.abs().max()) <= 0.1 + 1e-6
     # each pixel moved by a step clipped to the ball (and the box), or not at all
@@ -169,8 +189,16 @@ def test_pixel_linf_moves_pixels_by_the_step_and_projects(trained_mlp, batch):
     assert bool(at_edge[moved].all()) and int(moved.sum()) > 0
 
 
-@pytest.mark.parametrize("bad", [dict(max_queries=0), dict(step=0.0), dict(basis="haar"), dict(order="zigzag"),
-                                 dict(freq_dims=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_queries=0),
+        dict(step=0.0),
+        dict(basis="haar"),
+        dict(order="zigzag"),
+        dict(freq_dims=0),
+    ],
+)
 def test_rejects_bad_settings(bad):
     with pytest.raises(InputError):
         SimBA(advx.L2(1.0), **bad)
@@ -194,6 +222,8 @@ def test_per_sample_balls_and_a_zero_ball_that_stops_without_queries(trained_mlp
     eps = torch.tensor([0.0, 2.5, 0.0, 0.5])
     r = SimBA(advx.L2(eps), max_queries=300)(box, x, y)
     assert torch.equal(r.x_adv[eps == 0], x[eps == 0])
-    assert bool(r.threat.contains(r.x_adv, x).all()) and float(r.distance[3]) > 0.4  # each its own ball
+    assert (
+        bool(r.threat.contains(r.x_adv, x).all()) and float(r.distance[3]) > 0.4
+    )  # each its own ball
     assert bool((r.queries[eps == 0] <= 2).all())  # the clean check and the first score
     assert int(r.queries.sum()) == counter.forward_rows

@@ -40,7 +40,9 @@ def test_never_asks_for_a_gradient(trained_mlp, batch, kind):
 
 
 # ---- (2) exact accounting ----------------------------------------------------------------------
-@pytest.mark.parametrize("norm,eps,restarts", [("linf", 0.08, 1), ("linf", 0.08, 3), ("l2", 1.5, 2)])
+@pytest.mark.parametrize(
+    "norm,eps,restarts", [("linf", 0.08, 1), ("linf", 0.08, 3), ("l2", 1.5, 2)]
+)
 def test_query_accounting_is_exact(trained_mlp, batch, norm, eps, restarts):
     x, y = batch
     budget = 100
@@ -75,7 +77,9 @@ def test_the_models_budget_stops_samples_without_raising(trained_mlp, batch):
 # ---- (3) more queries, more successes ------------------------------------------------------------
 def test_success_grows_with_the_budget(trained_mlp, batch):
     x, y = batch
-    rates = [Square(advx.Linf(0.1), queries=q)(trained_mlp, x, y).success_rate for q in (10, 100, 300)]
+    rates = [
+        Square(advx.Linf(0.1), queries=q)(trained_mlp, x, y).success_rate for q in (10, 100, 300)
+    ]
     assert rates[0] < rates[1] < rates[2], rates
     assert rates[2] >= 0.8 and rates[0] <= 0.3, rates
 
@@ -139,7 +143,7 @@ def test_eta_is_two_opposite_humps_of_unit_norm(s):
     eta = _eta(s)
     assert eta.shape == (s, s)
     assert math.isclose(float(eta.norm()), 1.0, rel_tol=1e-12)
-    top, bottom = eta[: s // 2], eta[s // 2:]
+    top, bottom = eta[: s // 2], eta[s // 2 :]
     assert bool((top > 0).all()) and bool((bottom < 0).all())
     if s % 2:  # odd sides (those of the L2 updates) have a centre column
         assert torch.allclose(eta, eta.flip(1))
@@ -234,7 +238,9 @@ def test_l2_candidates_follow_algorithm_3():
     current, cur_loss = start, fn.loss(start[None])
     sides = set()
     for t, cand in enumerate(calls[2:]):
-        assert float(cand.min()) > 0 and float(cand.max()) < 1  # the test's premise: nothing clipped
+        assert (
+            float(cand.min()) > 0 and float(cand.max()) < 1
+        )  # the test's premise: nothing clipped
         assert math.isclose(float((cand - x[0]).norm()), eps, rel_tol=1e-4), t
         s = _square_side(p_schedule(0.8, t, queries), h, w, l2=True)
         sides.add(s)
@@ -266,8 +272,17 @@ def test_ce_loss_works_too(trained_mlp, batch):
     assert r.success_rate >= 0.7
 
 
-@pytest.mark.parametrize("kw", [{"queries": 0}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "hinge"},
-                                {"restarts": 0}, {"queries": 4, "restarts": 3}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"queries": 0},
+        {"p_init": 0.0},
+        {"p_init": 1.5},
+        {"loss": "hinge"},
+        {"restarts": 0},
+        {"queries": 4, "restarts": 3},
+    ],
+)
 def test_bad_parameters_are_refused(kw):
     with pytest.raises(InputError):
         Square(advx.Linf(0.1), **kw)

@@ -38,7 +38,9 @@ def test_the_threat_must_be_shared():
 def test_targeted_cascade(trained_mlp, batch):
     x, y = batch
     t = (y + 3) % 10
-    r = WorstCase([advx.FGSM(advx.Linf(0.2)), advx.PGD(advx.Linf(0.2), steps=20)])(trained_mlp, x, y, target=t)
+    r = WorstCase([advx.FGSM(advx.Linf(0.2)), advx.PGD(advx.Linf(0.2), steps=20)])(
+        trained_mlp, x, y, target=t
+    )
     with torch.no_grad():
         assert torch.equal(trained_mlp(r.x_adv[r.success]).argmax(1), t[r.success])
     assert r.success_rate > 0.5

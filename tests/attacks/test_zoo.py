@@ -72,7 +72,9 @@ def test_dimension_reduction_is_what_makes_2000_queries_enough(trained_mlp, batc
     reduced = ZOO(INF, max_queries=2000)(box, x, y)
     assert reduced.success_rate >= 0.9
     with torch.no_grad():
-        assert bool((trained_mlp(reduced.x_adv[reduced.success]).argmax(1) != y[reduced.success]).all())
+        assert bool(
+            (trained_mlp(reduced.x_adv[reduced.success]).argmax(1) != y[reduced.success]).all()
+        )
     # at half the budget, optimizing all 784 pixels is still far behind the 8x8 attack space
     reduced = ZOO(INF, max_queries=1000)(box, x, y)
     full = ZOO(INF, max_queries=1000, resize=None)(box, x, y)
@@ -83,7 +85,9 @@ def test_targeted_reaches_the_target(trained_mlp, batch):
     x, y = batch
     x, y = x[:16], y[:16]
     target = random_targets(y, 10, seed=1)
-    r = ZOO(INF, max_queries=3000)(Classifier(trained_mlp).as_blackbox("scores"), x, y, target=target)
+    r = ZOO(INF, max_queries=3000)(
+        Classifier(trained_mlp).as_blackbox("scores"), x, y, target=target
+    )
     assert r.success_rate >= 0.8
     with torch.no_grad():
         pred = trained_mlp(r.x_adv[r.success]).argmax(1)
@@ -100,7 +104,9 @@ def test_a_finite_ball_stops_early_and_keeps_successes_inside(trained_mlp, batch
     unbounded = ZOO(INF, max_queries=2000)(box, x, y)
     both = big.success & unbounded.success
     # a sample stops at its first success inside the ball; the minimum-norm run goes on
-    assert float(big.queries[both].float().mean()) < 0.5 * float(unbounded.queries[both].float().mean())
+    assert float(big.queries[both].float().mean()) < 0.5 * float(
+        unbounded.queries[both].float().mean()
+    )
 
 
 def test_finds_the_minimal_l2_on_a_linear_model():
@@ -125,8 +131,17 @@ def test_importance_weights_follow_the_perturbation():
     assert torch.equal(attack._weights(delta, level=0), torch.ones(2, 256))  # first level: uniform
 
 
-@pytest.mark.parametrize("bad", [dict(max_queries=0), dict(lr=0.0), dict(coordinates=-1), dict(resize=0),
-                                 dict(c=-1.0), dict(importance_sampling="yes")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_queries=0),
+        dict(lr=0.0),
+        dict(coordinates=-1),
+        dict(resize=0),
+        dict(c=-1.0),
+        dict(importance_sampling="yes"),
+    ],
+)
 def test_rejects_bad_settings(bad):
     with pytest.raises(InputError):
         ZOO(INF, **bad)

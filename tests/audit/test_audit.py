@@ -19,8 +19,11 @@ EPS = 0.1
 def small_suite():
     # the last stage is gated (only the surviving samples closest to the boundary): the batch-size,
     # resume and report tests below then cover the margins too
-    return [advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10),
-            {"name": "pgd", "steps": 20, "loss": "margin", "closest": 0.5}]
+    return [
+        advx.FGSM(advx.Linf(EPS)),
+        advx.PGD(advx.Linf(EPS), steps=10),
+        {"name": "pgd", "steps": 20, "loss": "margin", "closest": 0.5},
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,9 @@ def data(mnist_test):
 @pytest.fixture(scope="module")
 def report(trained_mlp, data):
     x, y = data
-    return advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=[0.05, 0.1, 0.2])
+    return advx.audit(
+        trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=[0.05, 0.1, 0.2]
+    )
 
 
 def test_cascade_numbers_add_up(report, trained_mlp, data):
@@ -72,7 +77,9 @@ def test_report_is_versioned_json_with_provenance(report, tmp_path):
 
 def test_the_cascade_only_attacks_what_is_still_robust(trained_mlp, data):
     x, y = data
-    r = advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False)
+    r = advx.audit(
+        trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False
+    )
     s = r["samples"]
     broken = torch.tensor(s["broken_by"])
     grads = torch.tensor(s["grads"])
@@ -83,8 +90,26 @@ def test_the_cascade_only_attacks_what_is_still_robust(trained_mlp, data):
 
 def test_per_sample_results_do_not_depend_on_the_batch_size(trained_mlp, data):
     x, y = data
-    a = advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False, batch_size=500)
-    b = advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False, batch_size=7)
+    a = advx.audit(
+        trained_mlp,
+        x,
+        y,
+        advx.Linf(EPS),
+        suite=small_suite(),
+        eps_curve=None,
+        checks=False,
+        batch_size=500,
+    )
+    b = advx.audit(
+        trained_mlp,
+        x,
+        y,
+        advx.Linf(EPS),
+        suite=small_suite(),
+        eps_curve=None,
+        checks=False,
+        batch_size=7,
+    )
     for key in ("broken_by", "robust", "queries", "grads"):
         assert a["samples"][key] == b["samples"][key]
 
@@ -103,7 +128,9 @@ class _Interrupting:
 
 
 @pytest.mark.parametrize("kill_at", [1, 3, 6])
-def test_a_killed_audit_resumes_to_the_same_result(trained_mlp, data, tmp_path, monkeypatch, kill_at):
+def test_a_killed_audit_resumes_to_the_same_result(
+    trained_mlp, data, tmp_path, monkeypatch, kill_at
+):
     x, y = data
     kw = dict(suite=small_suite(), eps_curve=None, checks=False, batch_size=25)
     whole = advx.audit(trained_mlp, x, y, advx.Linf(EPS), **kw)
@@ -132,14 +159,50 @@ def test_a_killed_audit_resumes_to_the_same_result(trained_mlp, data, tmp_path, 
 def test_a_resume_file_from_another_configuration_is_refused(trained_mlp, data, tmp_path):
     x, y = data
     state = tmp_path / "s.pt"
-    advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False, state=state)
+    advx.audit(
+        trained_mlp,
+        x,
+        y,
+        advx.Linf(EPS),
+        suite=small_suite(),
+        eps_curve=None,
+        checks=False,
+        state=state,
+    )
     with pytest.raises(InputError, match="different data"):
-        advx.audit(trained_mlp, x[:-1], y[:-1], advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False, state=state)
+        advx.audit(
+            trained_mlp,
+            x[:-1],
+            y[:-1],
+            advx.Linf(EPS),
+            suite=small_suite(),
+            eps_curve=None,
+            checks=False,
+            state=state,
+        )
     with pytest.raises(InputError, match="different suite"):
-        advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=small_suite()[:1], eps_curve=None, checks=False, state=state)
+        advx.audit(
+            trained_mlp,
+            x,
+            y,
+            advx.Linf(EPS),
+            suite=small_suite()[:1],
+            eps_curve=None,
+            checks=False,
+            state=state,
+        )
     other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     with pytest.raises(InputError, match="different model"):
-        advx.audit(other, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False, state=state)
+        advx.audit(
+            other,
+            x,
+            y,
+            advx.Linf(EPS),
+            suite=small_suite(),
+            eps_curve=None,
+            checks=False,
+            state=state,
+        )
 
 
 def test_suites_are_checked_before_any_work(tmp_path):
@@ -157,7 +220,9 @@ def test_suites_are_checked_before_any_work(tmp_path):
     with pytest.raises(InputError, match="not valid TOML"):
         load_suite(bad, advx.Linf(0.1))
     good = tmp_path / "good.toml"
-    good.write_text('name = "mine"\n[[attacks]]\nname = "fgsm"\n[[attacks]]\nname = "pgd"\nsteps = 5\n')
+    good.write_text(
+        'name = "mine"\n[[attacks]]\nname = "fgsm"\n[[attacks]]\nname = "pgd"\nsteps = 5\n'
+    )
     s = load_suite(good, advx.Linf(0.1))
     assert s.name == "mine" and [a.name for a in s.build(advx.Linf(0.1))] == ["fgsm", "pgd"]
 
@@ -184,14 +249,22 @@ class Quantized(nn.Module):
 
 def test_a_randomized_model_is_flagged(trained_mlp, data):
     x, y = data
-    r = advx.audit(Noisy(trained_mlp), x[:40], y[:40], advx.Linf(EPS), suite=small_suite(), eps_curve=None)
+    r = advx.audit(
+        Noisy(trained_mlp), x[:40], y[:40], advx.Linf(EPS), suite=small_suite(), eps_curve=None
+    )
     assert "randomized-model" in [f["code"] for f in r.findings] and not r.reliable
 
 
 def test_masked_gradients_are_flagged(trained_mlp, data):
     x, y = data
-    r = advx.audit(Quantized(trained_mlp), x[:60], y[:60], advx.Linf(0.3), suite=[advx.PGD(advx.Linf(0.3), steps=10)],
-                   eps_curve=[0.1, 0.3])
+    r = advx.audit(
+        Quantized(trained_mlp),
+        x[:60],
+        y[:60],
+        advx.Linf(0.3),
+        suite=[advx.PGD(advx.Linf(0.3), steps=10)],
+        eps_curve=[0.1, 0.3],
+    )
     codes = {f["code"] for f in r.findings}
     assert "masked-gradients" in codes and "large-eps-not-zero" in codes
     assert not r.reliable
@@ -206,15 +279,25 @@ def test_probabilities_are_flagged(trained_mlp, data):
 
 
 def test_curve_checks():
-    assert [f.code for f in check_curve([0.1, 0.2, 0.3], [0.8, 0.9, 0.5], n=100)] == ["accuracy-rises-with-eps"]
+    assert [f.code for f in check_curve([0.1, 0.2, 0.3], [0.8, 0.9, 0.5], n=100)] == [
+        "accuracy-rises-with-eps"
+    ]
     assert check_curve([0.1, 0.2, 0.3], [0.8, 0.805, 0.5], n=100) == []  # within one sample's worth
-    assert [f.code for f in check_curve([0.1], [0.5], n=100, large=1.0, acc_large=0.4)] == ["large-eps-not-zero"]
+    assert [f.code for f in check_curve([0.1], [0.5], n=100, large=1.0, acc_large=0.4)] == [
+        "large-eps-not-zero"
+    ]
 
 
 def test_a_weak_cascade_is_flagged_as_not_converged(trained_mlp, data):
     x, y = data
-    r = advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=[advx.PGD(advx.Linf(EPS), steps=1, random_start=False)],
-                   eps_curve=None)
+    r = advx.audit(
+        trained_mlp,
+        x,
+        y,
+        advx.Linf(EPS),
+        suite=[advx.PGD(advx.Linf(EPS), steps=1, random_start=False)],
+        eps_curve=None,
+    )
     assert "not-converged" in [f["code"] for f in r.findings]
 
 
@@ -234,8 +317,12 @@ def test_a_model_with_batchnorm_is_audited_and_fingerprinted_by_its_buffers(data
 
     x, y = data
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)).eval()
-    r = advx.audit(net, x[:16], y[:16], advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
+    ).eval()
+    r = advx.audit(
+        net, x[:16], y[:16], advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False
+    )
     assert 0 <= r.robust_accuracy <= r.clean_accuracy
     before = model_fingerprint(advx.Classifier(net))
     net[1].num_batches_tracked += 1
@@ -277,17 +364,23 @@ def test_a_bad_gate_is_refused_before_any_work(trained_mlp, data):
             advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=[{"name": "fgsm", "closest": bad}])
 
 
-@pytest.mark.parametrize("gained, left, severity", [(2, 10, "warning"), (6, 913, "warning"), (50, 779, "error"),
-                                                    (3, 100, "error")])
-def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond_a_small_share(gained, left, severity):
+@pytest.mark.parametrize(
+    "gained, left, severity",
+    [(2, 10, "warning"), (6, 913, "warning"), (50, 779, "error"), (3, 100, "error")],
+)
+def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond_a_small_share(
+    gained, left, severity
+):
     from advx.audit.checks import check_blackbox_gain
 
     stages = [advx.PGD(advx.Linf(EPS)), advx.Square(advx.Linf(EPS), queries=10)]
     n = left + 20
     broken_by = torch.full((n,), -1)
     broken_by[:20] = 0  # broken by the white-box stage
-    broken_by[20:20 + gained] = 1  # then by Square
+    broken_by[20 : 20 + gained] = 1  # then by Square
     (finding,) = check_blackbox_gain(broken_by, stages, torch.ones(n, dtype=torch.bool))
     assert finding.code == "blackbox-beats-whitebox" and finding.severity == severity
     assert f"{gained} point" in finding.message
-    assert not check_blackbox_gain(torch.where(broken_by == 1, -1, broken_by), stages, torch.ones(n, dtype=torch.bool))
+    assert not check_blackbox_gain(
+        torch.where(broken_by == 1, -1, broken_by), stages, torch.ones(n, dtype=torch.bool)
+    )

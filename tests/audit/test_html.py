@@ -19,8 +19,14 @@ EPS = 0.1
 @pytest.fixture(scope="module")
 def page(trained_mlp, mnist_test, tmp_path_factory):
     x, y = mnist_test
-    r = advx.audit(trained_mlp, x[:80], y[:80], advx.Linf(EPS),
-                   suite=[advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10)], eps_curve=[0.05, 0.1])
+    r = advx.audit(
+        trained_mlp,
+        x[:80],
+        y[:80],
+        advx.Linf(EPS),
+        suite=[advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10)],
+        eps_curve=[0.05, 0.1],
+    )
     path = tmp_path_factory.mktemp("html") / "report.html"
     r.save_html(path)
     return r, path
@@ -44,18 +50,37 @@ def _browser() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_browser() is None, reason="no headless browser installed (Debian: apt-get install chromium)")
+@pytest.mark.skipif(
+    _browser() is None, reason="no headless browser installed (Debian: apt-get install chromium)"
+)
 def test_a_real_browser_renders_the_report(page, tmp_path):
     r, path = page
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([_browser(), *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [_browser(), *flags, "--dump-dom", path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="robust-accuracy"' in dom.stdout and f"{100 * r.robust_accuracy:.2f}%" in dom.stdout
     shot = tmp_path / "shot.png"
-    run = subprocess.run([_browser(), *flags, f"--screenshot={shot}", "--window-size=1200,1800", path.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [_browser(), *flags, f"--screenshot={shot}", "--window-size=1200,1800", path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and shot.exists()
     from PIL import Image
 

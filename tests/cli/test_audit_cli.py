@@ -33,8 +33,24 @@ def model_files(trained_mlp, tmp_path_factory):
 
 
 def args(root: Path, *extra: str) -> list[str]:
-    return ["audit", "--model", f"{root / 'mlp.py'}:make", "--weights", str(root / "mlp.pt"), "--data", "mnist-demo",
-            "--n", "60", "--threat", "linf:0.1", "--suite", str(root / "suite.toml"), "--eps-curve", "none", *extra]
+    return [
+        "audit",
+        "--model",
+        f"{root / 'mlp.py'}:make",
+        "--weights",
+        str(root / "mlp.pt"),
+        "--data",
+        "mnist-demo",
+        "--n",
+        "60",
+        "--threat",
+        "linf:0.1",
+        "--suite",
+        str(root / "suite.toml"),
+        "--eps-curve",
+        "none",
+        *extra,
+    ]
 
 
 def run(argv):
@@ -75,7 +91,9 @@ def test_resume_with_another_model_is_refused(model_files, tmp_path):
     state = tmp_path / "s.pt"
     assert run(args(model_files, "--resume", str(state), "--out", str(tmp_path / "a.json")))[0] == 0
     other = tmp_path / "other.pt"
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
     torch.save(net.state_dict(), other)
     argv = args(model_files, "--resume", str(state))
     argv[argv.index("--weights") + 1] = str(other)
@@ -90,7 +108,16 @@ def test_torchrun_with_two_processes_writes_the_same_report(model_files, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ADVX_PROGRESS": "0"}
     argv = args(model_files, "--out", str(sharded))
     argv[argv.index("--n")] = "-n"  # torchrun's own parser would take "--n" for one of its options
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "advx", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "advx",
+        *argv,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(sharded.read_text())

@@ -34,8 +34,22 @@ def test_list_names_every_registered_attack():
 
 def test_attack_writes_results_and_a_json_summary(tmp_path):
     out = tmp_path / "adv.npz"
-    code, stdout, _ = run("attack", "pgd", "--model", "lenet", "--data", "mnist-demo", "--n", "24",
-                          "--threat", "linf:0.3", "-p", "steps=5", "--out", str(out))
+    code, stdout, _ = run(
+        "attack",
+        "pgd",
+        "--model",
+        "lenet",
+        "--data",
+        "mnist-demo",
+        "--n",
+        "24",
+        "--threat",
+        "linf:0.3",
+        "-p",
+        "steps=5",
+        "--out",
+        str(out),
+    )
     assert code == 0
     summary = json.loads(stdout)
     assert summary["summary"]["n"] == 24 and summary["params"]["steps"] == 5
@@ -51,7 +65,9 @@ def test_attack_writes_results_and_a_json_summary(tmp_path):
 @pytest.mark.parametrize("target", ["random", "3"])
 def test_targeted_attack_from_the_command_line(tmp_path, target):
     out = tmp_path / "adv.npz"
-    code, stdout, stderr = run("attack", "fgsm", "--model", "lenet", "--n", "30", "--target", target, "--out", str(out))
+    code, stdout, stderr = run(
+        "attack", "fgsm", "--model", "lenet", "--n", "30", "--target", target, "--out", str(out)
+    )
     assert code == 0
     with np.load(out) as f:
         assert (f["target"] != f["y"]).all()
@@ -59,15 +75,18 @@ def test_targeted_attack_from_the_command_line(tmp_path, target):
             assert (f["target"] == 3).all() and len(f["y"]) < 30 and "already the target" in stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--threat", "linf"], "NORM:EPS"),
-    (["--threat", "l7:0.1"], "norm"),
-    (["-p", "stepz=3"], "parameters are"),
-    (["-p", "steps"], "KEY=VALUE"),
-    (["--model", "nope.module:f"], "cannot import"),
-    (["--data", "missing.npz"], "neither a built-in"),
-    (["--target", "12"], "classes 0..9"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--threat", "linf"], "NORM:EPS"),
+        (["--threat", "l7:0.1"], "norm"),
+        (["-p", "stepz=3"], "parameters are"),
+        (["-p", "steps"], "KEY=VALUE"),
+        (["--model", "nope.module:f"], "cannot import"),
+        (["--data", "missing.npz"], "neither a built-in"),
+        (["--target", "12"], "classes 0..9"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "adv.npz"
     base = {"--model": "lenet", "--threat": "linf:0.1"}
@@ -85,7 +104,16 @@ def test_data_with_nan_exits_2(tmp_path):
     x = np.random.default_rng(0).random((4, 1, 28, 28)).astype(np.float32)
     x[1, 0, 0, 0] = np.nan
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(4))
-    code, _, stderr = run("attack", "fgsm", "--model", "lenet", "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o.npz"))
+    code, _, stderr = run(
+        "attack",
+        "fgsm",
+        "--model",
+        "lenet",
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--out",
+        str(tmp_path / "o.npz"),
+    )
     assert code == 2 and "NaN" in stderr and not (tmp_path / "o.npz").exists()
 
 
@@ -104,7 +132,9 @@ def test_an_unwritable_output_is_found_before_the_run(tmp_path):
 
 def test_an_output_below_a_file_is_refused_before_the_run(tmp_path):
     (tmp_path / "afile").write_text("x")
-    code, _, stderr = run("attack", "fgsm", "--model", "lenet", "--out", str(tmp_path / "afile" / "o.npz"))
+    code, _, stderr = run(
+        "attack", "fgsm", "--model", "lenet", "--out", str(tmp_path / "afile" / "o.npz")
+    )
     assert code == 2 and "cannot write" in stderr
 
 
@@ -114,8 +144,19 @@ def test_unknown_attack_is_a_usage_error():
 
 
 def test_demo_tells_the_whole_story(tmp_path):
-    code, stdout, stderr = run("demo", "--out", str(tmp_path / "d"), "--n", "40", "--epochs", "1",
-                               "--audit-n", "16", "--harden-epochs", "1")
+    code, stdout, stderr = run(
+        "demo",
+        "--out",
+        str(tmp_path / "d"),
+        "--n",
+        "40",
+        "--epochs",
+        "1",
+        "--audit-n",
+        "16",
+        "--harden-epochs",
+        "1",
+    )
     assert code == 0
     assert "robust acc" in stdout and "pgd" in stdout and "cw" in stdout
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
@@ -123,7 +164,10 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert [m["model"] for m in story["models"]] == ["standard", "FGSM-RS", "distilled (T=100)"]
     for m, key in zip(story["models"], ("standard", "fgsm-rs", "distilled")):
         report = json.loads((tmp_path / "d" / f"audit-{key}.json").read_text())
-        assert report["data"]["n"] == 16 and report["robust_accuracy"] == m["robust_accuracy"] <= m["clean_accuracy"]
+        assert (
+            report["data"]["n"] == 16
+            and report["robust_accuracy"] == m["robust_accuracy"] <= m["clean_accuracy"]
+        )
         assert m["model"] in stdout
     page = (tmp_path / "d" / "report.html").read_text()
     assert all(m["model"] in page for m in story["models"]) and "<img" in page
@@ -135,7 +179,9 @@ def test_demo_tells_the_whole_story(tmp_path):
 
 
 def test_the_console_script_and_python_m_run():
-    out = subprocess.run([sys.executable, "-m", "advx", "--version"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "advx", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "advx" in out.stdout
 
 
@@ -143,6 +189,8 @@ def test_the_console_script_and_python_m_run():
 def test_the_full_demo_shows_what_it_claims(tmp_path):
     code, stdout, _ = run("demo", "--out", str(tmp_path / "d"))
     assert code == 0
-    std, robust, distilled = json.loads((tmp_path / "d" / "summary.json").read_text())["story"]["models"]
+    std, robust, distilled = json.loads((tmp_path / "d" / "summary.json").read_text())["story"][
+        "models"
+    ]
     assert std["robust_accuracy"] < 0.1 and robust["robust_accuracy"] > 0.6 and robust["reliable"]
     assert "masked-gradients" in distilled["findings"] and not distilled["reliable"]

@@ -27,13 +27,42 @@ def run(argv):
 
 
 def base(out, *extra):
-    return ["train", "--model", "lenet", "-n", "300", "--epochs", "1", "--batch-size", "50", "--lr", "3e-3",
-            "--out", out, *extra]
+    return [
+        "train",
+        "--model",
+        "lenet",
+        "-n",
+        "300",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--lr",
+        "3e-3",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def test_train_checkpoints_and_audits_the_model(tmp_path, suite):
-    code, out, err = run(base(tmp_path / "run", "--recipe", "fgsm-rs", "--threat", "linf:0.1", "-p", "alpha=0.12",
-                              "--audit-n", "40", "--audit-suite", suite, "--eps-curve", "none"))
+    code, out, err = run(
+        base(
+            tmp_path / "run",
+            "--recipe",
+            "fgsm-rs",
+            "--threat",
+            "linf:0.1",
+            "-p",
+            "alpha=0.12",
+            "--audit-n",
+            "40",
+            "--audit-suite",
+            suite,
+            "--eps-curve",
+            "none",
+        )
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["recipe"]["name"] == "fgsm_rs" and summary["recipe"]["params"]["alpha"] == 0.12
@@ -46,8 +75,18 @@ def test_train_checkpoints_and_audits_the_model(tmp_path, suite):
     side = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert side["model"]["spec"] == "lenet" and side["data"]["name"] == "mnist-demo:train[:300]"
     # --resume with more epochs of a constant schedule continues from the checkpoint
-    argv = base(tmp_path / "run", "--recipe", "fgsm-rs", "--threat", "linf:0.1", "-p", "alpha=0.12", "--audit-n", "0",
-                "--resume")
+    argv = base(
+        tmp_path / "run",
+        "--recipe",
+        "fgsm-rs",
+        "--threat",
+        "linf:0.1",
+        "-p",
+        "alpha=0.12",
+        "--audit-n",
+        "0",
+        "--resume",
+    )
     argv[argv.index("--epochs") + 1] = "2"
     code, out, err = run(argv)
     assert code == 0, err
@@ -58,8 +97,19 @@ def test_train_checkpoints_and_audits_the_model(tmp_path, suite):
 def test_distillation_from_a_teacher_checkpoint(tmp_path):
     code, _, err = run(base(tmp_path / "teacher", "--temperature", "20", "--audit-n", "0"))
     assert code == 0, err
-    code, out, err = run(base(tmp_path / "student", "--recipe", "distillation", "--teacher", tmp_path / "teacher",
-                              "--temperature", "20", "--audit-n", "0"))
+    code, out, err = run(
+        base(
+            tmp_path / "student",
+            "--recipe",
+            "distillation",
+            "--teacher",
+            tmp_path / "teacher",
+            "--temperature",
+            "20",
+            "--audit-n",
+            "0",
+        )
+    )
     assert code == 0, err
     assert json.loads(out)["recipe"]["params"] == {"temperature": 20.0, "teacher": "LeNet"}
 
@@ -67,16 +117,19 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
 FIVE = "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 5))\n"
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--threat", "linf:1.5", "--recipe", "pgd-at"], r"eps must be in \(0, 1\)"),
-    (["--recipe", "pgd-at", "-p", "steps=0"], "steps must be a positive int"),
-    (["--recipe", "trades", "-p", "beta=-2"], "beta must be"),
-    (["--recipe", "fgsm-rs", "-p", "steps=3"], "fgsm-rs takes alpha, not steps"),
-    (["--recipe", "distillation"], "needs the teacher"),
-    (["--recipe", "pgd-at", "--temperature", "3"], "has no temperature"),
-    (["--audit-suite", "no-such-suite"], "neither a built-in suite"),
-    (["--monitor", "many"], "--monitor"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--threat", "linf:1.5", "--recipe", "pgd-at"], r"eps must be in \(0, 1\)"),
+        (["--recipe", "pgd-at", "-p", "steps=0"], "steps must be a positive int"),
+        (["--recipe", "trades", "-p", "beta=-2"], "beta must be"),
+        (["--recipe", "fgsm-rs", "-p", "steps=3"], "fgsm-rs takes alpha, not steps"),
+        (["--recipe", "distillation"], "needs the teacher"),
+        (["--recipe", "pgd-at", "--temperature", "3"], "has no temperature"),
+        (["--audit-suite", "no-such-suite"], "neither a built-in suite"),
+        (["--monitor", "many"], "--monitor"),
+    ],
+)
 def test_bad_input_exits_2_before_training(tmp_path, extra, match):
     code, _, err = run(base(tmp_path / "bad", *extra))
     assert code == 2 and "advx: error:" in err, err

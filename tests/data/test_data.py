@@ -26,7 +26,9 @@ def test_the_embedded_demo_set_is_the_real_mnist_test_set():
 
 
 def _write_idx(path, arr, magic_type=0x08, compress=True):
-    head = struct.pack(">BBBB", 0, 0, magic_type, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    head = struct.pack(">BBBB", 0, 0, magic_type, arr.ndim) + struct.pack(
+        f">{arr.ndim}I", *arr.shape
+    )
     data = head + arr.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(data) if compress else data)
 
@@ -39,7 +41,9 @@ def test_idx_files_with_labels_found_beside_them(tmp_path, compress):
     _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", imgs, compress=compress)
     _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, compress=compress)
     x, y = load(tmp_path / f"train-images-idx3-ubyte{suffix}")
-    assert x.shape == (7, 1, 5, 4) and torch.allclose(x[0, 0], torch.tensor(imgs[0] / 255, dtype=torch.float32))
+    assert x.shape == (7, 1, 5, 4) and torch.allclose(
+        x[0, 0], torch.tensor(imgs[0] / 255, dtype=torch.float32)
+    )
     assert y.tolist() == labels.tolist()
     x2, _ = load(tmp_path, split="train")  # a folder of idx files
     assert torch.equal(x, x2)
@@ -50,7 +54,9 @@ def test_npz_channels_last_and_first(tmp_path):
     hwc = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", x=hwc, y=np.array([0, 1, 2, 3]))
     x, y = load(tmp_path / "a.npz")
-    assert x.shape == (4, 3, 8, 8) and torch.allclose(x[1, 2], torch.tensor(hwc[1, :, :, 2] / 255, dtype=torch.float32))
+    assert x.shape == (4, 3, 8, 8) and torch.allclose(
+        x[1, 2], torch.tensor(hwc[1, :, :, 2] / 255, dtype=torch.float32)
+    )
     np.savez(tmp_path / "b.npz", x=np.transpose(hwc, (0, 3, 1, 2)), y=np.array([0, 1, 2, 3]))
     assert torch.equal(load(tmp_path / "b.npz")[0], x)
 
@@ -61,7 +67,9 @@ def test_folder_of_images(tmp_path):
     for k, cls in enumerate(["cat", "dog"]):
         (tmp_path / cls).mkdir()
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
     x, y = load(tmp_path)
     assert x.shape == (6, 3, 6, 6) and y.tolist() == [0, 0, 0, 1, 1, 1]
 

@@ -8,8 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import advx
-from advx.defenses import (Detector, DetectorAware, Ensemble, EnsembleDisagreement, FeatureSqueezing,
-                           adaptive_success, bit_depth, median_smooth)
+from advx.defenses import (
+    Detector,
+    DetectorAware,
+    Ensemble,
+    EnsembleDisagreement,
+    FeatureSqueezing,
+    adaptive_success,
+    bit_depth,
+    median_smooth,
+)
 from advx.errors import InputError
 
 
@@ -88,8 +96,10 @@ def test_detector_aware_adds_a_class_that_wins_exactly_when_detected(clf, traine
 
 def test_detector_aware_is_differentiable_through_the_squeezers(clf, batch):
     x, y = batch
-    fs = FeatureSqueezing(clf).calibrate(advx.data.load("mnist-demo", split="test")[0][:200], fpr=0.05)
-    extra_logit = lambda z, _: z[:, 10]  # noqa: E731 - the detection logit alone
+    fs = FeatureSqueezing(clf).calibrate(
+        advx.data.load("mnist-demo", split="test")[0][:200], fpr=0.05
+    )
+    extra_logit = lambda z, _: z[:, 10]
 
     def grad(model):
         view = advx.models.ModelView(model, advx.models.Tracker(len(x), x.device))
@@ -108,8 +118,12 @@ def test_an_adaptive_attack_evades_more_often_than_a_plain_one(clf, mnist_test, 
     fs = FeatureSqueezing(clf).calibrate(mnist_test[0][:500], fpr=0.05)
     plain = advx.PGD(advx.Linf(0.3), steps=20)(clf, x, y)
     with torch.no_grad():
-        target = clf(x).scatter(1, y.view(-1, 1), float("-inf")).argmax(1)  # most likely other class
-    adaptive = advx.PGD(advx.Linf(0.3), steps=20, loss="margin")(DetectorAware(clf, fs), x, y, target=target)
+        target = (
+            clf(x).scatter(1, y.view(-1, 1), float("-inf")).argmax(1)
+        )  # most likely other class
+    adaptive = advx.PGD(advx.Linf(0.3), steps=20, loss="margin")(
+        DetectorAware(clf, fs), x, y, target=target
+    )
     ok_plain = adaptive_success(clf, fs, plain.x_adv, y)
     ok_adaptive = adaptive_success(clf, fs, adaptive.x_adv, y)
     # the attack's own verdict on the combined model is the adaptive success

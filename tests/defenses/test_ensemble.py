@@ -74,7 +74,9 @@ def test_disagreement_is_zero_for_identical_members_and_grows_with_dissent(clf, 
     assert d.shape == (len(x),) and bool((d > 0).all()) and bool((d <= 0.5 + 1e-6).all())
     # members certain of different classes: the maximum, 1 - 1/M
     certain = [advx.Classifier(Fixed([0.0] * k + [50.0] + [0.0] * (2 - k))) for k in range(3)]
-    assert float(Ensemble(certain).disagreement(torch.zeros(1, 1, 2, 2))) == pytest.approx(1 - 1 / 3, abs=1e-4)
+    assert float(Ensemble(certain).disagreement(torch.zeros(1, 1, 2, 2))) == pytest.approx(
+        1 - 1 / 3, abs=1e-4
+    )
 
 
 def test_pgd_attacks_the_mean_through_every_member(trained_mlp, batch):
@@ -98,7 +100,9 @@ def test_bad_ensembles_are_refused(clf, trained_mlp):
     with pytest.raises(InputError, match="scores"):
         Ensemble([clf, clf.as_blackbox("labels")])
     with pytest.raises(InputError, match="classes"):
-        Ensemble([clf, advx.Classifier(nn.Sequential(nn.Flatten(), nn.Linear(784, 3)))])(torch.rand(2, 1, 28, 28))
+        Ensemble([clf, advx.Classifier(nn.Sequential(nn.Flatten(), nn.Linear(784, 3)))])(
+            torch.rand(2, 1, 28, 28)
+        )
 
 
 def test_log_mean_is_stable_for_confident_members():

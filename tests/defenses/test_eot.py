@@ -30,7 +30,7 @@ def test_random_noise_is_random_and_eot_reduces_the_variance(clf, batch):
 
 def test_eot_of_a_deterministic_model_is_the_model(clf, batch):
     x, y = batch
-    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))  # noqa: E731
+    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))
     with clf.prepared():
         a = view(clf).value_and_grad(x, advx.attacks._losses.ce, y)
         b = view(EOT(clf, 3)).value_and_grad(x, advx.attacks._losses.ce, y)
@@ -72,7 +72,9 @@ def test_pgd_with_eot_beats_pgd_without_on_a_randomized_model(clf, batch):
         def accuracy(xa):
             """Accuracy of the randomized model, over 64 draws."""
             with torch.no_grad():
-                return float(torch.stack([noisy.predict(xa) == y for _ in range(64)]).float().mean())
+                return float(
+                    torch.stack([noisy.predict(xa) == y for _ in range(64)]).float().mean()
+                )
 
         clean, acc_plain, acc_eot = accuracy(x), accuracy(plain), accuracy(eot)
     assert clean > 0.85

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 import advx
-from advx.defenses import JPEG, BitDepth, MedianSmoothing, Transformed, bit_depth, median_smooth, straight_through
+from advx.defenses import (
+    JPEG,
+    BitDepth,
+    MedianSmoothing,
+    Transformed,
+    bit_depth,
+    median_smooth,
+    straight_through,
+)
 from advx.errors import AccessError, InputError
 
 from ..conftest import CountingNet
@@ -22,12 +30,16 @@ def test_bit_depth_rounds_to_evenly_spaced_levels():
     for bits in (1, 2, 3):
         levels = torch.unique(bit_depth(x, bits))
         assert torch.allclose(levels, torch.linspace(0, 1, 2**bits), atol=1e-6)
-    assert torch.equal(bit_depth(torch.tensor([0.2, 0.49, 0.51, 0.9]), 1), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert torch.equal(
+        bit_depth(torch.tensor([0.2, 0.49, 0.51, 0.9]), 1), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    )
     # within the model's bounds, not a hard-coded [0, 1]
     out = bit_depth(torch.tensor([-1.0, -0.1, 0.4, 1.0]), 1, bounds=(-1.0, 1.0))
     assert torch.equal(out, torch.tensor([-1.0, -1.0, 1.0, 1.0]))
-    assert torch.allclose(bit_depth(torch.tensor([0.0, 60.0, 200.0, 255.0]), 2, (0.0, 255.0)),
-                          torch.tensor([0.0, 85.0, 170.0, 255.0]))
+    assert torch.allclose(
+        bit_depth(torch.tensor([0.0, 60.0, 200.0, 255.0]), 2, (0.0, 255.0)),
+        torch.tensor([0.0, 85.0, 170.0, 255.0]),
+    )
 
 
 def test_bitdepth_wrapper_uses_the_models_bounds(trained_mlp):
@@ -37,7 +49,11 @@ def test_bitdepth_wrapper_uses_the_models_bounds(trained_mlp):
     x = torch.full((2, 1, 28, 28), 100.0)
     x[1] = 200.0
     with torch.no_grad():
-        assert torch.allclose(m(x), trained_mlp(torch.stack([torch.zeros(1, 28, 28), torch.ones(1, 28, 28)])), atol=1e-5)
+        assert torch.allclose(
+            m(x),
+            trained_mlp(torch.stack([torch.zeros(1, 28, 28), torch.ones(1, 28, 28)])),
+            atol=1e-5,
+        )
 
 
 def test_median_on_a_hand_made_image():
@@ -46,7 +62,11 @@ def test_median_on_a_hand_made_image():
     expect2 = torch.tensor([[1, 2, 3], [4, 4, 5], [7, 7, 8]], dtype=torch.float32) / 10
     assert torch.allclose(median_smooth(img, 2)[0, 0], expect2)
     out3 = median_smooth(img, 3)[0, 0]
-    assert out3[1, 1] == pytest.approx(0.5) and out3[0, 0] == pytest.approx(0.2) and out3[0, 1] == pytest.approx(0.3)
+    assert (
+        out3[1, 1] == pytest.approx(0.5)
+        and out3[0, 0] == pytest.approx(0.2)
+        and out3[0, 1] == pytest.approx(0.3)
+    )
     # each channel on its own
     two = torch.cat([img, 1 - img], dim=1)
     assert torch.allclose(median_smooth(two, 2)[0, 1], median_smooth(1 - img, 2)[0, 0])
@@ -101,12 +121,15 @@ def test_straight_through_is_the_identity_backwards():
     assert torch.equal(g, torch.arange(5.0).expand(4, 5))
 
 
-@pytest.mark.parametrize("make", [lambda c, b: BitDepth(c, 1, bpda=b), lambda c, b: JPEG(c, 75, bpda=b)],
-                         ids=["bitdepth", "jpeg"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda c, b: BitDepth(c, 1, bpda=b), lambda c, b: JPEG(c, 75, bpda=b)],
+    ids=["bitdepth", "jpeg"],
+)
 def test_bpda_gives_a_gradient_where_the_raw_transform_gives_none(clf, batch, make):
     pytest.importorskip("PIL")
     x, y = batch
-    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))  # noqa: E731
+    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))
     ce = advx.attacks._losses.ce
     with clf.prepared():
         _, g_bpda, _ = view(make(clf, True)).value_and_grad(x, ce, y)
@@ -123,13 +146,13 @@ def test_bpda_gives_a_gradient_where_the_raw_transform_gives_none(clf, batch, ma
 
 def test_median_gradient_torch_or_bpda(clf, batch):
     x, y = batch
-    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))  # noqa: E731
+    view = lambda m: advx.models.ModelView(m, advx.models.Tracker(len(x), x.device))
     ce = advx.attacks._losses.ce
     with clf.prepared():
         _, g_torch, _ = view(MedianSmoothing(clf, 2, bpda=False)).value_and_grad(x, ce, y)
         _, g_bpda, _ = view(MedianSmoothing(clf, 2)).value_and_grad(x, ce, y)
     # torch's gradient only reaches the pixels a window selected; BPDA reaches every pixel
-    reached = lambda g: float((g != 0).float().mean())  # noqa: E731
+    reached = lambda g: float((g != 0).float().mean())
     assert 0 < reached(g_torch) < reached(g_bpda)
 
 
@@ -145,7 +168,9 @@ def test_pgd_through_bit_depth_needs_bpda(clf, batch):
 def test_the_audit_flags_bit_depth_without_bpda(clf, mnist_test):
     x, y = mnist_test[0][:40], mnist_test[1][:40]
     suite = [advx.PGD(advx.Linf(0.3), steps=10)]
-    masked = advx.audit(BitDepth(clf, 1, bpda=False), x, y, advx.Linf(0.3), suite=suite, eps_curve=[0.3])
+    masked = advx.audit(
+        BitDepth(clf, 1, bpda=False), x, y, advx.Linf(0.3), suite=suite, eps_curve=[0.3]
+    )
     codes = {f["code"] for f in masked.findings}
     assert codes & {"masked-gradients", "large-eps-not-zero"}, codes
     assert not masked.to_dict()["reliable"]
@@ -177,7 +202,9 @@ def test_wrapper_follows_the_callers_dtype(clf, batch):
 
 def test_wrapper_restores_the_wrapped_models_state(batch):
     x, y = batch
-    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Dropout(0.5), nn.Linear(32, 10)).train()
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 32), nn.Dropout(0.5), nn.Linear(32, 10)
+    ).train()
     m = BitDepth(advx.Classifier(net), 4)
     with torch.no_grad():
         a, b = m(x), m(x)
@@ -192,7 +219,9 @@ def test_transformed_with_a_differentiable_fn_uses_its_gradient(clf, batch):
     view = advx.models.ModelView(flip, advx.models.Tracker(len(x), x.device))
     with clf.prepared():
         _, g, _ = view.value_and_grad(x, advx.attacks._losses.ce, y)
-        _, g0, _ = advx.models.ModelView(clf, advx.models.Tracker(len(x), x.device)).value_and_grad(1 - x, advx.attacks._losses.ce, y)
+        _, g0, _ = advx.models.ModelView(clf, advx.models.Tracker(len(x), x.device)).value_and_grad(
+            1 - x, advx.attacks._losses.ce, y
+        )
     assert torch.allclose(g, -g0, atol=1e-6)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -41,8 +40,16 @@ def test_normalization_happens_inside(trained_mlp, batch):
         assert torch.allclose(clf(x), trained_mlp((x - mean) / std), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,output", [("dict", "out"), ("tuple", 1), ("object", None), ("plain", None),
-                                         ("tuple", lambda out: out[1])])
+@pytest.mark.parametrize(
+    "kind,output",
+    [
+        ("dict", "out"),
+        ("tuple", 1),
+        ("object", None),
+        ("plain", None),
+        ("tuple", lambda out: out[1]),
+    ],
+)
 def test_output_adapters(trained_mlp, batch, kind, output):
     x, y = batch
     clf = advx.Classifier(Heads(trained_mlp, kind), output=output)

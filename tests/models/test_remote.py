@@ -55,9 +55,18 @@ def make_app(net):
             return PlainTextResponse("try again", status_code=503)
         return await scores(request)
 
-    routes = [Route(f"/{name}", fn, methods=["POST"]) for name, fn in
-              (("scores", scores), ("labels", labels), ("slow", slow), ("error", error), ("garbage", garbage),
-               ("wrong-shape", wrong_shape), ("flaky", flaky))]
+    routes = [
+        Route(f"/{name}", fn, methods=["POST"])
+        for name, fn in (
+            ("scores", scores),
+            ("labels", labels),
+            ("slow", slow),
+            ("error", error),
+            ("garbage", garbage),
+            ("wrong-shape", wrong_shape),
+            ("flaky", flaky),
+        )
+    ]
     return Starlette(routes=routes)
 
 
@@ -71,8 +80,10 @@ def test_attack_a_model_behind_http(server, trained_mlp, batch):
     x, y = batch
     box = advx.BlackBox.from_http(f"{server}/labels", kind="labels", num_classes=10)
     with torch.no_grad():
-        assert torch.equal(advx.models.ModelView(box, advx.models.Tracker(len(x), x.device)).labels(x),
-                           trained_mlp(x).argmax(1))
+        assert torch.equal(
+            advx.models.ModelView(box, advx.models.Tracker(len(x), x.device)).labels(x),
+            trained_mlp(x).argmax(1),
+        )
     with pytest.raises(AccessError):
         advx.PGD(advx.Linf(0.1))(box, x, y)  # refused before any query: no gradients over HTTP
 
@@ -86,15 +97,20 @@ def test_scores_over_http_match_the_model(server, trained_mlp, batch):
     assert int(view.queries.sum()) == len(x)
 
 
-@pytest.mark.parametrize("route,message", [
-    ("slow", "no answer within"),
-    ("error", "server error 500"),
-    ("garbage", "malformed JSON"),
-    ("wrong-shape", "3 scores per input; expected 10"),
-])
+@pytest.mark.parametrize(
+    "route,message",
+    [
+        ("slow", "no answer within"),
+        ("error", "server error 500"),
+        ("garbage", "malformed JSON"),
+        ("wrong-shape", "3 scores per input; expected 10"),
+    ],
+)
 def test_a_misbehaving_server_stops_the_attack_with_a_clear_error(server, batch, route, message):
     x, y = batch
-    box = advx.BlackBox.from_http(f"{server}/{route}", timeout=0.3, retries=1, backoff=0.01, num_classes=10)
+    box = advx.BlackBox.from_http(
+        f"{server}/{route}", timeout=0.3, retries=1, backoff=0.01, num_classes=10
+    )
     with pytest.raises(ModelError, match=message) as info:
         _first_query(box, x, y)
     assert info.value.queries is not None and info.value.partial is not None
@@ -106,8 +122,11 @@ def _first_query(box, x, y):
 
 
 def _score_attack() -> str:
-    names = [n for n in advx.attacks.list_attacks(access="scores", norm="linf")
-             if advx.attacks.get(n).access == "scores"]
+    names = [
+        n
+        for n in advx.attacks.list_attacks(access="scores", norm="linf")
+        if advx.attacks.get(n).access == "scores"
+    ]
     if not names:
         pytest.skip("no score-based Linf attack registered yet")
     return "square" if "square" in names else names[0]
@@ -115,7 +134,9 @@ def _score_attack() -> str:
 
 def test_the_server_is_down(batch):
     x, y = batch
-    box = advx.BlackBox.from_http(f"http://127.0.0.1:{free_port()}/scores", timeout=0.5, retries=1, backoff=0.01)
+    box = advx.BlackBox.from_http(
+        f"http://127.0.0.1:{free_port()}/scores", timeout=0.5, retries=1, backoff=0.01
+    )
     with pytest.raises(ModelError, match="cannot connect"):
         _first_query(box, x, y)
 
@@ -140,7 +161,9 @@ def test_partial_results_and_spent_queries_are_kept(trained_mlp, batch):
             return trained_mlp(z)
 
     with pytest.raises(ModelError, match="lost the connection") as info:
-        advx.attacks.create(_score_attack(), advx.Linf(0.3))(advx.BlackBox(dies_after_a_while, batch_size=8), x, y)
+        advx.attacks.create(_score_attack(), advx.Linf(0.3))(
+            advx.BlackBox(dies_after_a_while, batch_size=8), x, y
+        )
     assert int(info.value.queries.sum()) >= len(x)
     assert info.value.partial is not None and len(info.value.partial) == len(x)
 
@@ -154,8 +177,15 @@ def test_onnx_file(tmp_path, trained_mlp, batch):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(trained_mlp, (x[:1],), str(path), dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+        torch.onnx.export(
+            trained_mlp,
+            (x[:1],),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+        )
     box = advx.BlackBox.from_onnx(path)
     view = advx.models.ModelView(box, advx.models.Tracker(len(x), x.device))
     with torch.no_grad():
@@ -185,9 +215,26 @@ def test_the_command_line_attacks_an_http_endpoint(server, tmp_path):
 
     out = tmp_path / "adv.npz"
     attack = _score_attack()
-    r = CliRunner().invoke(cli, ["attack", attack, "--blackbox", f"{server}/scores", "--budget", "400", "--n", "12",
-                                 "--threat", "linf:0.3", "--out", str(out), "-p", _budget_param(attack, 300)],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "attack",
+            attack,
+            "--blackbox",
+            f"{server}/scores",
+            "--budget",
+            "400",
+            "--n",
+            "12",
+            "--threat",
+            "linf:0.3",
+            "--out",
+            str(out),
+            "-p",
+            _budget_param(attack, 300),
+        ],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)["summary"]
     assert summary["grads"] == 0 and 12 <= summary["queries"] <= 12 * 400

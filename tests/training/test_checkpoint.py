@@ -36,10 +36,14 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-KW = dict(epochs=3, batch_size=50, lr=3e-3, lr_schedule="cyclic", seed=1, progress=False, monitor=40)
+KW = dict(
+    epochs=3, batch_size=50, lr=3e-3, lr_schedule="cyclic", seed=1, progress=False, monitor=40
+)
 
 
-def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_classifier(data, tmp_path):
+def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_classifier(
+    data, tmp_path
+):
     x, y = data
     net = lenet()
     h = fit(net, x, y, loss=fgsm_rs(0.1), out=tmp_path, data_name="mnist-demo:train[:400]", **KW)
@@ -50,11 +54,16 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
     assert side["data"]["sha256"] == advx.data.data_sha256(x, y) and side["data"]["n"] == 400
     assert side["training"]["epochs_done"] == 3 and side["training"]["lr_schedule"] == "cyclic"
     assert side["metrics"] == h.epochs
-    assert side["versions"]["advx"] == advx.__version__ and side["versions"]["torch"] == torch.__version__
+    assert (
+        side["versions"]["advx"] == advx.__version__
+        and side["versions"]["torch"] == torch.__version__
+    )
     assert side["model"]["spec"] == "lenet" and side["model"]["kwargs"] == {"width": 4}
     assert h.checkpoint == str(tmp_path / "checkpoint.json")
     # only the current checkpoint's files are left
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.json", side["weights"], side["state"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["checkpoint.json", side["weights"], side["state"]]
+    )
 
     for path in (tmp_path, tmp_path / "checkpoint.json", tmp_path / side["weights"]):
         clf = load(path)
@@ -96,11 +105,16 @@ def test_a_plain_module_needs_model_to_load(data, tmp_path):
     fit(net, x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
     with pytest.raises(InputError, match="pass model="):
         load(tmp_path)
-    assert same(weights(load(tmp_path, model=nn.Sequential(nn.Flatten(), nn.Linear(784, 10))).net), weights(net))
+    assert same(
+        weights(load(tmp_path, model=nn.Sequential(nn.Flatten(), nn.Linear(784, 10))).net),
+        weights(net),
+    )
 
 
 @pytest.mark.parametrize("where", ["weights", "state", "sidecar"])
-def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(data, tmp_path, monkeypatch, where):
+def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
+    data, tmp_path, monkeypatch, where
+):
     x, y = data
     net = lenet()
     fit(net, x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
@@ -152,29 +166,47 @@ class Interrupted(Exception):
 
 def _killed_at(recipe: Recipe, epoch: int) -> Recipe:
     """The same recipe, dying at the first batch of ``epoch`` (0-based) like a killed process."""
+
     def run(b):
         if b.epoch == epoch:
             raise Interrupted
         return recipe(b)
+
     return Recipe(recipe.name, recipe.params, run, recipe.threat, recipe.overfit_check)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_a_run_killed_after_epoch_k_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(data, tmp_path, optimizer):
+def test_a_run_killed_after_epoch_k_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
+    data, tmp_path, optimizer
+):
     x, y = data
     whole = lenet()
     h_whole = fit(whole, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "a", **KW)
 
     part = lenet()
     with pytest.raises(Interrupted):
-        fit(part, x, y, loss=_killed_at(fgsm_rs(0.1), 2), optimizer=optimizer, out=tmp_path / "b", **KW)
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["training"]["epochs_done"] == 2
+        fit(
+            part,
+            x,
+            y,
+            loss=_killed_at(fgsm_rs(0.1), 2),
+            optimizer=optimizer,
+            out=tmp_path / "b",
+            **KW,
+        )
+    assert (
+        json.loads((tmp_path / "b" / "checkpoint.json").read_text())["training"]["epochs_done"] == 2
+    )
     fresh = lenet(seed=99)  # the resume restores the weights: the initial ones do not matter
-    h = fit(fresh, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "b", resume=True, **KW)
+    h = fit(
+        fresh, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "b", resume=True, **KW
+    )
     assert h.resumed_from == 2 and len(h.epochs) == 3
     assert same(weights(fresh), weights(whole))
     for a, b in zip(h.epochs, h_whole.epochs):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
     # resuming a finished run does nothing and keeps its weights
     again = lenet(seed=5)
     fit(again, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "b", resume=True, **KW)
@@ -183,16 +215,64 @@ def test_a_run_killed_after_epoch_k_and_resumed_ends_with_the_weights_of_an_unin
 
 def test_resume_with_other_settings_or_another_architecture_is_refused(data, tmp_path):
     x, y = data
-    fit(lenet(), x[:100], y[:100], loss=standard(), epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(
+        lenet(),
+        x[:100],
+        y[:100],
+        loss=standard(),
+        epochs=1,
+        batch_size=50,
+        progress=False,
+        out=tmp_path,
+    )
     with pytest.raises(InputError, match=r"other settings \(recipe, lr\)"):
-        fit(lenet(), x[:100], y[:100], loss=fgsm_rs(0.1), lr=0.01, epochs=1, batch_size=50, progress=False,
-            out=tmp_path, resume=True, monitor=None, overfit_check=False)
+        fit(
+            lenet(),
+            x[:100],
+            y[:100],
+            loss=fgsm_rs(0.1),
+            lr=0.01,
+            epochs=1,
+            batch_size=50,
+            progress=False,
+            out=tmp_path,
+            resume=True,
+            monitor=None,
+            overfit_check=False,
+        )
     with pytest.raises(InputError, match=r"other settings \(data\)"):
-        fit(lenet(), x[100:200], y[100:200], epochs=1, batch_size=50, progress=False, out=tmp_path, resume=True)
+        fit(
+            lenet(),
+            x[100:200],
+            y[100:200],
+            epochs=1,
+            batch_size=50,
+            progress=False,
+            out=tmp_path,
+            resume=True,
+        )
     with pytest.raises(InputError, match="does not fit SmallCNN"):
-        fit(build("smallcnn"), x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path, resume=True)
+        fit(
+            build("smallcnn"),
+            x[:100],
+            y[:100],
+            epochs=1,
+            batch_size=50,
+            progress=False,
+            out=tmp_path,
+            resume=True,
+        )
     # a constant schedule may be extended
-    h = fit(lenet(), x[:100], y[:100], epochs=2, batch_size=50, progress=False, out=tmp_path, resume=True)
+    h = fit(
+        lenet(),
+        x[:100],
+        y[:100],
+        epochs=2,
+        batch_size=50,
+        progress=False,
+        out=tmp_path,
+        resume=True,
+    )
     assert h.resumed_from == 1 and len(h.epochs) == 2
 
 
@@ -206,6 +286,14 @@ def test_missing_safetensors_says_how_to_get_it(data, tmp_path, monkeypatch):
 
 def test_wong_cnn_has_the_published_shape():
     net = build("wong_cnn")
-    assert [tuple(p.shape) for p in net.parameters()] == [(16, 1, 4, 4), (16,), (32, 16, 4, 4), (32,), (100, 1568), (100,),
-                                                          (10, 100), (10,)]
+    assert [tuple(p.shape) for p in net.parameters()] == [
+        (16, 1, 4, 4),
+        (16,),
+        (32, 16, 4, 4),
+        (32,),
+        (100, 1568),
+        (100,),
+        (10, 100),
+        (10,),
+    ]
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -38,12 +38,21 @@ def recording(inner: Recipe, log: list) -> Recipe:
     def run(b):
         log.append((b.epoch, b.index.clone()))
         return inner(b)
+
     return Recipe(inner.name, inner.params, run, inner.threat, inner.overfit_check)
 
 
 def test_same_seed_same_weights_bit_for_bit_and_the_callers_rng_is_left_alone(small):
     x, y = small
-    kw = dict(loss=fgsm_rs(0.1), epochs=2, batch_size=64, lr=2e-3, lr_schedule="cyclic", seed=3, progress=False)
+    kw = dict(
+        loss=fgsm_rs(0.1),
+        epochs=2,
+        batch_size=64,
+        lr=2e-3,
+        lr_schedule="cyclic",
+        seed=3,
+        progress=False,
+    )
     a, b, c = mlp(), mlp(), mlp()
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -58,7 +67,16 @@ def test_same_seed_same_weights_bit_for_bit_and_the_callers_rng_is_left_alone(sm
 def test_every_training_sample_is_seen_once_per_epoch_and_the_monitor_is_held_out(small):
     x, y = small
     log: list = []
-    h = fit(mlp(), x, y, loss=recording(fgsm_rs(0.1), log), epochs=2, batch_size=50, progress=False, monitor=40)
+    h = fit(
+        mlp(),
+        x,
+        y,
+        loss=recording(fgsm_rs(0.1), log),
+        epochs=2,
+        batch_size=50,
+        progress=False,
+        monitor=40,
+    )
     for e in (0, 1):
         seen = torch.cat([i for ep, i in log if ep == e]).sort().values
         assert seen.numel() == 560 and seen.unique().numel() == 560
@@ -67,8 +85,16 @@ def test_every_training_sample_is_seen_once_per_epoch_and_the_monitor_is_held_ou
     orders = [torch.cat([i for ep, i in log if ep == e]) for e in (0, 1)]
     assert not torch.equal(orders[0], orders[1])  # reshuffled every epoch
     row = h.epochs[-1]
-    assert set(row) >= {"epoch", "lr", "loss", "train_clean_accuracy", "train_adv_accuracy",
-                        "monitor_clean_accuracy", "monitor_adv_accuracy", "seconds"}
+    assert set(row) >= {
+        "epoch",
+        "lr",
+        "loss",
+        "train_clean_accuracy",
+        "train_adv_accuracy",
+        "monitor_clean_accuracy",
+        "monitor_adv_accuracy",
+        "seconds",
+    }
     assert 0 <= row["monitor_adv_accuracy"] <= row["monitor_clean_accuracy"] <= 1
 
 
@@ -80,7 +106,9 @@ def test_lr_schedules():
     assert lr_at("cyclic", 0.1, 7.0, 10) == pytest.approx(0.05)
     assert lr_at("cyclic", 0.1, 10.0, 10) == pytest.approx(0.0)
     # multistep: x0.1 from the start of epoch 5 (0-based) and again from epoch 7
-    assert lr_at("multistep", 0.1, 5.0, 10, (5, 7)) == pytest.approx(0.1)  # the last batch of epoch 4
+    assert lr_at("multistep", 0.1, 5.0, 10, (5, 7)) == pytest.approx(
+        0.1
+    )  # the last batch of epoch 4
     assert lr_at("multistep", 0.1, 5.01, 10, (5, 7)) == pytest.approx(0.01)
     assert lr_at("multistep", 0.1, 8.0, 10, (5, 7)) == pytest.approx(0.001)
     assert lr_at("constant", 0.1, 8.0, 10) == 0.1
@@ -88,7 +116,17 @@ def test_lr_schedules():
 
 def test_the_history_records_the_schedule(small):
     x, y = small
-    h = fit(mlp(), x, y, epochs=4, batch_size=100, lr=0.01, optimizer="sgd", lr_schedule="multistep", progress=False)
+    h = fit(
+        mlp(),
+        x,
+        y,
+        epochs=4,
+        batch_size=100,
+        lr=0.01,
+        optimizer="sgd",
+        lr_schedule="multistep",
+        progress=False,
+    )
     assert [r["lr"] for r in h.epochs] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
 
 
@@ -131,10 +169,15 @@ def _compiled_matches(small, backend, make=mlp, atol=1e-4, **kw):
     fit(ref, x, y, **kw)
     try:
         fit(comp, x, y, compile=backend, **kw)
-    except Exception as e:  # noqa: BLE001 - a compiler backend fails in many ways on a bare CPU build
-        pytest.skip(f"torch.compile(backend={backend!r}) does not work on this CPU build: {type(e).__name__}: {str(e)[:200]}")
+    except Exception as e:
+        pytest.skip(
+            f"torch.compile(backend={backend!r}) does not work on this CPU build: {type(e).__name__}: {str(e)[:200]}"
+        )
     for k, v in weights(ref).items():
-        assert torch.allclose(v, comp.state_dict()[k], atol=atol), (k, float((v - comp.state_dict()[k]).abs().max()))
+        assert torch.allclose(v, comp.state_dict()[k], atol=atol), (
+            k,
+            float((v - comp.state_dict()[k]).abs().max()),
+        )
 
 
 def test_compile_traces_the_loop(small):
@@ -155,13 +198,25 @@ def test_compile_with_inductor(small):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _compiled_matches(small, True, make=smallcnn, atol=5e-4, loss=fgsm_rs(0.3), monitor=None,
-                          overfit_check=False, epochs=2, optimizer="sgd", lr=0.05)
+        _compiled_matches(
+            small,
+            True,
+            make=smallcnn,
+            atol=5e-4,
+            loss=fgsm_rs(0.3),
+            monitor=None,
+            overfit_check=False,
+            epochs=2,
+            optimizer="sgd",
+            lr=0.05,
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def test_a_nan_loss_stops_naming_the_epoch_and_batch_and_keeps_the_last_good_checkpoint(small, tmp_path):
+def test_a_nan_loss_stops_naming_the_epoch_and_batch_and_keeps_the_last_good_checkpoint(
+    small, tmp_path
+):
     x, y = small
     inner = standard()
 
@@ -174,8 +229,16 @@ def test_a_nan_loss_stops_naming_the_epoch_and_batch_and_keeps_the_last_good_che
     calls: list = []
     net = mlp()
     with pytest.raises(TrainingError, match=r"epoch 2, batch 3 of 6") as err:
-        fit(net, x, y, loss=Recipe("standard", inner.params, run), epochs=3, batch_size=100, progress=False,
-            out=tmp_path)
+        fit(
+            net,
+            x,
+            y,
+            loss=Recipe("standard", inner.params, run),
+            epochs=3,
+            batch_size=100,
+            progress=False,
+            out=tmp_path,
+        )
     assert len(err.value.history.epochs) == 1 and "nan" in err.value.history.stopped
     saved = advx.zoo.load(tmp_path, model=mlp())
     assert same(weights(net), weights(saved.net))  # the model holds the checkpoint's weights
@@ -200,7 +263,9 @@ def test_catastrophic_overfitting_rolls_back_to_the_best_epoch_and_stops(mnist_t
     kw = dict(loss=recipe, batch_size=50, lr=1e-2, progress=False, monitor=100)
     net = mlp()
     h = fit(net, x, y, epochs=6, out=tmp_path, **kw)
-    assert h.stopped and "catastrophic overfitting at epoch 3" in h.stopped and h.best_epoch == 2, h.stopped
+    assert h.stopped and "catastrophic overfitting at epoch 3" in h.stopped and h.best_epoch == 2, (
+        h.stopped
+    )
     assert len(h.epochs) == 3
     accs = [r["monitor_adv_accuracy"] for r in h.epochs]
     assert accs[1] > 0.5 and accs[2] < accs[1] - 0.2
@@ -219,8 +284,16 @@ def test_catastrophic_overfitting_rolls_back_to_the_best_epoch_and_stops(mnist_t
 def test_a_plain_loss_function_still_works(small):
     x, y = small
     net = mlp()
-    h = fit(net, x, y, loss=lambda m, xb, yb: F.cross_entropy(m(xb), yb), epochs=2, batch_size=64, lr=3e-3,
-            progress=False)
+    h = fit(
+        net,
+        x,
+        y,
+        loss=lambda m, xb, yb: F.cross_entropy(m(xb), yb),
+        epochs=2,
+        batch_size=64,
+        lr=3e-3,
+        progress=False,
+    )
     assert h.epochs[-1]["loss"] < h.epochs[0]["loss"]
 
 
@@ -246,9 +319,15 @@ def test_bad_arguments_fail_before_training(small):
     x, y = small
     with pytest.raises(InputError, match="labels run from 0 to 9 but the model gives 5 classes"):
         fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), x, y, progress=False)
-    for kw, match in (({"optimizer": "rmsprop"}, "optimizer"), ({"lr_schedule": "cosine"}, "lr_schedule"),
-                      ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"autocast": torch.float64}, "autocast"),
-                      ({"monitor": 600}, "monitor"), ({"loss": standard(), "overfit_check": True}, "threat")):
+    for kw, match in (
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1.0}, "lr"),
+        ({"autocast": torch.float64}, "autocast"),
+        ({"monitor": 600}, "monitor"),
+        ({"loss": standard(), "overfit_check": True}, "threat"),
+    ):
         with pytest.raises(InputError, match=match):
             fit(mlp(), x, y, progress=False, **kw)
     with pytest.raises(InputError, match=r"expected x in \[0, 1\]"):
@@ -258,6 +337,15 @@ def test_bad_arguments_fail_before_training(small):
 def test_the_progress_bar_shows_loss_and_accuracies(small, monkeypatch, capsys):
     x, y = small
     monkeypatch.setenv("ADVX_PROGRESS", "1")
-    fit(mlp(), x[:200], y[:200], loss=fgsm_rs(0.1), epochs=1, batch_size=50, progress=True, monitor=20)
+    fit(
+        mlp(),
+        x[:200],
+        y[:200],
+        loss=fgsm_rs(0.1),
+        epochs=1,
+        batch_size=50,
+        progress=True,
+        monitor=20,
+    )
     err = capsys.readouterr().err
     assert "loss=" in err and "clean=" in err and "adv=" in err and "monitor PGD" in err

@@ -52,8 +52,10 @@ def _problem(n=16, d=30, seed=0):
 
 
 def _batch(net, x, y, *, epoch=0, seed=0, index=None):
-    fwd = lambda t: net(t)  # noqa: E731
-    return Batch(x, y, torch.arange(x.shape[0]) if index is None else index, epoch, seed, fwd, fwd, net)
+    fwd = lambda t: net(t)
+    return Batch(
+        x, y, torch.arange(x.shape[0]) if index is None else index, epoch, seed, fwd, fwd, net
+    )
 
 
 def _crafted(recipe, net, x, y, **kw):
@@ -101,8 +103,12 @@ def test_fgsm_rs_takes_its_gradient_at_the_unclipped_start_as_wong_et_al_do():
     y = torch.zeros(4, dtype=torch.long)
     x_adv, _ = _crafted(fgsm_rs(0.2), Spy(), x, y)
     start = seen[0]
-    assert float(start.min()) < -0.1 and float(start.max()) > 0.1  # uniform in [-eps, eps], not clipped
-    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 0.2 + 1e-12  # the crafted point is projected
+    assert (
+        float(start.min()) < -0.1 and float(start.max()) > 0.1
+    )  # uniform in [-eps, eps], not clipped
+    assert (
+        float(x_adv.min()) >= 0 and float(x_adv.max()) <= 0.2 + 1e-12
+    )  # the crafted point is projected
     _crafted(fgsm_rs(0.2, clip_start=True), Spy(), x, y)
     assert float(seen[-1].min()) >= 0
 
@@ -128,7 +134,9 @@ def test_pgd_at_with_enough_steps_reaches_the_corner_from_a_random_start():
 def test_pgd_at_warmup_grows_the_budget_linearly_over_the_first_epochs(epoch, eps):
     net, x, y, w = _problem()
     x_adv, _ = _crafted(pgd_at(0.1, steps=8, step_size=0.03, warmup=2), net, x, y, epoch=epoch)
-    assert torch.allclose(x_adv, _corner(w, x, y, eps), atol=1e-12)  # the corner of the smaller ball
+    assert torch.allclose(
+        x_adv, _corner(w, x, y, eps), atol=1e-12
+    )  # the corner of the smaller ball
 
 
 def test_fgsm_rs_warmup_shrinks_the_ball_and_the_step_alike():
@@ -160,8 +168,12 @@ def test_trades_loss_is_ce_plus_beta_kl_at_a_point_that_raises_the_kl():
     assert torch.allclose(step.loss, want, atol=1e-10)
     # the inner maximization beats random points of the ball on every sample
     g = torch.Generator().manual_seed(1)
-    best_random = torch.stack([kl((x + eps * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)).clamp(0, 1))
-                               for _ in range(20)]).amax(0)
+    best_random = torch.stack(
+        [
+            kl((x + eps * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)).clamp(0, 1))
+            for _ in range(20)
+        ]
+    ).amax(0)
     assert bool((kl(x_adv) > best_random).all())
     # beta = 0 is plain cross-entropy on the clean inputs
     _, plain = _crafted(trades(eps, beta=0.0, steps=2), net, x, y)
@@ -213,27 +225,39 @@ def test_a_student_that_equals_its_teacher_does_not_move():
     student.load_state_dict(teacher.state_dict())
     x = torch.rand(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
-    fit(student, x, y, loss=distillation(advx.Classifier(teacher), temperature=50.0), epochs=1, batch_size=32,
-        optimizer="sgd", lr=0.5, progress=False)
+    fit(
+        student,
+        x,
+        y,
+        loss=distillation(advx.Classifier(teacher), temperature=50.0),
+        epochs=1,
+        batch_size=32,
+        optimizer="sgd",
+        lr=0.5,
+        progress=False,
+    )
     for a, b in zip(student.parameters(), teacher.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: fgsm_rs(0.0), "eps"),
-    (lambda: fgsm_rs(-1), "eps"),
-    (lambda: fgsm_rs(math.nan), "eps"),
-    (lambda: fgsm_rs(0.3, alpha=0), "alpha"),
-    (lambda: pgd_at(0.3, steps=0), "steps"),
-    (lambda: pgd_at(0.3, step_size=-0.1), "step_size"),
-    (lambda: pgd_at(0.3, warmup=-1), "warmup"),
-    (lambda: fgsm_rs(0.3, warmup=1.5), "warmup"),
-    (lambda: trades(0.3, beta=-1), "beta"),
-    (lambda: trades(0.3, steps=1.5), "steps"),
-    (lambda: standard(temperature=0), "temperature"),
-    (lambda: distillation(object(), 10), "teacher"),
-    (lambda: distillation(nn.Linear(2, 2), temperature=-3), "temperature"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: fgsm_rs(0.0), "eps"),
+        (lambda: fgsm_rs(-1), "eps"),
+        (lambda: fgsm_rs(math.nan), "eps"),
+        (lambda: fgsm_rs(0.3, alpha=0), "alpha"),
+        (lambda: pgd_at(0.3, steps=0), "steps"),
+        (lambda: pgd_at(0.3, step_size=-0.1), "step_size"),
+        (lambda: pgd_at(0.3, warmup=-1), "warmup"),
+        (lambda: fgsm_rs(0.3, warmup=1.5), "warmup"),
+        (lambda: trades(0.3, beta=-1), "beta"),
+        (lambda: trades(0.3, steps=1.5), "steps"),
+        (lambda: standard(temperature=0), "temperature"),
+        (lambda: distillation(object(), 10), "teacher"),
+        (lambda: distillation(nn.Linear(2, 2), temperature=-3), "temperature"),
+    ],
+)
 def test_bad_recipe_parameters_are_refused(make, match):
     with pytest.raises(InputError, match=match):
         make()
@@ -242,4 +266,10 @@ def test_bad_recipe_parameters_are_refused(make, match):
 def test_an_eps_that_does_not_fit_the_bounds_is_refused_by_fit():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(InputError, match=r"eps must be in \(0, 1\)"):
-        fit(net, torch.rand(8, 4), torch.zeros(8, dtype=torch.long), loss=fgsm_rs(1.5), progress=False)
+        fit(
+            net,
+            torch.rand(8, 4),
+            torch.zeros(8, dtype=torch.long),
+            loss=fgsm_rs(1.5),
+            progress=False,
+        )

@@ -13,16 +13,24 @@ from ..conftest import shared_path
 
 
 def test_builtins_build_and_run():
-    for name, shape in (("smallcnn", (2, 1, 28, 28)), ("lenet", (2, 1, 28, 28)), ("resnet20", (2, 3, 32, 32))):
+    for name, shape in (
+        ("smallcnn", (2, 1, 28, 28)),
+        ("lenet", (2, 1, 28, 28)),
+        ("resnet20", (2, 3, 32, 32)),
+    ):
         net = build(name).eval()
         assert net(torch.rand(*shape)).shape == (2, 10)
 
 
 def test_weights_round_trip_with_module_prefix(tmp_path):
     net = build("lenet")
-    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "w.pt")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "w.pt"
+    )
     other = load_weights(build("lenet"), tmp_path / "w.pt")
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values())
+    )
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_path):

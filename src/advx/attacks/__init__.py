@@ -20,10 +20,22 @@ for _m in pkgutil.iter_modules(__path__):
 from ._registry import _REGISTRY  # noqa: E402
 
 globals().update({cls.__name__: cls for cls in _REGISTRY.values()})
-list = list_attacks  # noqa: A001 - `advx.attacks.list()`, like timm's list_models
+list = list_attacks
 
 from ._targets import random_targets  # noqa: E402
 from .worstcase import WorstCase  # noqa: E402
 
-__all__ = ["Attack", "AttackResult", "Problem", "create", "get", "info", "list", "list_attacks",
-           "register", "random_targets", "WorstCase", *sorted(cls.__name__ for cls in _REGISTRY.values())]
+__all__ = [
+    "Attack",
+    "AttackResult",
+    "Problem",
+    "create",
+    "get",
+    "info",
+    "list",
+    "list_attacks",
+    "register",
+    "random_targets",
+    "WorstCase",
+    *sorted(cls.__name__ for cls in _REGISTRY.values()),
+]

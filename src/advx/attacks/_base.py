@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, final
+from typing import Any, ClassVar, final
 
 import torch
 from torch import Tensor
@@ -68,12 +69,16 @@ class Problem:
         pred = out.argmax(dim=1) if out.dim() == 2 else out
         return pred == self.target if self.target is not None else pred != self.y
 
-    def select(self, idx: Tensor) -> "Problem":
+    def select(self, idx: Tensor) -> Problem:
         return Problem(
-            model=self.model.select(idx), x=self.x[idx], y=self.y[idx],
+            model=self.model.select(idx),
+            x=self.x[idx],
+            y=self.y[idx],
             target=None if self.target is None else self.target[idx],
-            threat=self.threat.select(idx), rng=self.rng.select(idx),
-            num_classes=self.num_classes, name=self.name,
+            threat=self.threat.select(idx),
+            rng=self.rng.select(idx),
+            num_classes=self.num_classes,
+            name=self.name,
         )
 
     def progress(self, n: int, desc: str | None = None) -> Iterator[int]:
@@ -102,11 +107,17 @@ class Attack(abc.ABC):
     def __post_init__(self) -> None:
         who = type(self).__name__
         if not isinstance(self.threat, ThreatModel):
-            raise InputError(f"{who}: threat must be a ThreatModel such as advx.Linf(0.3), got {self.threat!r}")
+            raise InputError(
+                f"{who}: threat must be a ThreatModel such as advx.Linf(0.3), got {self.threat!r}"
+            )
         if self.threat.norm not in self.norms:
-            raise InputError(f"{who}: supports the norms {', '.join(self.norms)}, not {self.threat.norm}")
+            raise InputError(
+                f"{who}: supports the norms {', '.join(self.norms)}, not {self.threat.norm}"
+            )
         if self.threat.unbounded and not self.minimum_norm:
-            raise InputError(f"{who}: eps is infinite but {who} is not a minimum-norm attack; give a finite eps")
+            raise InputError(
+                f"{who}: eps is infinite but {who} is not a minimum-norm attack; give a finite eps"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InputError(f"{who}: seed must be an int, got {self.seed!r}")
         self._check()
@@ -125,8 +136,15 @@ class Attack(abc.ABC):
 
     # ---- the shared work ---------------------------------------------------------------------
     @final
-    def __call__(self, model, x: Tensor, y: Tensor, *, target: Tensor | int | None = None,
-                 index: Tensor | None = None) -> AttackResult:
+    def __call__(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor,
+        *,
+        target: Tensor | int | None = None,
+        index: Tensor | None = None,
+    ) -> AttackResult:
         """Attack a batch. ``target`` (one class per sample, or one for all) makes it targeted;
         ``index`` (global sample ids) keys the per-sample random streams."""
         start = time.perf_counter()
@@ -163,13 +181,17 @@ class Attack(abc.ABC):
                     check_classes(y, num_classes)
                     if target is not None:
                         check_classes(target, num_classes, name="target")
-                root = Problem(view, x, y, target, threat, SampleRNG(self.seed, index), num_classes, self.name)
+                root = Problem(
+                    view, x, y, target, threat, SampleRNG(self.seed, index), num_classes, self.name
+                )
                 success = root.is_adversarial(clean)
                 todo = (~success).nonzero().view(-1)
                 if todo.numel() and not threat.is_zero:
                     sub = root.select(todo)
                     out = self._run(sub)
-                    xs, ok, extra = (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
+                    xs, ok, extra = (
+                        (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
+                    )
                     x_adv[todo], success[todo] = self._finish(sub, xs, ok)
                     trace = _batch_trace(extra, todo, n)
             except QueryError as e:
@@ -183,11 +205,17 @@ class Attack(abc.ABC):
         """Project onto the threat and the bounds; score the samples whose verdict is unknown
         or whose point the projection moved."""
         if x_adv.shape != p.x.shape:
-            raise RuntimeError(f"{self.name}: _run returned shape {tuple(x_adv.shape)}, expected {tuple(p.x.shape)}")
+            raise RuntimeError(
+                f"{self.name}: _run returned shape {tuple(x_adv.shape)}, expected {tuple(p.x.shape)}"
+            )
         x_adv = x_adv.to(p.x.dtype)
         projected = p.threat.project(x_adv, p.x)
         lo, hi = p.threat.bounds
-        moved = flat(projected - x_adv).abs().amax(dim=1) > 1e-6 * (hi - lo) if projected.numel() else torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
+        moved = (
+            flat(projected - x_adv).abs().amax(dim=1) > 1e-6 * (hi - lo)
+            if projected.numel()
+            else torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
+        )
         if ok is None:
             rescore = torch.ones(len(p), dtype=torch.bool, device=p.x.device)
             ok = torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
@@ -197,7 +225,11 @@ class Attack(abc.ABC):
         idx = rescore.nonzero().view(-1)
         if idx.numel():
             view = p.model.select(idx)
-            verdict = view.logits(projected[idx]) if p.model.access != "labels" else view.labels(projected[idx])
+            verdict = (
+                view.logits(projected[idx])
+                if p.model.access != "labels"
+                else view.labels(projected[idx])
+            )
             ok[idx] = p.select(idx).is_adversarial(verdict)
         return projected, ok
 
@@ -212,12 +244,21 @@ class Attack(abc.ABC):
             raise InputError(f"threat: {threat.eps.numel()} per-sample eps values for {n} samples")
         return threat.with_bounds(bounds)
 
-    def _result(self, x, x_adv, success, threat, tracker, target, start, trace=None) -> AttackResult:
+    def _result(
+        self, x, x_adv, success, threat, tracker, target, start, trace=None
+    ) -> AttackResult:
         return AttackResult(
-            x_adv=x_adv, success=success, distance=threat.distance(x_adv, x),
-            queries=tracker.queries, grads=tracker.grads, name=self.name or type(self).__name__,
-            params=self.params, threat=threat, target=target,
-            seconds=time.perf_counter() - start, trace=trace or {},
+            x_adv=x_adv,
+            success=success,
+            distance=threat.distance(x_adv, x),
+            queries=tracker.queries,
+            grads=tracker.grads,
+            name=self.name or type(self).__name__,
+            params=self.params,
+            threat=threat,
+            target=target,
+            seconds=time.perf_counter() - start,
+            trace=trace or {},
         )
 
     @abc.abstractmethod
@@ -238,7 +279,11 @@ def _batch_trace(extra: dict[str, Any] | None, rows: Tensor, n: int) -> dict[str
     out: dict[str, Any] = {}
     for key, value in (extra or {}).items():
         if isinstance(value, Tensor):
-            fill = math.nan if value.is_floating_point() else (False if value.dtype == torch.bool else -1)
+            fill = (
+                math.nan
+                if value.is_floating_point()
+                else (False if value.dtype == torch.bool else -1)
+            )
             full = torch.full((n, *value.shape[1:]), fill, dtype=value.dtype, device=value.device)
             full[rows.to(value.device)] = value
             value = full
@@ -279,4 +324,6 @@ def nonneg_float(who: str, name: str, value: Any, *, allow_inf: bool = False) ->
 
 def one_of(who: str, name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise InputError(f"{who}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InputError(
+            f"{who}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        )

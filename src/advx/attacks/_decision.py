@@ -27,7 +27,21 @@ UNIFORM_TRIES = 10
 # Coarse grid sizes of the smooth noise tries (see Search._noise).
 _SMOOTH_GRIDS = (2, 3, 4, 6, 8, 12)
 # Query counts at which the trace records the best distance (plus max_queries itself).
-_CHECKPOINTS = (100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000)
+_CHECKPOINTS = (
+    100,
+    200,
+    500,
+    1000,
+    2000,
+    5000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+)
 
 
 def sample_generators(rng, *key: int, device: torch.device) -> list[torch.Generator]:
@@ -48,8 +62,13 @@ def sample_generators(rng, *key: int, device: torch.device) -> list[torch.Genera
     return gens
 
 
-def draw(gens: list[torch.Generator], kind: str, shape: tuple[int, ...], dtype: torch.dtype,
-         device: torch.device) -> Tensor:
+def draw(
+    gens: list[torch.Generator],
+    kind: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
     """``kind`` ("normal" or "uniform") draws of ``shape`` from each generator: (len(gens), *shape)."""
     fn = torch.randn if kind == "normal" else torch.rand
     if not gens:
@@ -176,8 +195,12 @@ class Search:
             return rng.uniform(KEY_NOISE, r, shape=shape, dtype=x.dtype).to(x.device)
         c, h, w = shape
         size = _SMOOTH_GRIDS[(r // 2) % len(_SMOOTH_GRIDS)]
-        coarse = rng.uniform(KEY_NOISE, r, shape=(c, min(size, h), min(size, w)), dtype=x.dtype).to(x.device)
-        smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+        coarse = rng.uniform(KEY_NOISE, r, shape=(c, min(size, h), min(size, w)), dtype=x.dtype).to(
+            x.device
+        )
+        smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).clamp(
+            0, 1
+        )
         u = rng.uniform(KEY_NOISE, r, 1, dtype=x.dtype).to(x.device).view(-1, 1, 1, 1)
         if r % 2:  # soft blobs: a random power in [1, 8]
             return smooth ** (1 + 7 * u)
@@ -232,7 +255,11 @@ class Search:
             return x_adv, x_adv.new_zeros(0)
         x = self.p.x[owner]
         linf = self.p.threat.norm == "linf"
-        hi = self.p.threat.distance(x_adv, x) if linf else torch.ones(len(owner), dtype=x.dtype, device=x.device)
+        hi = (
+            self.p.threat.distance(x_adv, x)
+            if linf
+            else torch.ones(len(owner), dtype=x.dtype, device=x.device)
+        )
         hi0, lo = hi.clone(), torch.zeros_like(hi)
         tol = theta * hi.clamp(max=1.0)
 

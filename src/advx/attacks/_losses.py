@@ -7,7 +7,6 @@ adversarial.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,7 +38,9 @@ def margin(logits: Tensor, labels: Tensor, targeted: bool = False) -> Tensor:
 def _sorted_logits(logits: Tensor, need: int, who: str) -> Tensor:
     """Logits sorted in decreasing order, (N, C); DLR's scale needs at least ``need`` classes."""
     if logits.shape[1] < need:
-        raise InputError(f"loss: {who} needs at least {need} classes, the model gives {logits.shape[1]}; use ce or margin")
+        raise InputError(
+            f"loss: {who} needs at least {need} classes, the model gives {logits.shape[1]}; use ce or margin"
+        )
     return logits.sort(dim=1, descending=True).values
 
 

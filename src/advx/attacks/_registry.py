@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InputError
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "create", "list_attacks", "get", "info"]
 
-_REGISTRY: dict[str, type["Attack"]] = {}
+_REGISTRY: dict[str, type[Attack]] = {}
 A = TypeVar("A", bound=type)
 
 
@@ -22,7 +23,9 @@ def register(name: str) -> Callable[[A], A]:
     def wrap(cls: A) -> A:
         key = name.lower()
         if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise RuntimeError(f"attack name {key!r} is already registered by {_REGISTRY[key].__qualname__}")
+            raise RuntimeError(
+                f"attack name {key!r} is already registered by {_REGISTRY[key].__qualname__}"
+            )
         cls.name = key
         _REGISTRY[key] = cls
         return cls
@@ -30,7 +33,7 @@ def register(name: str) -> Callable[[A], A]:
     return wrap
 
 
-def get(name: str) -> type["Attack"]:
+def get(name: str) -> type[Attack]:
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
@@ -38,7 +41,7 @@ def get(name: str) -> type["Attack"]:
         raise InputError(f"unknown attack {name!r}; registered attacks: {known}") from None
 
 
-def create(name: str, threat: "ThreatModel | None" = None, **params: Any) -> "Attack":
+def create(name: str, threat: ThreatModel | None = None, **params: Any) -> Attack:
     """Build a registered attack: ``create("pgd", Linf(0.3), steps=40)``."""
     cls = get(name)
     try:
@@ -65,7 +68,9 @@ def list_attacks(*, access: str | None = None, norm: str | None = None) -> list[
 def info(name: str) -> dict[str, Any]:
     """What the CLI's ``advx list`` shows about an attack."""
     cls = get(name)
-    kind = {"gradients": "white-box", "scores": "score-based", "labels": "decision-based"}[cls.access]
+    kind = {"gradients": "white-box", "scores": "score-based", "labels": "decision-based"}[
+        cls.access
+    ]
     doc = (cls.__doc__ or "").strip().splitlines()
     return {
         "name": cls.name,

@@ -62,13 +62,17 @@ class AttackResult:
         """Share of samples the attack did not break (untargeted: still correctly classified)."""
         return 1.0 - self.success_rate
 
-    def select(self, idx: Tensor) -> "AttackResult":
+    def select(self, idx: Tensor) -> AttackResult:
         """The result restricted to some samples."""
         target = None if self.target is None else self.target[idx]
         return dataclasses.replace(
             self,
-            x_adv=self.x_adv[idx], success=self.success[idx], distance=self.distance[idx],
-            queries=self.queries[idx], grads=self.grads[idx], target=target,
+            x_adv=self.x_adv[idx],
+            success=self.success[idx],
+            distance=self.distance[idx],
+            queries=self.queries[idx],
+            grads=self.grads[idx],
+            target=target,
             threat=self.threat.select(idx) if self.threat.per_sample else self.threat,
             trace={k: v[idx] if isinstance(v, Tensor) else v for k, v in self.trace.items()},
         )
@@ -97,9 +101,11 @@ class AttackResult:
     def __repr__(self) -> str:
         s = self.summary()
         med = "-" if s["median_distance"] is None else f"{s['median_distance']:.4g}"
-        return (f"AttackResult({self.name}, {self.threat!r}, n={s['n']}, "
-                f"success={s['success_rate']:.1%}, median distance={med}, "
-                f"queries={s['queries']}, grads={s['grads']}, {s['seconds']:.2f}s)")
+        return (
+            f"AttackResult({self.name}, {self.threat!r}, n={s['n']}, "
+            f"success={s['success_rate']:.1%}, median distance={med}, "
+            f"queries={s['queries']}, grads={s['grads']}, {s['seconds']:.2f}s)"
+        )
 
 
 def concat_results(results: list[AttackResult]) -> AttackResult:
@@ -107,15 +113,21 @@ def concat_results(results: list[AttackResult]) -> AttackResult:
     if not results:
         raise ValueError("concat_results: no results")
     first = results[0]
-    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+    cat = lambda name: torch.cat([getattr(r, name) for r in results])
     threat = first.threat
     if threat.per_sample:
         threat = threat.with_eps(torch.cat([r.threat.eps for r in results]))
     return dataclasses.replace(
-        first, x_adv=cat("x_adv"), success=cat("success"), distance=cat("distance"),
-        queries=cat("queries"), grads=cat("grads"), threat=threat,
+        first,
+        x_adv=cat("x_adv"),
+        success=cat("success"),
+        distance=cat("distance"),
+        queries=cat("queries"),
+        grads=cat("grads"),
+        threat=threat,
         target=None if first.target is None else cat("target"),
-        seconds=sum(r.seconds for r in results), trace=_concat_traces(results),
+        seconds=sum(r.seconds for r in results),
+        trace=_concat_traces(results),
     )
 
 
@@ -123,5 +135,9 @@ def _concat_traces(results: list[AttackResult]) -> dict[str, Any]:
     """Per-sample trace tensors joined; keys missing from a batch (one whose samples were all
     misclassified already has no trace) are dropped; other values from the first batch."""
     keys = [k for k in results[0].trace if all(k in r.trace for r in results)]
-    return {k: torch.cat([r.trace[k] for r in results]) if isinstance(results[0].trace[k], Tensor)
-            else results[0].trace[k] for k in keys}
+    return {
+        k: torch.cat([r.trace[k] for r in results])
+        if isinstance(results[0].trace[k], Tensor)
+        else results[0].trace[k]
+        for k in keys
+    }

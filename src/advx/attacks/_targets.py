@@ -9,7 +9,9 @@ from .._rng import SampleRNG
 from ..errors import InputError
 
 
-def random_targets(y: Tensor, num_classes: int, *, seed: int = 0, index: Tensor | None = None) -> Tensor:
+def random_targets(
+    y: Tensor, num_classes: int, *, seed: int = 0, index: Tensor | None = None
+) -> Tensor:
     """A uniformly random class different from ``y`` for each sample, from its own stream."""
     if num_classes < 2:
         raise InputError(f"num_classes: need at least 2 classes for a target, got {num_classes}")

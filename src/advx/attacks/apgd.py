@@ -39,7 +39,9 @@ def checkpoints(steps: int) -> list[int]:
         if nxt > 100:
             break
         hundredths.append(nxt)
-    marks = sorted({-(-h * steps // 100) for h in hundredths})  # ceil(h * steps / 100), deduplicated
+    marks = sorted(
+        {-(-h * steps // 100) for h in hundredths}
+    )  # ceil(h * steps / 100), deduplicated
     return [w for w in marks if w < steps or w == 0]
 
 
@@ -78,7 +80,11 @@ class APGD(Attack):
         positive_int("APGD", "steps", self.steps)
         positive_int("APGD", "restarts", self.restarts)
         positive_int("APGD", "targets", self.targets)
-        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not 0 <= self.rho <= 1:
+        if (
+            not isinstance(self.rho, (int, float))
+            or isinstance(self.rho, bool)
+            or not 0 <= self.rho <= 1
+        ):
             raise InputError(f"APGD: rho must be a number in [0, 1], got {self.rho!r}")
 
     def _run(self, p: Problem):
@@ -90,10 +96,14 @@ class APGD(Attack):
         apgd_t = self.loss == "dlr-targeted" and not p.targeted
         if apgd_t:
             if p.num_classes < 4:
-                raise InputError(f"APGD: loss='dlr-targeted' needs at least 4 classes, the model gives {p.num_classes}")
+                raise InputError(
+                    f"APGD: loss='dlr-targeted' needs at least 4 classes, the model gives {p.num_classes}"
+                )
             # classes other than the true one, most likely first (on the clean input)
             clean = p.model.logits(p.x)
-            ranked = clean.scatter(1, p.y.view(-1, 1), float("-inf")).argsort(dim=1, descending=True)
+            ranked = clean.scatter(1, p.y.view(-1, 1), float("-inf")).argsort(
+                dim=1, descending=True
+            )
             runs = min(self.targets, p.num_classes - 1)
             loss_fn = partial(loss_fn, targeted=True)
         else:
@@ -132,7 +142,9 @@ class APGD(Attack):
             x0 = q.threat.project(q.x + noise, q.x)
         else:
             marks = checkpoints(self.steps)
-            window = {w: w - v for v, w in zip(marks, marks[1:])}  # checkpoint -> steps since the last one
+            window = {
+                w: w - v for v, w in zip(marks, marks[1:])
+            }  # checkpoint -> steps since the last one
             x0 = q.threat.random_init(q.x, q.rng, *key)
         out_x, out_loss = x0.clone(), torch.full((n,), float("-inf"), device=dev, dtype=dtype)
         out_adv = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -140,16 +152,29 @@ class APGD(Attack):
         lowest = torch.full((n,), float("-inf"), device=dev, dtype=dtype)
         # per-sample state of the samples still running; `act` are their positions in q
         s = {
-            "x": x0, "prev": x0, "eta": eps if l1 else 2 * eps, "eps": eps,
-            "ups": torch.zeros(n, dtype=torch.long, device=dev),  # steps that raised the loss since the last checkpoint
-            "loss_prev": lowest, "best_x": x0.clone(), "best_loss": lowest.clone(), "best_grad": torch.zeros_like(x0),
-            "reduced": torch.zeros(n, dtype=torch.bool, device=dev),  # step size cut at the last checkpoint
+            "x": x0,
+            "prev": x0,
+            "eta": eps if l1 else 2 * eps,
+            "eps": eps,
+            "ups": torch.zeros(
+                n, dtype=torch.long, device=dev
+            ),  # steps that raised the loss since the last checkpoint
+            "loss_prev": lowest,
+            "best_x": x0.clone(),
+            "best_loss": lowest.clone(),
+            "best_grad": torch.zeros_like(x0),
+            "reduced": torch.zeros(
+                n, dtype=torch.bool, device=dev
+            ),  # step size cut at the last checkpoint
             "best_at_mark": lowest.clone(),  # best loss at the last checkpoint
-            "act": torch.arange(n, device=dev), "labels": labels,
+            "act": torch.arange(n, device=dev),
+            "labels": labels,
         }
         if l1:
             d = x0[0].numel()
-            s["frac"] = torch.full((n,), 0.2, device=dev, dtype=dtype)  # share of coordinates a step moves
+            s["frac"] = torch.full(
+                (n,), 0.2, device=dev, dtype=dtype
+            )  # share of coordinates a step moves
             s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
         qa = q
 
@@ -186,7 +211,9 @@ class APGD(Attack):
                     s["loss_prev"] = torch.where(restart, s["best_loss"], s["loss_prev"])
             x, eta = s["x"], per_sample(s["eta"], s["x"])
             if l1:  # a sparse step, no momentum (Croce & Hein, 2021)
-                x_next = qa.threat.project(x + eta * _sparse_sign(s["grad"], x, s["frac"], qa.threat.bounds), qa.x)
+                x_next = qa.threat.project(
+                    x + eta * _sparse_sign(s["grad"], x, s["frac"], qa.threat.bounds), qa.x
+                )
             else:
                 # z = P(x + eta s(grad)); x' = P(x + a (z - x) + (1 - a) (x - x_prev)); no momentum on the first step
                 z = qa.threat.project(x + eta * qa.threat.steepest_ascent(s["grad"]), qa.x)
@@ -205,7 +232,9 @@ class APGD(Attack):
     def _checkpoint(self, s: dict, window: int) -> Tensor:
         """Halve the step where too few of the last ``window`` steps raised the loss, or where
         neither the step size nor the best loss changed since the last checkpoint."""
-        halve = (s["ups"] < self.rho * window) | (~s["reduced"] & (s["best_loss"] <= s["best_at_mark"]))
+        halve = (s["ups"] < self.rho * window) | (
+            ~s["reduced"] & (s["best_loss"] <= s["best_at_mark"])
+        )
         s["reduced"], s["best_at_mark"] = halve, s["best_loss"].clone()
         s["ups"] = torch.zeros_like(s["ups"])
         s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
@@ -219,7 +248,11 @@ class APGD(Attack):
         nnz = (flat(s["best_x"] - x_clean) != 0).sum(dim=1).to(x_clean.dtype)
         restart = nnz < 0.95 * s["nnz_prev"]
         s["frac"] = nnz / x_clean[0].numel() / 1.5
-        s["eta"] = torch.where(restart, s["eps"], s["eta"] / 1.5).clamp(min=s["eps"] / 10).minimum(s["eps"])
+        s["eta"] = (
+            torch.where(restart, s["eps"], s["eta"] / 1.5)
+            .clamp(min=s["eps"] / 10)
+            .minimum(s["eps"])
+        )
         s["nnz_prev"] = nnz
         return restart
 

@@ -156,7 +156,7 @@ class Boundary(Attack):
             if check:
                 both = torch.cat([on_sphere[valid], cand[valid]]).view(-1, *shape)
                 adv = s.is_adv(both, torch.cat([owner, owner]))
-                sph_adv[valid], cand_adv[valid] = adv[: owner.numel()], adv[owner.numel():]
+                sph_adv[valid], cand_adv[valid] = adv[: owner.numel()], adv[owner.numel() :]
             else:
                 cand_adv[valid] = s.is_adv(cand[valid].view(-1, *shape), owner)
 
@@ -176,7 +176,14 @@ class Boundary(Attack):
                 self._adapt(rows, sph_stats, step_stats, spherical, source)
         return s.result()
 
-    def _adapt(self, rows: Tensor, sph_stats: _Window, step_stats: _Window, spherical: Tensor, source: Tensor) -> None:
+    def _adapt(
+        self,
+        rows: Tensor,
+        sph_stats: _Window,
+        step_stats: _Window,
+        spherical: Tensor,
+        source: Tensor,
+    ) -> None:
         """The paper's step-size control, per sample: orthogonal steps that almost always stay
         adversarial mean the boundary is locally flat (both steps may grow); ones that rarely do
         mean it is curved (both shrink). Steps towards the input are tuned on their own rate."""

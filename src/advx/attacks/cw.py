@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._tensor import flat, per_sample
+from .._tensor import flat
 from ..errors import InputError
 from ..threat import L2, ThreatModel
 from ._base import Attack, Problem, nonneg_float, positive_int
@@ -16,7 +16,9 @@ from ._losses import margin
 from ._registry import register
 
 
-def _cw_objective(logits: Tensor, labels: Tensor, c: Tensor, *, targeted: bool, kappa: float) -> Tensor:
+def _cw_objective(
+    logits: Tensor, labels: Tensor, c: Tensor, *, targeted: bool, kappa: float
+) -> Tensor:
     """c * max(-margin, -kappa): zero once the sample is adversarial with confidence kappa."""
     return c * torch.clamp(-margin(logits, labels, targeted), min=-kappa)
 

@@ -141,8 +141,12 @@ class FAB(Attack):
         n, x = len(p), p.x
         eps = p.threat.eps_tensor(x)
         scale = eps if self.eps_init is None else torch.full_like(eps, float(self.eps_init))
-        s = _Search(x.clone(), torch.full((n,), math.inf, device=x.device, dtype=x.dtype),
-                    torch.full((n,), math.inf, device=x.device, dtype=x.dtype), eps)
+        s = _Search(
+            x.clone(),
+            torch.full((n,), math.inf, device=x.device, dtype=x.dtype),
+            torch.full((n,), math.inf, device=x.device, dtype=x.dtype),
+            eps,
+        )
         if p.targeted:
             plans = [p.target]
         elif self.targeted:
@@ -163,7 +167,9 @@ class FAB(Attack):
                     # the paper's restart ball: half the best distance so far, at most half eps
                     radius = torch.minimum(s.best_d[rows], scale[rows])
                     radius = torch.where(torch.isfinite(radius), radius, s.lin_d[rows])
-                    radius = torch.where(torch.isfinite(radius), radius / 2, torch.zeros_like(radius))
+                    radius = torch.where(
+                        torch.isfinite(radius), radius / 2, torch.zeros_like(radius)
+                    )
                     start = q.threat.with_eps(radius).random_init(q.x, q.rng, k, r)
                 self._single(s, q, rows, None if target is None else target[rows], start, k, r)
         return s.best, torch.isfinite(s.best_d) & (s.best_d <= eps)
@@ -187,7 +193,9 @@ class FAB(Attack):
         for j in range(c - 1):
             value, grad, out = q.model.value_and_grad(xa, _pair_gap, others[:, j], q.y)
             grad = flat(grad)  # (m, ...) -> (m, D)
-            dist = value.abs() / q.threat.dual_norm(grad).clamp(min=1e-12)  # to the linearized boundary
+            dist = value.abs() / q.threat.dual_norm(grad).clamp(
+                min=1e-12
+            )  # to the linearized boundary
             if best_dist is None:
                 best_dist, best_value, best_grad, logits = dist, value, grad, out
                 continue
@@ -197,8 +205,16 @@ class FAB(Attack):
             best_grad = torch.where(closer.view(-1, 1), grad, best_grad)
         return best_value, best_grad, logits
 
-    def _single(self, s: "_Search", q: Problem, rows: Tensor, target: Tensor | None,
-                start: Tensor | None, k: int, r: int) -> None:
+    def _single(
+        self,
+        s: _Search,
+        q: Problem,
+        rows: Tensor,
+        target: Tensor | None,
+        start: Tensor | None,
+        k: int,
+        r: int,
+    ) -> None:
         """One run of FAB (one target, one restart) on the samples ``rows`` (= ``q``)."""
         lo, hi = q.threat.bounds
         norm = q.threat.norm
@@ -212,7 +228,9 @@ class FAB(Attack):
             d1 = project_hyperplane(norm, w, -f, lo - xf, hi - xf)
             d2 = project_hyperplane(norm, w, -f - (w * (x0f - xf)).sum(dim=1), lo - x0f, hi - x0f)
             n1, n2 = _norm(q, d1), _norm(q, d2)
-            if t == 0 and start is None:  # the linearized distance at x_orig: a fallback restart scale
+            if (
+                t == 0 and start is None
+            ):  # the linearized distance at x_orig: a fallback restart scale
                 s.lin_d[rows] = torch.minimum(s.lin_d[rows], n2)
             alpha = (n1 / (n1 + n2).clamp(min=1e-12)).clamp(max=self.alpha_max).view(-1, 1)
             step = (1 - alpha) * (xf + self.eta * d1) + alpha * (x0f + self.eta * d2)

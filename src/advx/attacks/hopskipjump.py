@@ -86,9 +86,13 @@ class HopSkipJump(Attack):
             t += 1
             if t == 1:  # the first estimate probes at a tenth of the box, as in the authors' code
                 lo, hi = p.threat.bounds
-                delta = torch.full((rows.numel(),), 0.1 * (hi - lo), dtype=p.x.dtype, device=p.x.device)
+                delta = torch.full(
+                    (rows.numel(),), 0.1 * (hi - lo), dtype=p.x.dtype, device=p.x.device
+                )
             else:
-                delta = (s.dim * theta if p.threat.norm == "linf" else math.sqrt(s.dim) * theta) * cur_d[rows]
+                delta = (
+                    s.dim * theta if p.threat.norm == "linf" else math.sqrt(s.dim) * theta
+                ) * cur_d[rows]
             count = min(int(self.gradient_queries * math.sqrt(t)), self.max_gradient_queries)
             grad = self._gradient(s, rows, cur[rows], delta, count, t)
             update = grad.sign() if p.threat.norm == "linf" else grad
@@ -98,7 +102,9 @@ class HopSkipJump(Attack):
                 self._grid_step(s, rows, cur, cur_d, update, theta)
         return s.result()
 
-    def _gradient(self, s: Search, rows: Tensor, x: Tensor, delta: Tensor, count: int, t: int) -> Tensor:
+    def _gradient(
+        self, s: Search, rows: Tensor, x: Tensor, delta: Tensor, count: int, t: int
+    ) -> Tensor:
         """Monte-Carlo estimate of the boundary normal at the points ``x`` (R, ...) from the labels
         of ``count`` random perturbations each (fewer where a sample's budget is short)."""
         lo, hi = s.p.threat.bounds
@@ -137,8 +143,16 @@ class HopSkipJump(Attack):
         grad = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return grad.view(len(rows), *shape)
 
-    def _geometric_step(self, s: Search, rows: Tensor, cur: Tensor, cur_d: Tensor, update: Tensor,
-                        t: int, theta: float) -> None:
+    def _geometric_step(
+        self,
+        s: Search,
+        rows: Tensor,
+        cur: Tensor,
+        cur_d: Tensor,
+        update: Tensor,
+        t: int,
+        theta: float,
+    ) -> None:
         """Halve the step from dist / sqrt(t) until the moved point is adversarial; bisect back."""
         lo, hi = s.p.threat.bounds
         eps = cur_d[rows] / math.sqrt(t)
@@ -158,7 +172,9 @@ class HopSkipJump(Attack):
             eps[idx[~adv]] /= 2
         self._rebound(s, rows[ok], moved[ok], cur, cur_d, theta)
 
-    def _grid_step(self, s: Search, rows: Tensor, cur: Tensor, cur_d: Tensor, update: Tensor, theta: float) -> None:
+    def _grid_step(
+        self, s: Search, rows: Tensor, cur: Tensor, cur_d: Tensor, update: Tensor, theta: float
+    ) -> None:
         """Try 20 step sizes dist * 10^[-4..0] at once; bisect back from each adversarial one and
         keep the closest result."""
         lo, hi = s.p.threat.bounds
@@ -186,13 +202,17 @@ class HopSkipJump(Attack):
         win = first[first < len(d)]
         self._accept(s, owner[win], points[win], d[win], cur, cur_d)
 
-    def _rebound(self, s: Search, rows: Tensor, moved: Tensor, cur: Tensor, cur_d: Tensor, theta: float) -> None:
+    def _rebound(
+        self, s: Search, rows: Tensor, moved: Tensor, cur: Tensor, cur_d: Tensor, theta: float
+    ) -> None:
         if rows.numel():
             points, d = s.bisect(moved, rows, theta)
             self._accept(s, rows, points, d, cur, cur_d)
 
     @staticmethod
-    def _accept(s: Search, rows: Tensor, points: Tensor, d: Tensor, cur: Tensor, cur_d: Tensor) -> None:
+    def _accept(
+        s: Search, rows: Tensor, points: Tensor, d: Tensor, cur: Tensor, cur_d: Tensor
+    ) -> None:
         """The new boundary points become the iterates (as in the paper, even when farther)."""
         cur[rows], cur_d[rows] = points, d
         s.offer(rows, points, d)

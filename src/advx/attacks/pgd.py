@@ -40,8 +40,11 @@ class PGD(Attack):
     def _run(self, p: Problem):
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)
         n = len(p)
-        step = (step_size_default(p.threat, p.x, self.steps) if self.step_size is None
-                else torch.full((n,), float(self.step_size), device=p.x.device, dtype=p.x.dtype))
+        step = (
+            step_size_default(p.threat, p.x, self.steps)
+            if self.step_size is None
+            else torch.full((n,), float(self.step_size), device=p.x.device, dtype=p.x.dtype)
+        )
         best = p.x.clone()
         best_loss = torch.full((n,), float("-inf"), device=p.x.device, dtype=p.x.dtype)
         found = torch.zeros(n, dtype=torch.bool, device=p.x.device)
@@ -59,7 +62,10 @@ class PGD(Attack):
                 break
             q = p.select(rows)
             xa = q.threat.random_init(q.x, q.rng, restart) if self.random_start else q.x.clone()
-            for _ in p.progress(self.steps, f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None):
+            for _ in p.progress(
+                self.steps,
+                f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None,
+            ):
                 loss, grad, logits = q.model.value_and_grad(xa, loss_fn, q.labels)
                 adv = q.is_adversarial(logits)
                 keep(rows, xa, loss, adv)

@@ -88,9 +88,13 @@ class SimBA(Attack):
         (0: the first block; k: the k-th stride of higher rows/columns)."""
         if x.dim() != 4:
             if self.basis == "dct":
-                raise InputError(f"SimBA: the DCT basis needs images (N, C, H, W), got shape {tuple(x.shape)}; use basis='pixel'")
+                raise InputError(
+                    f"SimBA: the DCT basis needs images (N, C, H, W), got shape {tuple(x.shape)}; use basis='pixel'"
+                )
             d = x[0].numel()
-            return torch.arange(d, device=x.device), torch.zeros(d, dtype=torch.long, device=x.device)
+            return torch.arange(d, device=x.device), torch.zeros(
+                d, dtype=torch.long, device=x.device
+            )
         ch, hgt, wid = x.shape[1:]
         side = max(hgt, wid)
         f = self.freq_dims or (side if self.basis == "pixel" else max(1, math.ceil(side / 4)))
@@ -103,7 +107,9 @@ class SimBA(Attack):
         keep = band == 0 if self.order == "random" else torch.ones_like(band, dtype=torch.bool)
         return keep.nonzero().view(-1), band[keep]
 
-    def _directions(self, coords: Tensor, like: Tensor, linf: bool, mats: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _directions(
+        self, coords: Tensor, like: Tensor, linf: bool, mats: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
         """The basis vectors at flat grid indices ``coords`` (R,), shape (R, *like.shape[1:]).
 
         A DCT direction is the inverse DCT of one unit coefficient (c, u, v): in channel c, the
@@ -154,16 +160,23 @@ class SimBA(Attack):
         coords, band = self._grid(x0)
         mats = None
         if self.basis == "dct":
-            mats = (dct_matrix(x0.shape[2], dtype=x0.dtype, device=dev), dct_matrix(x0.shape[3], dtype=x0.dtype, device=dev))
+            mats = (
+                dct_matrix(x0.shape[2], dtype=x0.dtype, device=dev),
+                dct_matrix(x0.shape[3], dtype=x0.dtype, device=dev),
+            )
         m = coords.numel()
         order = None
-        idle = torch.zeros(n, dtype=torch.long, device=dev)  # directions in a row that moved nothing
+        idle = torch.zeros(
+            n, dtype=torch.long, device=dev
+        )  # directions in a row that moved nothing
         active = torch.isfinite(cur) & ~found & (budget >= 1)
         t = 0
         while bool(active.any()):
             if t % m == 0:  # a new pass: a fresh per-sample permutation of the directions
                 u = p.rng.uniform(t // m, shape=(m,), dtype=torch.float64).to(dev)
-                order = (band.to(u.dtype) + u).argsort(dim=1)  # (N, M): bands in turn, random within
+                order = (band.to(u.dtype) + u).argsort(
+                    dim=1
+                )  # (N, M): bands in turn, random within
             moved = torch.zeros(n, dtype=torch.bool, device=dev)
             for sign in (1.0, -1.0):
                 rows = (active & (budget >= 1)).nonzero().view(-1)

@@ -35,8 +35,17 @@ _SIGN_TRIES = 8
 _TINY = 1e-12
 # (upper end of the rescaled iteration range, divisor of p_init): the authors' schedule for
 # 10,000 iterations; a run of n iterations reads it at t * 10000 / n.
-_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-             (6000, 128), (8000, 256))
+_SCHEDULE = (
+    (10, 1),
+    (50, 2),
+    (200, 4),
+    (500, 8),
+    (1000, 16),
+    (2000, 32),
+    (4000, 64),
+    (6000, 128),
+    (8000, 256),
+)
 
 
 def p_schedule(p_init: float, t: int, iterations: int) -> float:
@@ -59,8 +68,10 @@ def _eta(s: int) -> Tensor:
     """
 
     def rectangle(a: int, b: int) -> Tensor:
-        d = torch.maximum((torch.arange(a) - a // 2).abs().view(-1, 1),
-                          (torch.arange(b) - b // 2).abs().view(1, -1)).to(torch.float64)  # (a, b)
+        d = torch.maximum(
+            (torch.arange(a) - a // 2).abs().view(-1, 1),
+            (torch.arange(b) - b // 2).abs().view(1, -1),
+        ).to(torch.float64)  # (a, b)
         n = max(a // 2, b // 2)
         inv_sq = 1.0 / torch.arange(1, n + 2, dtype=torch.float64) ** 2
         tail = inv_sq.flip(0).cumsum(0).flip(0)  # tail[d] = sum_{j=d+1}^{n+1} 1/j^2
@@ -128,7 +139,9 @@ class Square(Attack):
 
     def _run(self, p: Problem):
         if p.x.dim() != 4:
-            raise InputError(f"Square: expected images of shape (N, C, H, W), got shape {tuple(p.x.shape)}")
+            raise InputError(
+                f"Square: expected images of shape (N, C, H, W), got shape {tuple(p.x.shape)}"
+            )
         n = len(p)
         dev = p.x.device
         best = p.x.clone()
@@ -137,7 +150,9 @@ class Square(Attack):
         # samples that cannot move (eps 0) or whose model budget ran out are done
         done = p.threat.eps_tensor(p.x) <= 0
         total = self.queries + 1  # passes of the search: initial points and candidates
-        shares = [total // self.restarts + (r < total % self.restarts) for r in range(self.restarts)]
+        shares = [
+            total // self.restarts + (r < total % self.restarts) for r in range(self.restarts)
+        ]
         for restart, share in enumerate(shares):
             rows = (~found & ~done).nonzero().view(-1)
             if rows.numel() == 0:
@@ -146,8 +161,17 @@ class Square(Attack):
         return best, found
 
     # ---- one restart ---------------------------------------------------------------------------
-    def _search(self, p: Problem, rows: Tensor, restart: int, share: int,
-                best: Tensor, best_loss: Tensor, found: Tensor, done: Tensor) -> None:
+    def _search(
+        self,
+        p: Problem,
+        rows: Tensor,
+        restart: int,
+        share: int,
+        best: Tensor,
+        best_loss: Tensor,
+        found: Tensor,
+        done: Tensor,
+    ) -> None:
         """Run one restart on ``rows``, with ``share`` passes per sample; update the shared
         per-sample state (best point and loss, found, done) in place."""
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)
@@ -155,7 +179,11 @@ class Square(Attack):
 
         def affordable(q: Problem) -> Tensor:
             left = q.model.remaining
-            return torch.ones(len(q), dtype=torch.bool, device=q.x.device) if left is None else left >= 1
+            return (
+                torch.ones(len(q), dtype=torch.bool, device=q.x.device)
+                if left is None
+                else left >= 1
+            )
 
         def keep(rows: Tensor, xa: Tensor, loss: Tensor, adv: Tensor) -> None:
             """Across restarts, per sample: the adversarial point, else the one with the highest
@@ -186,7 +214,13 @@ class Square(Attack):
             done[rows[~adv & ~go]] = True
             if not bool(go.all()):
                 idx = go.nonzero().view(-1)
-                rows, q, x_cur, cur_loss, eps = rows[idx], q.select(idx), x_cur[idx], cur_loss[idx], eps[idx]
+                rows, q, x_cur, cur_loss, eps = (
+                    rows[idx],
+                    q.select(idx),
+                    x_cur[idx],
+                    cur_loss[idx],
+                    eps[idx],
+                )
                 if rows.numel() == 0:
                     return
             p_t = p_schedule(self.p_init, t, iterations)
@@ -205,17 +239,23 @@ class Square(Attack):
     def _linf_init(self, q: Problem, restart: int, eps: Tensor) -> Tensor:
         """Vertical stripes: x + eps * sign, one sign per channel and column."""
         _, c, _, w = q.x.shape
-        u = q.rng.uniform(0, restart, shape=(c, 1, w), dtype=q.x.dtype).to(q.x.device)  # (N, C, 1, W)
+        u = q.rng.uniform(0, restart, shape=(c, 1, w), dtype=q.x.dtype).to(
+            q.x.device
+        )  # (N, C, 1, W)
         sign = torch.where(u < 0.5, -1.0, 1.0).to(q.x.dtype)
         return q.threat.clip(q.x + per_sample(eps, q.x) * sign)
 
-    def _linf_step(self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int) -> Tensor:
+    def _linf_step(
+        self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int
+    ) -> Tensor:
         """x_cur with one random s x s window set to x +- eps (one sign per channel)."""
         x = q.x
         n, c, h, w = x.shape
         s = int(round(math.sqrt(p_t * h * w)))  # p of the H*W pixel positions
         s = max(1, min(s, min(h, w) - 1))
-        u = q.rng.uniform(1, restart, t, shape=(2 + _SIGN_TRIES * c,), dtype=torch.float64).to(x.device)
+        u = q.rng.uniform(1, restart, t, shape=(2 + _SIGN_TRIES * c,), dtype=torch.float64).to(
+            x.device
+        )
         _, _, mask = _windows(u[:, 0], u[:, 1], s, h, w)
         signs = (u[:, 2:] < 0.5).view(n, _SIGN_TRIES, c)  # True: +eps
         e = per_sample(eps, x)
@@ -223,7 +263,9 @@ class Square(Attack):
         # a sign that leaves the window as it is wastes a query: per channel, which signs would
         same_plus = flat((plus == x_cur) | ~mask).view(n, c, -1).all(dim=2)  # (N, C)
         same_minus = flat((minus == x_cur) | ~mask).view(n, c, -1).all(dim=2)
-        wasted = torch.where(signs, same_plus.unsqueeze(1), same_minus.unsqueeze(1)).all(dim=2)  # (N, tries)
+        wasted = torch.where(signs, same_plus.unsqueeze(1), same_minus.unsqueeze(1)).all(
+            dim=2
+        )  # (N, tries)
         first = (~wasted).to(torch.int8).argmax(dim=1)
         pick = signs[torch.arange(n, device=x.device), first]  # (N, C)
         # every try wasted: flipping every channel of the first changes each pixel (eps > 0)
@@ -244,10 +286,12 @@ class Square(Attack):
         eta = _eta(s).to(x.device)
         tiles = torch.where((u[..., c] < 0.5)[..., None, None], eta.T, eta)  # (N, gh, gw, s, s)
         tiles = tiles.unsqueeze(3) * sign[..., None, None]  # (N, gh, gw, C, s, s)
-        grid = tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, c, gh * s, gw * s)  # -> (N, C, gh*s, gw*s)
+        grid = tiles.permute(0, 3, 1, 4, 2, 5).reshape(
+            n, c, gh * s, gw * s
+        )  # -> (N, C, gh*s, gw*s)
         delta = torch.zeros(n, c, h, w, dtype=torch.float64, device=x.device)
         top, left = (h - gh * s) // 2, (w - gw * s) // 2
-        delta[:, :, top:top + gh * s, left:left + gw * s] = grid
+        delta[:, :, top : top + gh * s, left : left + gw * s] = grid
         return self._l2_point(q, delta.to(x.dtype), eps)
 
     def _l2_point(self, q: Problem, delta: Tensor, eps: Tensor) -> Tensor:
@@ -255,7 +299,9 @@ class Square(Attack):
         norm = flat(delta).norm(dim=1).clamp_min(_TINY)
         return q.threat.clip(q.x + delta * per_sample(eps / norm, delta))
 
-    def _l2_step(self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int) -> Tensor:
+    def _l2_step(
+        self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int
+    ) -> Tensor:
         """Algorithm 3 of the paper, per sample and channel."""
         x = q.x
         n, c, h, w = x.shape
@@ -267,17 +313,20 @@ class Square(Attack):
         u = q.rng.uniform(1, restart, t, shape=(4 + c + 1,), dtype=torch.float64).to(x.device)
         rows1, cols1, m1 = _windows(u[:, 0], u[:, 1], s, h, w)
         _, _, m2 = _windows(u[:, 2], u[:, 3], s, h, w)
-        rho = torch.where(u[:, 4:4 + c] < 0.5, -1.0, 1.0).to(x.dtype)  # (N, C)
+        rho = torch.where(u[:, 4 : 4 + c] < 0.5, -1.0, 1.0).to(x.dtype)  # (N, C)
         eta = _eta(s).to(device=x.device, dtype=x.dtype)
         eta = torch.where((u[:, 4 + c] < 0.5).view(n, 1, 1), eta.T, eta)  # (N, s, s)
 
         nu = x_cur - x
         # advanced indexing of window W1: (N, C, s, s)
-        win = (torch.arange(n, device=x.device).view(n, 1, 1, 1),
-               torch.arange(c, device=x.device).view(1, c, 1, 1),
-               rows1.view(n, 1, s, 1), cols1.view(n, 1, 1, s))
+        win = (
+            torch.arange(n, device=x.device).view(n, 1, 1, 1),
+            torch.arange(c, device=x.device).view(1, c, 1, 1),
+            rows1.view(n, 1, s, 1),
+            cols1.view(n, 1, 1, s),
+        )
         nu_w1 = nu[win]
-        unused = (eps ** 2 - flat(nu).pow(2).sum(dim=1)).clamp_min(0)  # (N,)
+        unused = (eps**2 - flat(nu).pow(2).sum(dim=1)).clamp_min(0)  # (N,)
         union = (nu * (m1 | m2)).pow(2).flatten(2).sum(dim=2)  # (N, C): mass of W1 u W2 per channel
         w1_norm = nu_w1.flatten(2).norm(dim=2).clamp_min(_TINY)  # (N, C)
         temp = rho[..., None, None] * eta.unsqueeze(1) + nu_w1 / w1_norm[..., None, None]

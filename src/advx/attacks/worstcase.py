@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -29,12 +29,16 @@ class WorstCase(Attack):
     def __init__(self, attacks: Sequence[Attack], *, seed: int = 0) -> None:
         attacks = tuple(attacks)
         if not attacks or not all(isinstance(a, Attack) for a in attacks):
-            raise InputError("WorstCase: expected a non-empty list of attacks such as [PGD(Linf(0.3)), ...]")
+            raise InputError(
+                "WorstCase: expected a non-empty list of attacks such as [PGD(Linf(0.3)), ...]"
+            )
         first = attacks[0].threat
         for a in attacks[1:]:
             if a.threat != first:
-                raise InputError(f"WorstCase: every attack needs the same threat model; {a.name} has "
-                                 f"{a.threat!r}, {attacks[0].name} has {first!r}")
+                raise InputError(
+                    f"WorstCase: every attack needs the same threat model; {a.name} has "
+                    f"{a.threat!r}, {attacks[0].name} has {first!r}"
+                )
         self.attacks = attacks
         self.threat = first
         self.seed = seed
@@ -71,4 +75,8 @@ class WorstCase(Attack):
 def _reseeded(attack: Attack, seed: int) -> Attack:
     import dataclasses
 
-    return dataclasses.replace(attack, seed=seed) if dataclasses.is_dataclass(attack) and not isinstance(attack, WorstCase) else attack
+    return (
+        dataclasses.replace(attack, seed=seed)
+        if dataclasses.is_dataclass(attack) and not isinstance(attack, WorstCase)
+        else attack
+    )

@@ -83,7 +83,9 @@ class ZOO(Attack):
         if self.resize is not None:
             positive_int("ZOO", "resize", self.resize)
         if not isinstance(self.importance_sampling, bool):
-            raise InputError(f"ZOO: importance_sampling must be a bool, got {self.importance_sampling!r}")
+            raise InputError(
+                f"ZOO: importance_sampling must be a bool, got {self.importance_sampling!r}"
+            )
 
     # ---- attack space ------------------------------------------------------------------------
     def _sizes(self, x: Tensor) -> list[tuple[int, ...]]:
@@ -113,7 +115,9 @@ class ZOO(Attack):
         if not self.importance_sampling or level == 0 or delta.dim() != 4:
             return delta.new_ones(r, delta[0].numel())
         size = delta.shape[2:]
-        pooled = F.adaptive_max_pool2d(delta.abs(), (min(_REGIONS, size[0]), min(_REGIONS, size[1])))
+        pooled = F.adaptive_max_pool2d(
+            delta.abs(), (min(_REGIONS, size[0]), min(_REGIONS, size[1]))
+        )
         w = flat(F.interpolate(pooled, size=size, mode="nearest"))  # (R, C, h, w) -> (R, D)
         return w + 0.1 * w.mean(dim=1, keepdim=True) + 1e-12
 
@@ -170,8 +174,20 @@ class ZOO(Attack):
                     if rows.numel() == 0:
                         continue
                     moved = True
-                    center, adv_d, adv_x = self._step(p.select(rows), delta[j], adam[j], rows, j, k,
-                                                      c[rows], full, lo, hi, (s, t), lr[rows])
+                    center, adv_d, adv_x = self._step(
+                        p.select(rows),
+                        delta[j],
+                        adam[j],
+                        rows,
+                        j,
+                        k,
+                        c[rows],
+                        full,
+                        lo,
+                        hi,
+                        (s, t),
+                        lr[rows],
+                    )
                     spent[rows] += 2 * k
                     # the smallest adversarial candidate of each sample
                     better = adv_d < best_d[rows]
@@ -190,8 +206,12 @@ class ZOO(Attack):
                     if j == top:
                         done[stalled] = True
                     elif stalled.numel():
-                        delta[j + 1][stalled] = F.interpolate(delta[j][stalled], size=sizes[j + 1][1:],
-                                                              mode="bilinear", align_corners=False)
+                        delta[j + 1][stalled] = F.interpolate(
+                            delta[j][stalled],
+                            size=sizes[j + 1][1:],
+                            mode="bilinear",
+                            align_corners=False,
+                        )
                         for a in adam[j + 1]:
                             a[stalled] = 0
                         level[stalled] = j + 1
@@ -210,8 +230,21 @@ class ZOO(Attack):
         found = torch.isfinite(best_d)
         return best, found & (best_d <= eps) if bounded else found
 
-    def _step(self, q: Problem, delta: Tensor, adam: tuple[Tensor, Tensor, Tensor], rows: Tensor, level: int,
-              k: int, c: Tensor, full: tuple[int, ...], lo: float, hi: float, key: tuple[int, int], lr: Tensor):
+    def _step(
+        self,
+        q: Problem,
+        delta: Tensor,
+        adam: tuple[Tensor, Tensor, Tensor],
+        rows: Tensor,
+        level: int,
+        k: int,
+        c: Tensor,
+        full: tuple[int, ...],
+        lo: float,
+        hi: float,
+        key: tuple[int, int],
+        lr: Tensor,
+    ):
         """One ZOO-ADAM iteration for the samples ``rows`` at one resolution, in place.
 
         Returns per sample: the objective at the iterate (the mean over its candidates, exact to
@@ -223,7 +256,11 @@ class ZOO(Attack):
         # k coordinates per sample without replacement, by weight (Gumbel top-k)
         u = q.rng.uniform(*key, shape=(dim,), dtype=torch.float64).to(d.device)
         gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))
-        idx = (self._weights(delta[rows], level).log().to(gumbel.dtype) + gumbel).topk(k, dim=1).indices  # (R, k)
+        idx = (
+            (self._weights(delta[rows], level).log().to(gumbel.dtype) + gumbel)
+            .topk(k, dim=1)
+            .indices
+        )  # (R, k)
         # candidates delta +- h e_i: (R, 2k, D)
         bump = d.new_zeros(r, k, dim).scatter_(2, idx.unsqueeze(2), self.h)
         cand = d.unsqueeze(1) + torch.cat([bump, -bump], dim=1)
@@ -233,12 +270,16 @@ class ZOO(Attack):
         labels = q.labels.repeat_interleave(2 * k)
         m = margin(F.log_softmax(logits, dim=1), labels, q.targeted)
         dist = flat(xc - x0).norm(dim=1)
-        obj = (dist.square() + c.repeat_interleave(2 * k) * torch.clamp(-m, min=-self.kappa)).view(r, 2 * k)
+        obj = (dist.square() + c.repeat_interleave(2 * k) * torch.clamp(-m, min=-self.kappa)).view(
+            r, 2 * k
+        )
         pred = logits.argmax(dim=1)
         adv = pred == labels if q.targeted else pred != labels
         if self.kappa > 0:
             adv &= m >= self.kappa
-        adv_d, pick = torch.where(adv, dist, torch.full_like(dist, math.inf)).view(r, 2 * k).min(dim=1)
+        adv_d, pick = (
+            torch.where(adv, dist, torch.full_like(dist, math.inf)).view(r, 2 * k).min(dim=1)
+        )
         adv_x = xc.view(r, 2 * k, *full)[torch.arange(r, device=d.device), pick]
         # coordinate-wise Adam on the symmetric finite differences
         g = (obj[:, :k] - obj[:, k:]) / (2 * self.h)  # (R, k)

@@ -1,8 +1,8 @@
 """The robustness audit: a cascade of attacks, sanity checks, an eps curve, and a report.
 
-    report = advx.audit(model, x, y, advx.Linf(0.3), suite="standard")
-    report.robust_accuracy, report.findings
-    report.save("report.json"); report.save_html("report.html")
+report = advx.audit(model, x, y, advx.Linf(0.3), suite="standard")
+report.robust_accuracy, report.findings
+report.save("report.json"); report.save_html("report.html")
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,9 +28,23 @@ from ..data import data_sha256
 from ..errors import InputError
 from ..models.classifier import as_model
 from ..threat import ThreatModel
-from .checks import Finding, check_blackbox_gain, check_convergence, check_curve, check_model, large_eps
+from .checks import (
+    Finding,
+    check_blackbox_gain,
+    check_convergence,
+    check_curve,
+    check_model,
+    large_eps,
+)
 from .report import SCHEMA, Report
-from .runner import CascadeState, Shard, current_shard, gather_states, model_fingerprint, run_cascade
+from .runner import (
+    CascadeState,
+    Shard,
+    current_shard,
+    gather_states,
+    model_fingerprint,
+    run_cascade,
+)
 from .suites import SUITES, Suite, load_suite
 
 __all__ = ["audit", "Report", "Suite", "SUITES", "load_suite", "Finding"]
@@ -88,7 +103,9 @@ def audit(
     y = check_labels(y, n, x.device)
     threat = threat.with_bounds(model.bounds) if not threat.has_explicit_bounds else threat
     if threat.bounds != tuple(model.bounds):
-        raise InputError(f"threat: its bounds {threat.bounds} differ from the model's {model.bounds}")
+        raise InputError(
+            f"threat: its bounds {threat.bounds} differ from the model's {model.bounds}"
+        )
     the_suite = load_suite(suite, threat)
     staged = the_suite.stages(threat, seed=seed)
     stages, closest = [a for a, _ in staged], [c for _, c in staged]
@@ -106,7 +123,9 @@ def audit(
     rows = shard.rows(n)
     state_path = None
     if state is not None:
-        state_path = Path(state) if shard.world == 1 else Path(f"{state}.rank{shard.rank}-of-{shard.world}")
+        state_path = (
+            Path(state) if shard.world == 1 else Path(f"{state}.rank{shard.rank}-of-{shard.world}")
+        )
 
     findings: list[Finding] = []
     t_checks = 0.0
@@ -118,10 +137,20 @@ def audit(
 
     t0 = time.perf_counter()
     rows_dev = rows.to(x.device)
-    part = run_cascade(model, x[rows_dev], y[rows_dev], stages, index=rows, state_path=state_path,
-                       fingerprint={**fingerprint, "shard": f"{shard.rank}/{shard.world}"}, batch_size=batch_size,
-                       desc=f"audit {the_suite.name}" + (f" [{shard.rank}/{shard.world}]" if shard.world > 1 else ""),
-                       mismatch=state_mismatch, closest=closest)
+    part = run_cascade(
+        model,
+        x[rows_dev],
+        y[rows_dev],
+        stages,
+        index=rows,
+        state_path=state_path,
+        fingerprint={**fingerprint, "shard": f"{shard.rank}/{shard.world}"},
+        batch_size=batch_size,
+        desc=f"audit {the_suite.name}"
+        + (f" [{shard.rank}/{shard.world}]" if shard.world > 1 else ""),
+        mismatch=state_mismatch,
+        closest=closest,
+    )
     full = gather_states(part, shard, n)
     t_cascade = time.perf_counter() - t0
     if full is None:
@@ -135,27 +164,57 @@ def audit(
         curve = _eps_curve(model, x, y, threat, eps_curve, full, seed=seed, subset=subset)
         t_curve = time.perf_counter() - t0
         if checks and curve.get("check", True):
-            findings += check_curve(curve["eps"], curve["robust_accuracy"], n=curve["n"],
-                                    large=curve.get("large_eps"), acc_large=curve.get("robust_accuracy_large_eps"))
+            findings += check_curve(
+                curve["eps"],
+                curve["robust_accuracy"],
+                n=curve["n"],
+                large=curve.get("large_eps"),
+                acc_large=curve.get("robust_accuracy_large_eps"),
+            )
     if checks:
         t0 = time.perf_counter()
         findings += check_blackbox_gain(full.broken_by, stages, full.clean_correct)
         robust_rows = full.robust.nonzero().view(-1)[: max(1, subset // 4)]
         if robust_rows.numel() and model.access == "gradients":
-            steps = 4 * max((a.params.get("steps", 0) or 0) for a in stages if a.access == "gradients") or 400
+            steps = (
+                4 * max((a.params.get("steps", 0) or 0) for a in stages if a.access == "gradients")
+                or 400
+            )
             rd = robust_rows.to(x.device)
-            findings += check_convergence(model, x[rd], y[rd], threat, robust_rows.to(x.device), steps=steps, seed=seed)
+            findings += check_convergence(
+                model, x[rd], y[rd], threat, robust_rows.to(x.device), steps=steps, seed=seed
+            )
         t_checks += time.perf_counter() - t0
 
-    data = _document(model, x, y, threat, the_suite, stages, full, findings, curve, seed=seed, shard=shard,
-                     closest=closest,
-                     fingerprint=fingerprint, n_examples=n_examples, meta=meta or {},
-                     seconds={"cascade": round(t_cascade, 3), "checks": round(t_checks, 3), "eps_curve": round(t_curve, 3),
-                              "total": round(time.perf_counter() - started, 3)})
+    data = _document(
+        model,
+        x,
+        y,
+        threat,
+        the_suite,
+        stages,
+        full,
+        findings,
+        curve,
+        seed=seed,
+        shard=shard,
+        closest=closest,
+        fingerprint=fingerprint,
+        n_examples=n_examples,
+        meta=meta or {},
+        seconds={
+            "cascade": round(t_cascade, 3),
+            "checks": round(t_checks, 3),
+            "eps_curve": round(t_curve, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+    )
     return Report(data)
 
 
-def _eps_curve(model, x, y, threat: ThreatModel, spec, full: CascadeState, *, seed: int, subset: int) -> dict[str, Any]:
+def _eps_curve(
+    model, x, y, threat: ThreatModel, spec, full: CascadeState, *, seed: int, subset: int
+) -> dict[str, Any]:
     """Robust accuracy against eps on the first ``subset`` samples."""
     eps0 = float(threat.eps)
     m = min(subset, x.shape[0])
@@ -168,11 +227,19 @@ def _eps_curve(model, x, y, threat: ThreatModel, spec, full: CascadeState, *, se
         attack = attacks.create(name, threat.with_eps(math.inf), seed=derive_seed(seed, 7001))
         r = attack(model, xs[rows], ys[rows], index=index)
         dist = torch.full((m,), -1.0, dtype=torch.float64, device=x.device)
-        dist[rows] = torch.where(r.success, r.distance.double(), torch.full_like(r.distance.double(), math.inf))
+        dist[rows] = torch.where(
+            r.success, r.distance.double(), torch.full_like(r.distance.double(), math.inf)
+        )
         grid = [eps0 * f for f in (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)]
         acc = [float((dist > e).float().mean()) for e in grid]
-        return {"eps": grid, "robust_accuracy": acc, "n": m, "attack": name, "source": "minimum-norm",
-                "check": False}
+        return {
+            "eps": grid,
+            "robust_accuracy": acc,
+            "n": m,
+            "attack": name,
+            "source": "minimum-norm",
+            "check": False,
+        }
     eps_list = [eps0 * f for f in _DEFAULT_CURVE] if spec == "auto" else [float(e) for e in spec]
     if any(e < 0 or not math.isfinite(e) for e in eps_list):
         raise InputError(f"eps_curve: expected finite eps values >= 0, got {eps_list}")
@@ -184,31 +251,65 @@ def _eps_curve(model, x, y, threat: ThreatModel, spec, full: CascadeState, *, se
         if rows.numel() == 0:
             accs.append(0.0)
             continue
-        attack = attacks.create(name, threat.with_eps(e), steps=50, seed=derive_seed(seed, 7000 + k))
+        attack = attacks.create(
+            name, threat.with_eps(e), steps=50, seed=derive_seed(seed, 7000 + k)
+        )
         r = attack(model, xs[rows], ys[rows], index=index)
         accs.append(float((~r.success).sum()) / m)
-    return {"eps": eps_list, "robust_accuracy": accs[:-1], "n": m, "attack": f"{name} (50 steps)", "source": "runs",
-            "large_eps": big, "robust_accuracy_large_eps": accs[-1]}
+    return {
+        "eps": eps_list,
+        "robust_accuracy": accs[:-1],
+        "n": m,
+        "attack": f"{name} (50 steps)",
+        "source": "runs",
+        "large_eps": big,
+        "robust_accuracy_large_eps": accs[-1],
+    }
 
 
-def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, curve, *, seed, shard: Shard, closest,
-              fingerprint, n_examples, meta, seconds) -> dict[str, Any]:
+def _document(
+    model,
+    x,
+    y,
+    threat,
+    suite,
+    stages,
+    st: CascadeState,
+    findings,
+    curve,
+    *,
+    seed,
+    shard: Shard,
+    closest,
+    fingerprint,
+    n_examples,
+    meta,
+    seconds,
+) -> dict[str, Any]:
     n = st.n
     correct = st.clean_correct
     robust = st.robust
     cascade = []
     for k, a in enumerate(stages):
         broken_upto = correct & (st.broken_by >= 0) & (st.broken_by <= k)
-        cascade.append({
-            "stage": k, "attack": a.name, "params": _jsonable(a.params),
-            "broke": int((st.broken_by == k).sum()),
-            "robust_accuracy_after": float((correct & ~broken_upto).float().mean()),
-            "queries": int(st.queries[k + 1].sum()), "grads": int(st.grads[k + 1].sum()),
-            "seconds": round(float(st.seconds[k + 1]), 3),
-        })
+        cascade.append(
+            {
+                "stage": k,
+                "attack": a.name,
+                "params": _jsonable(a.params),
+                "broke": int((st.broken_by == k).sum()),
+                "robust_accuracy_after": float((correct & ~broken_upto).float().mean()),
+                "queries": int(st.queries[k + 1].sum()),
+                "grads": int(st.grads[k + 1].sum()),
+                "seconds": round(float(st.seconds[k + 1]), 3),
+            }
+        )
         if not math.isnan(float(st.gate[k])):  # a gated stage: which samples it ran on
-            cascade[-1]["gate"] = {"closest": closest[k], "margin_at_most": float(st.gate[k]),
-                                   "attacked": int((st.queries[k + 1] > 0).sum())}
+            cascade[-1]["gate"] = {
+                "closest": closest[k],
+                "margin_at_most": float(st.gate[k]),
+                "attacked": int((st.queries[k + 1] > 0).sum()),
+            }
     y_cpu = y.cpu()
     classes = int(max(int(y_cpu.max()), int(st.clean_pred.max()))) + 1
     per_class = []
@@ -216,8 +317,14 @@ def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, cu
         m = y_cpu == c
         if int(m.sum()) == 0:
             continue
-        per_class.append({"class": c, "n": int(m.sum()), "clean_accuracy": float(correct[m].float().mean()),
-                          "robust_accuracy": float(robust[m].float().mean())})
+        per_class.append(
+            {
+                "class": c,
+                "n": int(m.sum()),
+                "clean_accuracy": float(correct[m].float().mean()),
+                "robust_accuracy": float(robust[m].float().mean()),
+            }
+        )
     queries = int(st.queries.sum())
     grads = int(st.grads.sum())
     n_robust = max(1, int(robust.sum()))
@@ -226,8 +333,12 @@ def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, cu
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": repr(model), "sha256": fingerprint["model"], **{k: v for k, v in meta.items() if k.startswith("weights")},
-                  "name_given": meta.get("model")},
+        "model": {
+            "name": repr(model),
+            "sha256": fingerprint["model"],
+            **{k: v for k, v in meta.items() if k.startswith("weights")},
+            "name_given": meta.get("model"),
+        },
         "data": {"name": meta.get("data"), "n": n, "sha256": fingerprint["data"]},
         "threat": threat.to_dict(),
         "suite": suite.to_dict(),
@@ -247,17 +358,29 @@ def _document(model, x, y, threat, suite, stages, st: CascadeState, findings, cu
             "queries": st.queries.sum(dim=0).tolist(),
             "grads": st.grads.sum(dim=0).tolist(),
         },
-        "totals": {"queries": queries, "grads": grads,
-                   "queries_per_robust_point": round(queries / n_robust, 1),
-                   "grads_per_robust_point": round(grads / n_robust, 1),
-                   "seconds": seconds},
+        "totals": {
+            "queries": queries,
+            "grads": grads,
+            "queries_per_robust_point": round(queries / n_robust, 1),
+            "grads_per_robust_point": round(grads / n_robust, 1),
+            "seconds": seconds,
+        },
         "findings": [f.to_dict() for f in findings],
         "examples": examples,
         "provenance": {
-            "advx": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": str(x.device),
-            "threads": torch.get_num_threads(), "seed": seed, "processes": shard.world,
-            **{k: v for k, v in meta.items() if not k.startswith("weights") and k not in ("model", "data")},
+            "advx": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "device": str(x.device),
+            "threads": torch.get_num_threads(),
+            "seed": seed,
+            "processes": shard.world,
+            **{
+                k: v
+                for k, v in meta.items()
+                if not k.startswith("weights") and k not in ("model", "data")
+            },
         },
     }
 
@@ -273,10 +396,20 @@ def _examples(model, x, y, st: CascadeState, stages, k: int) -> list[dict[str, A
         pred = model(xa.to(x.device)).argmax(1).cpu()
     out = []
     for i, r in enumerate(rows.tolist()):
-        to8 = lambda t: ((t.float() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8).tolist()  # noqa: E731
-        out.append({"index": r, "label": int(y[r]), "adversarial_label": int(pred[i]),
-                    "attack": stages[int(st.broken_by[r])].name, "distance": float(st.distance[r]),
-                    "clean": to8(x[r].cpu()), "adversarial": to8(xa[i])})
+        to8 = lambda t: (
+            ((t.float() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8).tolist()
+        )
+        out.append(
+            {
+                "index": r,
+                "label": int(y[r]),
+                "adversarial_label": int(pred[i]),
+                "attack": stages[int(st.broken_by[r])].name,
+                "distance": float(st.distance[r]),
+                "clean": to8(x[r].cpu()),
+                "adversarial": to8(xa[i]),
+            }
+        )
     return out
 
 

@@ -17,7 +17,14 @@ from ..attacks._losses import ce
 from ..models._base import ACCESS_RANK, ModelView, Tracker
 from ..threat import ThreatModel
 
-__all__ = ["Finding", "check_model", "check_blackbox_gain", "check_curve", "check_convergence", "large_eps"]
+__all__ = [
+    "Finding",
+    "check_model",
+    "check_blackbox_gain",
+    "check_curve",
+    "check_convergence",
+    "large_eps",
+]
 
 
 @dataclass(frozen=True)
@@ -46,22 +53,28 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
     gap = float((a - b).abs().max())
     if gap > 1e-4 * scale:
         flips = int((a.argmax(1) != b.argmax(1)).sum())
-        out.append(Finding(
-            "randomized-model", "error",
-            f"two passes over the same {x.shape[0]} inputs disagree (largest logit gap {gap:.3g}, "
-            f"{flips} predictions changed): the model is randomized",
-            "attack the expected output instead (EOT: average gradients over many passes) and "
-            "report accuracy over repeated passes; a randomized model defeats one-pass attacks by chance",
-            {"max_logit_gap": gap, "prediction_flips": flips},
-        ))
+        out.append(
+            Finding(
+                "randomized-model",
+                "error",
+                f"two passes over the same {x.shape[0]} inputs disagree (largest logit gap {gap:.3g}, "
+                f"{flips} predictions changed): the model is randomized",
+                "attack the expected output instead (EOT: average gradients over many passes) and "
+                "report accuracy over repeated passes; a randomized model defeats one-pass attacks by chance",
+                {"max_logit_gap": gap, "prediction_flips": flips},
+            )
+        )
     sums = a.sum(dim=1)
     if bool((a >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
-        out.append(Finding(
-            "probability-outputs", "warning",
-            "the model returns probabilities (rows are >= 0 and sum to 1), not logits",
-            "return logits (or pass output= to the Classifier): softmax saturates and hides the "
-            "gradients that attacks follow, which overstates robustness",
-        ))
+        out.append(
+            Finding(
+                "probability-outputs",
+                "warning",
+                "the model returns probabilities (rows are >= 0 and sum to 1), not logits",
+                "return logits (or pass output= to the Classifier): softmax saturates and hides the "
+                "gradients that attacks follow, which overstates robustness",
+            )
+        )
     if model.access == "gradients":
         with model.prepared():
             _, grad, _ = view.value_and_grad(x, ce, y)
@@ -69,14 +82,17 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
         dead = ~torch.isfinite(flat).all(dim=1) | (flat.abs().amax(dim=1) == 0)
         share = float(dead.float().mean())
         if share > 0.01:
-            out.append(Finding(
-                "masked-gradients", "error" if share > 0.1 else "warning",
-                f"{share:.0%} of the inputs have an all-zero or non-finite loss gradient",
-                "gradient-based attacks cannot move these points: suspect gradient masking "
-                "(non-differentiable preprocessing, saturated softmax, quantization); attack through "
-                "such parts with BPDA and check the black-box stages",
-                {"share": share},
-            ))
+            out.append(
+                Finding(
+                    "masked-gradients",
+                    "error" if share > 0.1 else "warning",
+                    f"{share:.0%} of the inputs have an all-zero or non-finite loss gradient",
+                    "gradient-based attacks cannot move these points: suspect gradient masking "
+                    "(non-differentiable preprocessing, saturated softmax, quantization); attack through "
+                    "such parts with BPDA and check the black-box stages",
+                    {"share": share},
+                )
+            )
     return out
 
 
@@ -87,7 +103,9 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
 _BLACKBOX_GAIN_ERROR = 0.02
 
 
-def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack], clean_correct: Tensor) -> list[Finding]:
+def check_blackbox_gain(
+    broken_by: Tensor, stages: list[attacks.Attack], clean_correct: Tensor
+) -> list[Finding]:
     """A score- or label-based stage that breaks points every white-box stage missed."""
     out = []
     white = [k for k, a in enumerate(stages) if a.access == "gradients"]
@@ -100,14 +118,17 @@ def check_blackbox_gain(broken_by: Tensor, stages: list[attacks.Attack], clean_c
         reached = int((clean_correct & ((broken_by < 0) | (broken_by >= k))).sum())
         if gained:
             share = gained / max(1, reached)
-            out.append(Finding(
-                "blackbox-beats-whitebox", "error" if gained > 2 and share > _BLACKBOX_GAIN_ERROR else "warning",
-                f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks could not "
-                f"({share:.1%} of the {reached} points left to it)",
-                "a gradient-free attack should not beat gradient-based ones: suspect gradient masking; "
-                "treat the white-box numbers with suspicion and check the gradients (BPDA, EOT)",
-                {"attack": a.name, "points": gained, "share": round(share, 4)},
-            ))
+            out.append(
+                Finding(
+                    "blackbox-beats-whitebox",
+                    "error" if gained > 2 and share > _BLACKBOX_GAIN_ERROR else "warning",
+                    f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks could not "
+                    f"({share:.1%} of the {reached} points left to it)",
+                    "a gradient-free attack should not beat gradient-based ones: suspect gradient masking; "
+                    "treat the white-box numbers with suspicion and check the gradients (BPDA, EOT)",
+                    {"attack": a.name, "points": gained, "share": round(share, 4)},
+                )
+            )
     return out
 
 
@@ -118,35 +139,48 @@ def large_eps(threat: ThreatModel, x: Tensor) -> float:
     return {"linf": hi - lo, "l2": (hi - lo) * math.sqrt(d), "l1": (hi - lo) * d}[threat.norm]
 
 
-def check_curve(eps: list[float], acc: list[float], *, n: int, large: float | None = None,
-                acc_large: float | None = None) -> list[Finding]:
+def check_curve(
+    eps: list[float],
+    acc: list[float],
+    *,
+    n: int,
+    large: float | None = None,
+    acc_large: float | None = None,
+) -> list[Finding]:
     """Robust accuracy must not rise with eps, and must fall towards 0 when eps allows anything."""
     out = []
     slack = 1.5 / max(n, 1)  # one sample's worth, and a half
     rises = [(eps[i], eps[i + 1]) for i in range(len(eps) - 1) if acc[i + 1] > acc[i] + slack]
     if rises:
         a, b = rises[0]
-        out.append(Finding(
-            "accuracy-rises-with-eps", "error",
-            f"robust accuracy rises from eps {a:g} to {b:g}: a larger budget contains the smaller one",
-            "the attack is not finding what it should (too few steps, a bad step size, randomness, "
-            "or masked gradients); add restarts and steps until the curve falls",
-            {"pairs": rises},
-        ))
+        out.append(
+            Finding(
+                "accuracy-rises-with-eps",
+                "error",
+                f"robust accuracy rises from eps {a:g} to {b:g}: a larger budget contains the smaller one",
+                "the attack is not finding what it should (too few steps, a bad step size, randomness, "
+                "or masked gradients); add restarts and steps until the curve falls",
+                {"pairs": rises},
+            )
+        )
     if acc_large is not None and acc_large > 0.05:
-        out.append(Finding(
-            "large-eps-not-zero", "error",
-            f"at eps {large:g}, where any input can be turned into any other, {acc_large:.0%} of the "
-            "points still resist the attack",
-            "no classifier can resist an unlimited perturbation: the gradients are masked or the "
-            "model is broken; do not trust the robust accuracy",
-            {"eps": large, "robust_accuracy": acc_large},
-        ))
+        out.append(
+            Finding(
+                "large-eps-not-zero",
+                "error",
+                f"at eps {large:g}, where any input can be turned into any other, {acc_large:.0%} of the "
+                "points still resist the attack",
+                "no classifier can resist an unlimited perturbation: the gradients are masked or the "
+                "model is broken; do not trust the robust accuracy",
+                {"eps": large, "robust_accuracy": acc_large},
+            )
+        )
     return out
 
 
-def check_convergence(model, x: Tensor, y: Tensor, threat: ThreatModel, index: Tensor, *, steps: int,
-                      seed: int) -> list[Finding]:
+def check_convergence(
+    model, x: Tensor, y: Tensor, threat: ThreatModel, index: Tensor, *, steps: int, seed: int
+) -> list[Finding]:
     """On points the cascade left robust: does an attack with many more steps still break some?"""
     if x.shape[0] == 0 or model.access != "gradients":
         return []
@@ -155,11 +189,19 @@ def check_convergence(model, x: Tensor, y: Tensor, threat: ThreatModel, index: T
     r = attack(model, x, y, index=index)
     share = r.success_rate
     if share > 0.02:
-        return [Finding(
-            "not-converged", "warning",
-            f"{name} with {steps} steps broke {share:.1%} of {x.shape[0]} points the cascade left robust",
-            "more steps still help a lot: raise steps and restarts (or use the standard suite) "
-            "before trusting the number",
-            {"attack": name, "steps": steps, "checked": x.shape[0], "broken": int(r.success.sum())},
-        )]
+        return [
+            Finding(
+                "not-converged",
+                "warning",
+                f"{name} with {steps} steps broke {share:.1%} of {x.shape[0]} points the cascade left robust",
+                "more steps still help a lot: raise steps and restarts (or use the standard suite) "
+                "before trusting the number",
+                {
+                    "attack": name,
+                    "steps": steps,
+                    "checked": x.shape[0],
+                    "broken": int(r.success.sum()),
+                },
+            )
+        ]
     return []

@@ -49,9 +49,16 @@ class Report:
 
     def __repr__(self) -> str:
         d = self._data
-        flags = "" if self.reliable else ", UNRELIABLE: " + ", ".join(f["code"] for f in self.findings if f["severity"] == "error")
-        return (f"Report({d['threat']['norm']} eps={d['threat']['eps']}, suite={d['suite']['name']}, n={d['data']['n']}: "
-                f"clean {self.clean_accuracy:.2%}, robust {self.robust_accuracy:.2%}{flags})")
+        flags = (
+            ""
+            if self.reliable
+            else ", UNRELIABLE: "
+            + ", ".join(f["code"] for f in self.findings if f["severity"] == "error")
+        )
+        return (
+            f"Report({d['threat']['norm']} eps={d['threat']['eps']}, suite={d['suite']['name']}, n={d['data']['n']}: "
+            f"clean {self.clean_accuracy:.2%}, robust {self.robust_accuracy:.2%}{flags})"
+        )
 
     # ---- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +75,7 @@ class Report:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Report":
+    def load(cls, path: str | os.PathLike) -> Report:
         return cls(json.loads(Path(path).read_text()))
 
     def to_html(self) -> str:
@@ -86,12 +93,21 @@ class Report:
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal."""
         d = self._data
-        lines = [f"clean accuracy  {self.clean_accuracy:.2%}   robust accuracy  {self.robust_accuracy:.2%}   "
-                 f"({d['data']['n']} samples, {d['threat']['norm']} eps {d['threat']['eps']}, suite {d['suite']['name']})"]
+        lines = [
+            f"clean accuracy  {self.clean_accuracy:.2%}   robust accuracy  {self.robust_accuracy:.2%}   "
+            f"({d['data']['n']} samples, {d['threat']['norm']} eps {d['threat']['eps']}, suite {d['suite']['name']})"
+        ]
         for row in d["cascade"]:
-            lines.append(f"  after {row['attack']:<28} {row['robust_accuracy_after']:.2%}   "
-                         f"(broke {row['broke']}, {row['queries']:,} fwd / {row['grads']:,} bwd, {row['seconds']:.1f}s"
-                         + (f"; on the {row['gate']['attacked']} closest to the boundary" if row.get("gate") else "") + ")")
+            lines.append(
+                f"  after {row['attack']:<28} {row['robust_accuracy_after']:.2%}   "
+                f"(broke {row['broke']}, {row['queries']:,} fwd / {row['grads']:,} bwd, {row['seconds']:.1f}s"
+                + (
+                    f"; on the {row['gate']['attacked']} closest to the boundary"
+                    if row.get("gate")
+                    else ""
+                )
+                + ")"
+            )
         for f in self.findings:
             lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
         return lines

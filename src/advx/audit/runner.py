@@ -14,9 +14,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,9 @@ class CascadeState:
     # logit margin (true class minus the best other) at the best point each stage found on each
     # sample it did not break; +inf where not measured. Only measured for gated suites.
     margin: Tensor = field(default=None)  # float64 (K, N)
-    gate: Tensor = field(default=None)  # float64 (K,): each gated stage's margin threshold, nan if none
+    gate: Tensor = field(
+        default=None
+    )  # float64 (K,): each gated stage's margin threshold, nan if none
 
     def __post_init__(self) -> None:
         n, k = self.n, self.stages
@@ -72,20 +75,40 @@ class CascadeState:
         return self.clean_correct & (self.broken_by < 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("n", "stages", "clean_done", "clean_correct", "clean_pred", "broken_by",
-                                             "stage_done", "distance", "queries", "grads", "seconds", "x_adv",
-                                             "margin", "gate")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "n",
+                "stages",
+                "clean_done",
+                "clean_correct",
+                "clean_pred",
+                "broken_by",
+                "stage_done",
+                "distance",
+                "queries",
+                "grads",
+                "seconds",
+                "x_adv",
+                "margin",
+                "gate",
+            )
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CascadeState":
+    def from_dict(cls, d: dict[str, Any]) -> CascadeState:
         return cls(**d)
 
-    def select(self, rows: Tensor) -> "CascadeState":
+    def select(self, rows: Tensor) -> CascadeState:
         """The state of some samples (for merging shards)."""
         out = CascadeState(n=rows.numel(), stages=self.stages, clean_done=self.clean_done)
         out.clean_correct, out.clean_pred = self.clean_correct[rows], self.clean_pred[rows]
         out.broken_by, out.stage_done = self.broken_by[rows], self.stage_done[:, rows]
-        out.distance, out.queries, out.grads = self.distance[rows], self.queries[:, rows], self.grads[:, rows]
+        out.distance, out.queries, out.grads = (
+            self.distance[rows],
+            self.queries[:, rows],
+            self.grads[:, rows],
+        )
         out.seconds = self.seconds.clone()
         out.x_adv = None if self.x_adv is None else self.x_adv[rows]
         out.margin, out.gate = self.margin[:, rows], self.gate.clone()
@@ -105,7 +128,11 @@ def model_fingerprint(model) -> str:
         for name, t in net.state_dict().items():
             h.update(name.encode())
             # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(
+                t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                if t.numel()
+                else b""
+            )
     for attr in ("_mean", "_std", "bounds"):
         h.update(repr(getattr(model, attr, None)).encode())
     return h.hexdigest()
@@ -142,24 +169,34 @@ def current_shard() -> Shard:
 
 
 # ---- state file ----------------------------------------------------------------------------
-def _load_state(path: Path, fingerprint: dict[str, Any], *, mismatch: str = "error") -> CascadeState | None:
+def _load_state(
+    path: Path, fingerprint: dict[str, Any], *, mismatch: str = "error"
+) -> CascadeState | None:
     if not path.exists():
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"resume: cannot read the state file {path} ({type(e).__name__}); delete it to start afresh") from None
+    except Exception as e:
+        raise InputError(
+            f"resume: cannot read the state file {path} ({type(e).__name__}); delete it to start afresh"
+        ) from None
     if not isinstance(blob, dict) or blob.get("version") != _STATE_VERSION:
-        raise InputError(f"resume: {path} is not an advx audit state file (or from another version); delete it to start afresh")
+        raise InputError(
+            f"resume: {path} is not an advx audit state file (or from another version); delete it to start afresh"
+        )
     old = blob["fingerprint"]
     differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
     if differ and mismatch == "restart":
         log.warning("%s is from a different %s; starting afresh", path, ", ".join(differ))
         return None
     if differ:
-        what = "; ".join(f"{k}: {_short(old.get(k))} in the file, {_short(fingerprint[k])} now" for k in differ)
-        raise InputError(f"resume: {path} was written for a different {', '.join(differ)} ({what}); "
-                         "pass another --resume path or delete the file to start afresh")
+        what = "; ".join(
+            f"{k}: {_short(old.get(k))} in the file, {_short(fingerprint[k])} now" for k in differ
+        )
+        raise InputError(
+            f"resume: {path} was written for a different {', '.join(differ)} ({what}); "
+            "pass another --resume path or delete the file to start afresh"
+        )
     return CascadeState.from_dict(blob["state"])
 
 
@@ -170,7 +207,9 @@ def _short(v: Any) -> str:
 
 def _save_state(path: Path, fingerprint: dict[str, Any], state: CascadeState) -> None:
     with atomic_open(path, "wb") as f:
-        torch.save({"version": _STATE_VERSION, "fingerprint": fingerprint, "state": state.to_dict()}, f)
+        torch.save(
+            {"version": _STATE_VERSION, "fingerprint": fingerprint, "state": state.to_dict()}, f
+        )
 
 
 # ---- the cascade -----------------------------------------------------------------------------
@@ -209,7 +248,9 @@ def run_cascade(
     else:
         state = CascadeState(n=n, stages=len(attacks))
     if state.n != n or state.stages != len(attacks):
-        raise InputError(f"resume: the state file holds {state.n} samples and {state.stages} stages, this run has {n} and {len(attacks)}")
+        raise InputError(
+            f"resume: the state file holds {state.n} samples and {state.stages} stages, this run has {n} and {len(attacks)}"
+        )
 
     def save() -> None:
         if path is not None:
@@ -222,11 +263,23 @@ def run_cascade(
         view = ModelView(model, tracker)
         with model.prepared():
             if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
-                pred = torch.cat([view.select(torch.arange(b, min(b + batch_size, n), device=dev)).logits(x[b : b + batch_size]).argmax(1)
-                                  for b in range(0, n, batch_size)])
+                pred = torch.cat(
+                    [
+                        view.select(torch.arange(b, min(b + batch_size, n), device=dev))
+                        .logits(x[b : b + batch_size])
+                        .argmax(1)
+                        for b in range(0, n, batch_size)
+                    ]
+                )
             else:
-                pred = torch.cat([view.select(torch.arange(b, min(b + batch_size, n), device=dev)).labels(x[b : b + batch_size])
-                                  for b in range(0, n, batch_size)])
+                pred = torch.cat(
+                    [
+                        view.select(torch.arange(b, min(b + batch_size, n), device=dev)).labels(
+                            x[b : b + batch_size]
+                        )
+                        for b in range(0, n, batch_size)
+                    ]
+                )
         state.clean_pred = pred.cpu()
         state.clean_correct = (pred == y).cpu()
         state.queries[0] += tracker.queries.cpu()
@@ -237,17 +290,21 @@ def run_cascade(
 
     closest = list(closest or [None] * len(attacks))
     if len(closest) != len(attacks):
-        raise InputError(f"closest: one entry per stage expected ({len(attacks)}), got {len(closest)}")
+        raise InputError(
+            f"closest: one entry per stage expected ({len(attacks)}), got {len(closest)}"
+        )
     has_scores = ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]
     if any(c is not None for c in closest) and not has_scores:
-        log.warning("the suite gates stages by logit margin, but the model gives labels only: every stage runs on all samples")
+        log.warning(
+            "the suite gates stages by logit margin, but the model gives labels only: every stage runs on all samples"
+        )
         closest = [None] * len(attacks)
 
     total = int(state.clean_correct.sum()) * len(attacks)
     done_units = int((state.stage_done & state.clean_correct).sum())
     with _bar(total, desc, done_units) as advance:
         for k, attack in enumerate(attacks):
-            track = any(c is not None for c in closest[k + 1:])  # a later stage needs the margins
+            track = any(c is not None for c in closest[k + 1 :])  # a later stage needs the margins
             todo = state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]
             if closest[k] is not None:
                 # From what the finished earlier stages measured on the samples still robust when
@@ -282,7 +339,9 @@ def run_cascade(
             if closest[k] is not None:  # the gated-out samples are done with this stage too
                 state.stage_done[k] |= state.clean_correct & (state.broken_by < 0)
             # samples broken by an earlier stage count as done for this one
-            state.stage_done[k] |= state.clean_correct & (state.broken_by >= 0) & (state.broken_by < k)
+            state.stage_done[k] |= (
+                state.clean_correct & (state.broken_by >= 0) & (state.broken_by < k)
+            )
             advance(skipped)
     save()
     return state
@@ -329,8 +388,15 @@ def _bar(total: int, desc: str, initial: int) -> Iterator:
     except ImportError:  # pragma: no cover
         yield lambda k: None
         return
-    with tqdm(total=total, initial=initial, desc=desc, unit="sample", leave=False, dynamic_ncols=True,
-              disable=None if setting is None else False) as bar:
+    with tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="sample",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if setting is None else False,
+    ) as bar:
         yield bar.update
 
 
@@ -355,7 +421,11 @@ def gather_states(state: CascadeState, shard: Shard, n: int) -> CascadeState | N
         rows = Shard(r, shard.world).rows(n)
         merged.clean_correct[rows], merged.clean_pred[rows] = part.clean_correct, part.clean_pred
         merged.broken_by[rows], merged.stage_done[:, rows] = part.broken_by, part.stage_done
-        merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = part.distance, part.queries, part.grads
+        merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = (
+            part.distance,
+            part.queries,
+            part.grads,
+        )
         merged.x_adv[rows] = part.x_adv
         merged.margin[:, rows] = part.margin
         merged.gate = part.gate  # the same on every shard (computed from all of their margins)

@@ -24,13 +24,17 @@ __all__ = ["Suite", "SUITES", "load_suite"]
 class Suite:
     name: str
     specs: tuple[dict[str, Any], ...]  # each {"name": ..., **params}
-    skip_unsupported: bool = False  # built-ins drop attacks that lack the norm; custom suites refuse
+    skip_unsupported: bool = (
+        False  # built-ins drop attacks that lack the norm; custom suites refuse
+    )
 
     def build(self, threat: ThreatModel, *, seed: int = 0) -> list[attacks.Attack]:
         """The attacks for ``threat``; stage k gets a seed derived from (seed, k)."""
         return [attack for attack, _ in self.stages(threat, seed=seed)]
 
-    def stages(self, threat: ThreatModel, *, seed: int = 0) -> list[tuple[attacks.Attack, float | None]]:
+    def stages(
+        self, threat: ThreatModel, *, seed: int = 0
+    ) -> list[tuple[attacks.Attack, float | None]]:
         """(attack, closest) for each stage: ``closest`` is the fraction of the samples still
         robust, nearest the decision boundary, that the stage runs on (None: all of them)."""
         built = []
@@ -38,16 +42,23 @@ class Suite:
             spec = dict(spec)
             name = spec.pop("name")
             closest = spec.pop("closest", None)
-            if closest is not None and (isinstance(closest, bool) or not isinstance(closest, (int, float))
-                                        or not 0 < closest <= 1):
-                raise InputError(f"suite {self.name!r}: closest = {closest!r} for {name}; expected a fraction in "
-                                 "(0, 1] of the samples still robust (those with the smallest logit margins)")
+            if closest is not None and (
+                isinstance(closest, bool)
+                or not isinstance(closest, (int, float))
+                or not 0 < closest <= 1
+            ):
+                raise InputError(
+                    f"suite {self.name!r}: closest = {closest!r} for {name}; expected a fraction in "
+                    "(0, 1] of the samples still robust (those with the smallest logit margins)"
+                )
             cls = attacks.get(name)
             if threat.norm not in cls.norms:
                 if self.skip_unsupported:
                     continue
-                raise InputError(f"suite {self.name!r}: attack {name} does not support the {threat.norm} norm "
-                                 f"(it supports {', '.join(cls.norms)})")
+                raise InputError(
+                    f"suite {self.name!r}: attack {name} does not support the {threat.norm} norm "
+                    f"(it supports {', '.join(cls.norms)})"
+                )
             attack = attacks.create(name, threat, seed=derive_seed(seed, k), **spec)
             built.append((attack, None if closest is None else float(closest)))
         if not built:
@@ -93,11 +104,15 @@ def load_suite(suite: str | Path | Suite | list, threat: ThreatModel | None = No
         specs = []
         for item in suite:
             if isinstance(item, attacks.Attack):
-                specs.append({"name": item.name, **{k: v for k, v in item.params.items() if k != "seed"}})
+                specs.append(
+                    {"name": item.name, **{k: v for k, v in item.params.items() if k != "seed"}}
+                )
             elif isinstance(item, dict) and "name" in item:
                 specs.append(dict(item))
             else:
-                raise InputError(f"suite: expected attacks or {{'name': ..., params}} dicts, got {item!r}")
+                raise InputError(
+                    f"suite: expected attacks or {{'name': ..., params}} dicts, got {item!r}"
+                )
         out = Suite("custom", tuple(specs))
     elif str(suite) in SUITES:
         out = SUITES[str(suite)]
@@ -110,7 +125,9 @@ def load_suite(suite: str | Path | Suite | list, threat: ThreatModel | None = No
 
 def _from_toml(path: Path) -> Suite:
     if not path.exists():
-        raise InputError(f"suite: {str(path)!r} is neither a built-in suite ({', '.join(SUITES)}) nor a TOML file")
+        raise InputError(
+            f"suite: {str(path)!r} is neither a built-in suite ({', '.join(SUITES)}) nor a TOML file"
+        )
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -121,8 +138,10 @@ def _from_toml(path: Path) -> Suite:
         raise InputError(f"suite: {path} is not valid TOML ({e})") from None
     items = doc.get("attacks") or doc.get("attack")
     if not isinstance(items, list) or not items:
-        raise InputError(f"suite: {path} needs an [[attacks]] table per attack, e.g.\n"
-                         "  [[attacks]]\n  name = \"apgd\"\n  loss = \"ce\"\n  steps = 100")
+        raise InputError(
+            f"suite: {path} needs an [[attacks]] table per attack, e.g.\n"
+            '  [[attacks]]\n  name = "apgd"\n  loss = "ce"\n  steps = 100'
+        )
     specs = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "name" not in item:

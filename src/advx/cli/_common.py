@@ -19,7 +19,9 @@ def parse_floats(text: str | None, name: str) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise InputError(f"--{name}: expected comma-separated numbers such as 0.485,0.456,0.406, got {text!r}") from None
+        raise InputError(
+            f"--{name}: expected comma-separated numbers such as 0.485,0.456,0.406, got {text!r}"
+        ) from None
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -55,17 +57,46 @@ def emit_json(obj: Any) -> None:
 
 def model_options(f):
     """--model, --weights, --mean, --std, --bounds."""
-    f = click.option("--bounds", default="0,1", show_default=True, help="Valid input range, before normalization.")(f)
-    f = click.option("--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225.")(f)
-    f = click.option("--mean", default=None, help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406.")(f)
-    f = click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt/.pth/.th or .safetensors).")(f)
-    f = click.option("--model", "model_spec", required=False, default=None,
-                     help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory or file.py:factory.")(f)
+    f = click.option(
+        "--bounds",
+        default="0,1",
+        show_default=True,
+        help="Valid input range, before normalization.",
+    )(f)
+    f = click.option(
+        "--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225."
+    )(f)
+    f = click.option(
+        "--mean",
+        default=None,
+        help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406.",
+    )(f)
+    f = click.option(
+        "--weights",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="State dict (.pt/.pth/.th or .safetensors).",
+    )(f)
+    f = click.option(
+        "--model",
+        "model_spec",
+        required=False,
+        default=None,
+        help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory or file.py:factory.",
+    )(f)
     return f
 
 
-def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.device, batch_size="auto",
-                     **classifier_kw):
+def build_classifier(
+    model_spec: str,
+    weights,
+    mean,
+    std,
+    bounds,
+    device: torch.device,
+    batch_size="auto",
+    **classifier_kw,
+):
     from ..models import Classifier
     from ..zoo import build
 
@@ -79,16 +110,35 @@ def build_classifier(model_spec: str, weights, mean, std, bounds, device: torch.
     if not lo_hi or len(lo_hi) != 2:
         raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
     net = obj.to(device).eval()  # our own freshly built module: moving it is fine
-    return Classifier(net, bounds=tuple(lo_hi), mean=parse_floats(mean, "mean"),
-                      std=parse_floats(std, "std"), batch_size=batch_size, **classifier_kw)
+    return Classifier(
+        net,
+        bounds=tuple(lo_hi),
+        mean=parse_floats(mean, "mean"),
+        std=parse_floats(std, "std"),
+        batch_size=batch_size,
+        **classifier_kw,
+    )
 
 
 def data_option(f):
     # -n as well: under torchrun, whose own parser takes "--n" for one of its options
-    f = click.option("-n", "--n", "n", type=click.IntRange(min=1), default=None, help="Use the first N samples (-n N under torchrun).")(f)
-    f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(f)
-    f = click.option("--data", default="mnist-demo", show_default=True,
-                     help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.")(f)
+    f = click.option(
+        "-n",
+        "--n",
+        "n",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Use the first N samples (-n N under torchrun).",
+    )(f)
+    f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(
+        f
+    )
+    f = click.option(
+        "--data",
+        default="mnist-demo",
+        show_default=True,
+        help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.",
+    )(f)
     return f
 
 

@@ -9,10 +9,18 @@ import click
 import numpy as np
 import torch
 
-from . import cli
-from ._common import (build_classifier, data_option, emit_json, info, model_options, parse_floats, parse_params,
-                      pick_device)
 from ..errors import InputError
+from . import cli
+from ._common import (
+    build_classifier,
+    data_option,
+    emit_json,
+    info,
+    model_options,
+    parse_floats,
+    parse_params,
+    pick_device,
+)
 
 
 def _attack_names() -> list[str]:
@@ -24,22 +32,84 @@ def _attack_names() -> list[str]:
 @cli.command("attack")
 @click.argument("name", type=click.Choice(_attack_names(), case_sensitive=False))
 @model_options
-@click.option("--blackbox", default=None, metavar="URL|FILE.onnx|pkg.module:fn",
-              help="Attack a model you can only query (instead of --model): an HTTP endpoint, an ONNX file or a callable.")
-@click.option("--kind", type=click.Choice(["scores", "labels"]), default="scores", show_default=True,
-              help="What the black box returns.")
-@click.option("--budget", type=click.IntRange(min=1), default=None, help="Hard cap on queries per sample.")
-@click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Classes of a label-only black box.")
+@click.option(
+    "--blackbox",
+    default=None,
+    metavar="URL|FILE.onnx|pkg.module:fn",
+    help="Attack a model you can only query (instead of --model): an HTTP endpoint, an ONNX file or a callable.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["scores", "labels"]),
+    default="scores",
+    show_default=True,
+    help="What the black box returns.",
+)
+@click.option(
+    "--budget", type=click.IntRange(min=1), default=None, help="Hard cap on queries per sample."
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Classes of a label-only black box.",
+)
 @data_option
-@click.option("--threat", "threat_spec", default="linf:0.3", show_default=True, help="NORM:EPS, e.g. linf:8/255, l2:0.5, l2:inf.")
-@click.option("--target", default=None, help="Targeted attack: a class index for all samples, or 'random'.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Attack hyper-parameter, repeatable (-p steps=100).")
+@click.option(
+    "--threat",
+    "threat_spec",
+    default="linf:0.3",
+    show_default=True,
+    help="NORM:EPS, e.g. linf:8/255, l2:0.5, l2:inf.",
+)
+@click.option(
+    "--target", default=None, help="Targeted attack: a class index for all samples, or 'random'."
+)
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Attack hyper-parameter, repeatable (-p steps=100).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per attack call.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Samples per attack call.",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the .npz of results.")
-def attack_command(name, model_spec, weights, mean, std, bounds, blackbox, kind, budget, num_classes, data, split, n,
-                   threat_spec, target, params, seed, batch_size, device, out) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Where to write the .npz of results.",
+)
+def attack_command(
+    name,
+    model_spec,
+    weights,
+    mean,
+    std,
+    bounds,
+    blackbox,
+    kind,
+    budget,
+    num_classes,
+    data,
+    split,
+    n,
+    threat_spec,
+    target,
+    params,
+    seed,
+    batch_size,
+    device,
+    out,
+) -> None:
     """Run attack NAME and write x_adv with per-sample success, distance, queries and grads.
 
     A JSON summary goes to stdout.
@@ -58,12 +128,16 @@ def attack_command(name, model_spec, weights, mean, std, bounds, blackbox, kind,
     threat = parse_threat(threat_spec)
     attack = attacks.create(name, threat, seed=seed, **parse_params(params))
     if (model_spec is None) == (blackbox is None):
-        raise InputError("give either --model (white-box) or --blackbox (query access), not both and not neither")
+        raise InputError(
+            "give either --model (white-box) or --blackbox (query access), not both and not neither"
+        )
     if blackbox is not None:
         from ..models import BlackBox
 
         lo_hi = parse_floats(bounds, "bounds")
-        model = BlackBox.from_spec(blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=tuple(lo_hi))
+        model = BlackBox.from_spec(
+            blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=tuple(lo_hi)
+        )
     else:
         model = build_classifier(model_spec, weights, mean, std, bounds, dev)
         if budget is not None:
@@ -81,12 +155,16 @@ def attack_command(name, model_spec, weights, mean, std, bounds, blackbox, kind,
             try:
                 k = int(target)
             except ValueError:
-                raise InputError(f"--target: expected a class index or 'random', got {target!r}") from None
+                raise InputError(
+                    f"--target: expected a class index or 'random', got {target!r}"
+                ) from None
             if not 0 <= k < num_classes:
                 raise InputError(f"--target: the model has classes 0..{num_classes - 1}, got {k}")
             keep = y != k
             if not bool(keep.all()):
-                info(f"skipping {int((~keep).sum())} sample(s) whose label is already the target {k}")
+                info(
+                    f"skipping {int((~keep).sum())} sample(s) whose label is already the target {k}"
+                )
             x, y, index = x[keep], y[keep], index[keep]
             tgt = torch.full_like(y, k)
 
@@ -95,30 +173,46 @@ def attack_command(name, model_spec, weights, mean, std, bounds, blackbox, kind,
     batches = range(0, len(x), batch_size)
     for b in progress(batches, total=len(batches), desc=name, unit="batch"):
         sl = slice(b, b + batch_size)
-        results.append(attack(model, x[sl], y[sl], target=None if tgt is None else tgt[sl], index=index[sl]))
+        results.append(
+            attack(model, x[sl], y[sl], target=None if tgt is None else tgt[sl], index=index[sl])
+        )
     result = concat_results(results)
     seconds = time.perf_counter() - start
 
     with atomic_open(out_path, "wb") as f:
         np.savez_compressed(
             f,
-            x_adv=result.x_adv.float().cpu().numpy(), success=result.success.cpu().numpy(),
-            distance=result.distance.float().cpu().numpy(), queries=result.queries.cpu().numpy(),
-            grads=result.grads.cpu().numpy(), y=y.cpu().numpy(), index=index.cpu().numpy(),
+            x_adv=result.x_adv.float().cpu().numpy(),
+            success=result.success.cpu().numpy(),
+            distance=result.distance.float().cpu().numpy(),
+            queries=result.queries.cpu().numpy(),
+            grads=result.grads.cpu().numpy(),
+            y=y.cpu().numpy(),
+            index=index.cpu().numpy(),
             target=(tgt if tgt is not None else torch.full_like(y, -1)).cpu().numpy(),
         )
     summary = result.summary()
     summary["seconds"] = round(seconds, 3)
-    emit_json({
-        "attack": name, "params": attack.params, "threat": threat.to_dict(), "out": str(out_path),
-        "summary": summary,
-        "provenance": {
-            "advx": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "device": str(dev), "seed": seed, "model": model_spec or blackbox,
-            "weights_sha256": file_sha256(weights) if weights else None,
-            "data": str(data), "data_sha256": data_sha256(x, y),
-        },
-    })
+    emit_json(
+        {
+            "attack": name,
+            "params": attack.params,
+            "threat": threat.to_dict(),
+            "out": str(out_path),
+            "summary": summary,
+            "provenance": {
+                "advx": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": str(dev),
+                "seed": seed,
+                "model": model_spec or blackbox,
+                "weights_sha256": file_sha256(weights) if weights else None,
+                "data": str(data),
+                "data_sha256": data_sha256(x, y),
+            },
+        }
+    )
 
 
 def _num_classes(model, x, given: int | None) -> int:
@@ -128,7 +222,9 @@ def _num_classes(model, x, given: int | None) -> int:
     if model.access == "labels":
         if given is None:
             if model.num_classes is None:
-                raise InputError("--num-classes: a label-only black box does not say how many classes it has")
+                raise InputError(
+                    "--num-classes: a label-only black box does not say how many classes it has"
+                )
             return model.num_classes
         return given
     with model.prepared():

@@ -13,34 +13,113 @@ from pathlib import Path
 import click
 import torch
 
-from . import cli
-from ._common import build_classifier, data_option, emit_json, info, model_options, parse_floats, pick_device
 from ..errors import InputError
+from . import cli
+from ._common import (
+    build_classifier,
+    data_option,
+    emit_json,
+    info,
+    model_options,
+    parse_floats,
+    pick_device,
+)
 
 
 @cli.command("audit")
 @model_options
 @data_option
-@click.option("--threat", "threat_spec", default="linf:0.3", show_default=True, help="NORM:EPS, e.g. linf:8/255.")
-@click.option("--suite", default="standard", show_default=True, help="standard, fast, or a TOML file of attacks.")
+@click.option(
+    "--threat",
+    "threat_spec",
+    default="linf:0.3",
+    show_default=True,
+    help="NORM:EPS, e.g. linf:8/255.",
+)
+@click.option(
+    "--suite",
+    default="standard",
+    show_default=True,
+    help="standard, fast, or a TOML file of attacks.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here (else to stdout).")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, help="Write the HTML report here.")
-@click.option("--fail-under", type=click.FloatRange(0, 1), default=None,
-              help="Exit 1 when robust accuracy is below this, or when a sanity check says it cannot be trusted.")
-@click.option("--resume", "resume", type=click.Path(dir_okay=False), default=None,
-              help="State file: saved as the audit goes, resumed from when it exists.")
-@click.option("--eps-curve", default="auto", show_default=True,
-              help="auto, min-norm, none, or comma-separated eps values.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the JSON report here (else to stdout).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the HTML report here.",
+)
+@click.option(
+    "--fail-under",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Exit 1 when robust accuracy is below this, or when a sanity check says it cannot be trusted.",
+)
+@click.option(
+    "--resume",
+    "resume",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="State file: saved as the audit goes, resumed from when it exists.",
+)
+@click.option(
+    "--eps-curve",
+    default="auto",
+    show_default=True,
+    help="auto, min-norm, none, or comma-separated eps values.",
+)
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per unit of work (and of saved state).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Samples per unit of work (and of saved state).",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--autocast", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
-              help="Run the model in mixed precision (a GPU); losses stay in full precision.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="Compile the model's forward passes with torch.compile (pays off on long audits).")
-def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat_spec, suite, seed, out, html_path,
-                  fail_under, resume, eps_curve, no_checks, batch_size, device, autocast, compile_) -> None:
+@click.option(
+    "--autocast",
+    type=click.Choice(["none", "bf16", "fp16"]),
+    default="none",
+    show_default=True,
+    help="Run the model in mixed precision (a GPU); losses stay in full precision.",
+)
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Compile the model's forward passes with torch.compile (pays off on long audits).",
+)
+def audit_command(
+    model_spec,
+    weights,
+    mean,
+    std,
+    bounds,
+    data,
+    split,
+    n,
+    threat_spec,
+    suite,
+    seed,
+    out,
+    html_path,
+    fail_under,
+    resume,
+    eps_curve,
+    no_checks,
+    batch_size,
+    device,
+    autocast,
+    compile_,
+) -> None:
     """Measure robust accuracy with a cascade of attacks; write a JSON (and HTML) report."""
     from .. import audit as run_audit
     from .._io import check_writable
@@ -50,7 +129,9 @@ def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat
     from ..zoo import file_sha256
 
     if model_spec is None:
-        raise InputError("--model is required: a built-in name, pkg.module:factory or file.py:factory")
+        raise InputError(
+            "--model is required: a built-in name, pkg.module:factory or file.py:factory"
+        )
     rank, world = _init_distributed(device)
     for path, name in ((out, "out"), (html_path, "html"), (resume, "resume")):
         if path is not None and rank == 0:
@@ -64,26 +145,52 @@ def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat
     threat = parse_threat(threat_spec)
     load_suite(suite, threat)  # a bad suite fails here, before the model or the data are loaded
     curve = _curve(eps_curve)
-    model = build_classifier(model_spec, weights, mean, std, bounds, dev, compile=compile_,
-                             autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast])
+    model = build_classifier(
+        model_spec,
+        weights,
+        mean,
+        std,
+        bounds,
+        dev,
+        compile=compile_,
+        autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast],
+    )
     x, y = load(data, split=split, n=n)
     x, y = x.to(dev), y.to(dev)
     state = resume if resume is not None else (f"{out}.state" if out is not None else None)
-    meta = {"model": model_spec, "data": str(data) + (f":{split}" if split else "") + (f"[:{n}]" if n else "")}
+    meta = {
+        "model": model_spec,
+        "data": str(data) + (f":{split}" if split else "") + (f"[:{n}]" if n else ""),
+    }
     if weights is not None:
         meta["weights"] = str(weights)
         meta["weights_sha256"] = file_sha256(weights)
     try:
-        report = run_audit(model, x, y, threat, suite=suite, seed=seed, eps_curve=curve, checks=not no_checks,
-                           state=state, batch_size=batch_size, meta=meta,
-                           state_mismatch="error" if resume is not None else "restart")
+        report = run_audit(
+            model,
+            x,
+            y,
+            threat,
+            suite=suite,
+            seed=seed,
+            eps_curve=curve,
+            checks=not no_checks,
+            state=state,
+            batch_size=batch_size,
+            meta=meta,
+            state_mismatch="error" if resume is not None else "restart",
+        )
     except KeyboardInterrupt:
         if rank == 0:
             if state is not None:
-                info(f"interrupted: the per-sample state is saved in {state}; run the same command with "
-                     f"--resume {state} to continue where it stopped")
+                info(
+                    f"interrupted: the per-sample state is saved in {state}; run the same command with "
+                    f"--resume {state} to continue where it stopped"
+                )
             else:
-                info("interrupted: nothing saved; pass --resume FILE (or --out) to make the audit resumable")
+                info(
+                    "interrupted: nothing saved; pass --resume FILE (or --out) to make the audit resumable"
+                )
         sys.exit(130)
     finally:
         if world > 1:
@@ -104,10 +211,14 @@ def audit_command(model_spec, weights, mean, std, bounds, data, split, n, threat
         info(f"wrote {html_path}")
     if fail_under is not None:
         if report.robust_accuracy < fail_under:
-            info(f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under {fail_under:.2%}")
+            info(
+                f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under {fail_under:.2%}"
+            )
             sys.exit(1)
         if not report.reliable:
-            info("FAIL: a sanity check found that the robust accuracy cannot be trusted (see the findings)")
+            info(
+                "FAIL: a sanity check found that the robust accuracy cannot be trusted (see the findings)"
+            )
             sys.exit(1)
         info(f"PASS: robust accuracy {report.robust_accuracy:.2%} >= {fail_under:.2%}")
 

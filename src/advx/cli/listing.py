@@ -20,5 +20,7 @@ def list_command(as_json: bool) -> None:
         return
     click.echo(f"{'name':<14}{'kind':<16}{'norms':<14}{'min-norm':<10}{'targeted':<10}summary")
     for r in rows:
-        click.echo(f"{r['name']:<14}{r['kind']:<16}{','.join(r['norms']):<14}"
-                   f"{'yes' if r['minimum_norm'] else 'no':<10}{'yes' if r['targeted'] else 'no':<10}{r['summary']}")
+        click.echo(
+            f"{r['name']:<14}{r['kind']:<16}{','.join(r['norms']):<14}"
+            f"{'yes' if r['minimum_norm'] else 'no':<10}{'yes' if r['targeted'] else 'no':<10}{r['summary']}"
+        )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import click
 import torch
 
+from ..errors import InputError
 from . import cli
 from ._common import build_classifier, data_option, emit_json, info, model_options, parse_params
-from ..errors import InputError
 
 _RECIPES = ("standard", "fgsm-rs", "pgd-at", "trades", "distillation")
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,36 +22,141 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 @model_options
 @data_option
 @click.option("--recipe", type=click.Choice(_RECIPES), default="standard", show_default=True)
-@click.option("--threat", "threat_spec", default="linf:0.3", show_default=True,
-              help="NORM:EPS the recipe trains against and the audit measures, e.g. linf:0.3.")
-@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="Recipe parameter, repeatable: alpha (fgsm-rs), steps, step_size (pgd-at, trades), beta (trades).")
-@click.option("--teacher", type=click.Path(), default=None, help="distillation: the teacher's checkpoint (folder or file).")
-@click.option("--temperature", type=float, default=None,
-              help="Softmax temperature: distillation (default 100), or standard training of a teacher (default 1).")
+@click.option(
+    "--threat",
+    "threat_spec",
+    default="linf:0.3",
+    show_default=True,
+    help="NORM:EPS the recipe trains against and the audit measures, e.g. linf:0.3.",
+)
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Recipe parameter, repeatable: alpha (fgsm-rs), steps, step_size (pgd-at, trades), beta (trades).",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(),
+    default=None,
+    help="distillation: the teacher's checkpoint (folder or file).",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="Softmax temperature: distillation (default 100), or standard training of a teacher (default 1).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Global batch size.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate (the peak for --lr-schedule cyclic).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Global batch size.",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Learning rate (the peak for --lr-schedule cyclic).",
+)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "cyclic", "multistep"]), default="constant", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, data order and random starts.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for checkpoints and the audit report.")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cyclic", "multistep"]),
+    default="constant",
+    show_default=True,
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Initial weights, data order and random starts.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for checkpoints and the audit report.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
-@click.option("--monitor", default="auto", show_default=True,
-              help="Training samples held out to watch each epoch (clean and PGD accuracy): auto, none or a number.")
-@click.option("--audit-n", type=click.IntRange(min=0), default=200, show_default=True,
-              help="Held-out samples for the closing audit (0: no audit).")
-@click.option("--audit-suite", default="fast", show_default=True, help="Suite of the closing audit: fast, standard or a TOML file.")
-@click.option("--audit-data", default=None,
-              help="Held-out data for the audit (default: the test split of mnist-demo or of an idx folder).")
-@click.option("--eps-curve", default="auto", show_default=True, help="The audit's eps curve: auto, none or eps values.")
-@click.option("--autocast", type=click.Choice(list(_AUTOCAST)), default="none", show_default=True, help="Mixed precision.")
+@click.option(
+    "--monitor",
+    default="auto",
+    show_default=True,
+    help="Training samples held out to watch each epoch (clean and PGD accuracy): auto, none or a number.",
+)
+@click.option(
+    "--audit-n",
+    type=click.IntRange(min=0),
+    default=200,
+    show_default=True,
+    help="Held-out samples for the closing audit (0: no audit).",
+)
+@click.option(
+    "--audit-suite",
+    default="fast",
+    show_default=True,
+    help="Suite of the closing audit: fast, standard or a TOML file.",
+)
+@click.option(
+    "--audit-data",
+    default=None,
+    help="Held-out data for the audit (default: the test split of mnist-demo or of an idx folder).",
+)
+@click.option(
+    "--eps-curve",
+    default="auto",
+    show_default=True,
+    help="The audit's eps curve: auto, none or eps values.",
+)
+@click.option(
+    "--autocast",
+    type=click.Choice(list(_AUTOCAST)),
+    default="none",
+    show_default=True,
+    help="Mixed precision.",
+)
 @click.option("--compile", "compile_", is_flag=True, help="Run the model through torch.compile.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-def train_command(model_spec, weights, mean, std, bounds, data, split, n, recipe, threat_spec, params, teacher,
-                  temperature, epochs, batch_size, lr, optimizer, weight_decay, lr_schedule, seed, out, resume,
-                  monitor, audit_n, audit_suite, audit_data, eps_curve, autocast, compile_, device) -> None:
+def train_command(
+    model_spec,
+    weights,
+    mean,
+    std,
+    bounds,
+    data,
+    split,
+    n,
+    recipe,
+    threat_spec,
+    params,
+    teacher,
+    temperature,
+    epochs,
+    batch_size,
+    lr,
+    optimizer,
+    weight_decay,
+    lr_schedule,
+    seed,
+    out,
+    resume,
+    monitor,
+    audit_n,
+    audit_suite,
+    audit_data,
+    eps_curve,
+    autocast,
+    compile_,
+    device,
+) -> None:
     """Train a model with a recipe (standard, fgsm-rs, pgd-at, trades, distillation), save a
     checkpoint after every epoch, then audit it on held-out data (report.json and report.html in
     --out). A JSON summary goes to stdout."""
@@ -87,26 +192,59 @@ def train_command(model_spec, weights, mean, std, bounds, data, split, n, recipe
             xa, ya, x, y = _audit_data(data, audit_data, audit_n, x, y)
         out_path = Path(out)
         if group.main:
-            info(f"training {model_spec} with {the_recipe.name} on {len(x):,} samples for {epochs} epoch(s)"
-                 + (f" in {group.world} processes" if group.world > 1 else ""))
-        history = fit(model, x, y, loss=the_recipe, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                      weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed, autocast=_AUTOCAST[autocast],
-                      compile=compile_, monitor=mon, out=out_path, resume=resume, data_name=_data_name(data, split, n),
-                      desc="train")
+            info(
+                f"training {model_spec} with {the_recipe.name} on {len(x):,} samples for {epochs} epoch(s)"
+                + (f" in {group.world} processes" if group.world > 1 else "")
+            )
+        history = fit(
+            model,
+            x,
+            y,
+            loss=the_recipe,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            seed=seed,
+            autocast=_AUTOCAST[autocast],
+            compile=compile_,
+            monitor=mon,
+            out=out_path,
+            resume=resume,
+            data_name=_data_name(data, split, n),
+            desc="train",
+        )
         if history.stopped and group.main:
             info(f"training stopped early: {history.stopped}")
         report = None
         if audit_n:
-            report = run_audit(model, xa.to(dev), ya.to(dev), threat, suite=audit_suite, seed=seed, eps_curve=curve,
-                               meta={"model": model_spec, "data": f"{audit_data or data} (held out)",
-                                     "checkpoint": history.checkpoint})
+            report = run_audit(
+                model,
+                xa.to(dev),
+                ya.to(dev),
+                threat,
+                suite=audit_suite,
+                seed=seed,
+                eps_curve=curve,
+                meta={
+                    "model": model_spec,
+                    "data": f"{audit_data or data} (held out)",
+                    "checkpoint": history.checkpoint,
+                },
+            )
     finally:
         if group.world > 1:
             torch.distributed.destroy_process_group()
     if not group.main:
         return
-    summary = {"out": str(out_path), "checkpoint": history.checkpoint, "recipe": the_recipe.to_dict(),
-               "history": history.to_dict()}
+    summary = {
+        "out": str(out_path),
+        "checkpoint": history.checkpoint,
+        "recipe": the_recipe.to_dict(),
+        "history": history.to_dict(),
+    }
     if report is not None:
         report.save(out_path / "report.json")
         files = [str(out_path / "report.json")]
@@ -120,9 +258,13 @@ def train_command(model_spec, weights, mean, std, bounds, data, split, n, recipe
         for line in report.summary_lines():
             info(line)
         info(f"wrote {', '.join(files)}")
-        summary["audit"] = {"clean_accuracy": report.clean_accuracy, "robust_accuracy": report.robust_accuracy,
-                            "reliable": report.reliable, "findings": [f["code"] for f in report.findings],
-                            "files": files}
+        summary["audit"] = {
+            "clean_accuracy": report.clean_accuracy,
+            "robust_accuracy": report.robust_accuracy,
+            "reliable": report.reliable,
+            "findings": [f["code"] for f in report.findings],
+            "files": files,
+        }
     emit_json(summary)
 
 
@@ -132,7 +274,9 @@ def _build_recipe(name: str, threat, params: dict, teacher, temperature, device)
     def no_extra(allowed: tuple[str, ...]) -> None:
         extra = sorted(set(params) - set(allowed))
         if extra:
-            raise InputError(f"--param: {name} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(extra)}")
+            raise InputError(
+                f"--param: {name} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(extra)}"
+            )
 
     if name != "distillation" and teacher is not None:
         raise InputError("--teacher: only the distillation recipe takes a teacher")
@@ -144,12 +288,20 @@ def _build_recipe(name: str, threat, params: dict, teacher, temperature, device)
     if name == "distillation":
         no_extra(())
         if teacher is None:
-            raise InputError("--teacher: the distillation recipe needs the teacher's checkpoint (advx train --out DIR of a "
-                             "model trained with --recipe standard --temperature T)")
+            raise InputError(
+                "--teacher: the distillation recipe needs the teacher's checkpoint (advx train --out DIR of a "
+                "model trained with --recipe standard --temperature T)"
+            )
         from ..zoo import load as load_checkpoint
 
-        return losses.distillation(load_checkpoint(teacher, device=device), 100.0 if temperature is None else temperature)
-    allowed = {"fgsm-rs": ("alpha",), "pgd-at": ("steps", "step_size"), "trades": ("beta", "steps", "step_size")}[name]
+        return losses.distillation(
+            load_checkpoint(teacher, device=device), 100.0 if temperature is None else temperature
+        )
+    allowed = {
+        "fgsm-rs": ("alpha",),
+        "pgd-at": ("steps", "step_size"),
+        "trades": ("beta", "steps", "step_size"),
+    }[name]
     no_extra(allowed)
     return losses.RECIPES[name](threat, **params)
 
@@ -163,7 +315,9 @@ def _monitor(text: str):
     try:
         return int(s)
     except ValueError:
-        raise InputError(f"--monitor: expected auto, none or a number of samples, got {text!r}") from None
+        raise InputError(
+            f"--monitor: expected auto, none or a number of samples, got {text!r}"
+        ) from None
 
 
 def _audit_data(data: str, audit_data: str | None, k: int, x, y):
@@ -180,14 +334,21 @@ def _audit_data(data: str, audit_data: str | None, k: int, x, y):
         xa, ya = load(data, split="test", n=k)
         return xa, ya, x, y
     if k >= len(x):
-        raise InputError(f"--audit-n: {k} held-out samples would leave none to train on ({len(x)} in all); "
-                         "lower it or pass --audit-data")
-    info(f"holding out the last {k} samples of {data} for the audit (pass --audit-data to audit other data)")
+        raise InputError(
+            f"--audit-n: {k} held-out samples would leave none to train on ({len(x)} in all); "
+            "lower it or pass --audit-data"
+        )
+    info(
+        f"holding out the last {k} samples of {data} for the audit (pass --audit-data to audit other data)"
+    )
     return x[-k:], y[-k:], x[:-k], y[:-k]
 
 
 def _has_idx_test(folder) -> bool:
-    return any((folder / f"t10k{s}").exists() for s in ("-images-idx3-ubyte.gz", "-images-idx3-ubyte", "-images.idx3-ubyte"))
+    return any(
+        (folder / f"t10k{s}").exists()
+        for s in ("-images-idx3-ubyte.gz", "-images-idx3-ubyte", "-images.idx3-ubyte")
+    )
 
 
 def _data_name(data: str, split, n) -> str:

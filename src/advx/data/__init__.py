@@ -23,15 +23,31 @@ from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["load", "load_idx", "load_npz", "load_image_folder", "data_sha256", "DEMO_SPLITS", "NAMES"]
+__all__ = [
+    "load",
+    "load_idx",
+    "load_npz",
+    "load_image_folder",
+    "data_sha256",
+    "DEMO_SPLITS",
+    "NAMES",
+]
 
 DEMO_SPLITS = {"test": (0, 1000), "train": (1000, 5000), "all": (0, 5000)}
 NAMES = ("mnist-demo",)
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
-def load(source: str | os.PathLike, *, split: str | None = None, n: int | None = None) -> tuple[Tensor, Tensor]:
+def load(
+    source: str | os.PathLike, *, split: str | None = None, n: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Load a data set by name or path.
 
     ``source`` is ``"mnist-demo"`` (embedded), an ``.npz`` file with ``x`` and ``y``, an idx
@@ -45,7 +61,9 @@ def load(source: str | os.PathLike, *, split: str | None = None, n: int | None =
     else:
         path = Path(name).expanduser()
         if not path.exists():
-            raise InputError(f"data: {name!r} is neither a built-in data set ({', '.join(NAMES)}) nor an existing path")
+            raise InputError(
+                f"data: {name!r} is neither a built-in data set ({', '.join(NAMES)}) nor an existing path"
+            )
         if path.is_dir():
             idx = _find_idx(path, split)
             x, y = load_idx(*idx) if idx else load_image_folder(path)
@@ -54,7 +72,9 @@ def load(source: str | os.PathLike, *, split: str | None = None, n: int | None =
         elif "idx3" in path.name or "images" in path.name:
             x, y = load_idx(path, _labels_beside(path))
         else:
-            raise InputError(f"data: cannot tell the format of {name!r}; expected .npz, an idx file or a folder")
+            raise InputError(
+                f"data: cannot tell the format of {name!r}; expected .npz, an idx file or a folder"
+            )
     if n is not None:
         if n < 1:
             raise InputError(f"n: expected a positive number of samples, got {n}")
@@ -64,10 +84,14 @@ def load(source: str | os.PathLike, *, split: str | None = None, n: int | None =
 
 def _load_demo(split: str) -> tuple[Tensor, Tensor]:
     if split not in DEMO_SPLITS:
-        raise InputError(f"split: the mnist-demo splits are {', '.join(DEMO_SPLITS)}, got {split!r}")
+        raise InputError(
+            f"split: the mnist-demo splits are {', '.join(DEMO_SPLITS)}, got {split!r}"
+        )
     root = resources.files(__package__) / "_embedded"
-    with resources.as_file(root / "mnist-demo-images-idx3-ubyte.gz") as images, \
-            resources.as_file(root / "mnist-demo-labels-idx1-ubyte.gz") as labels:
+    with (
+        resources.as_file(root / "mnist-demo-images-idx3-ubyte.gz") as images,
+        resources.as_file(root / "mnist-demo-labels-idx1-ubyte.gz") as labels,
+    ):
         x, y = load_idx(images, labels)
     a, b = DEMO_SPLITS[split]
     return x[a:b], y[a:b]
@@ -94,7 +118,9 @@ def load_idx(images: str | os.PathLike, labels: str | os.PathLike) -> tuple[Tens
     xi = _read_idx(Path(images))
     yi = _read_idx(Path(labels))
     if xi.shape[0] != yi.shape[0]:
-        raise InputError(f"data: {xi.shape[0]} images but {yi.shape[0]} labels in {images} / {labels}")
+        raise InputError(
+            f"data: {xi.shape[0]} images but {yi.shape[0]} labels in {images} / {labels}"
+        )
     return _to_tensors(xi, yi, channels_last=False)
 
 
@@ -103,7 +129,9 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
-                raise InputError(f"data: {path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
+                raise InputError(
+                    f"data: {path} must hold arrays 'x' and 'y', found {sorted(f.files)}"
+                )
             x, y = f["x"], f["y"]
     except (OSError, ValueError) as e:
         raise InputError(f"data: cannot read {path}: {e}") from None
@@ -118,24 +146,41 @@ def load_image_folder(root: str | os.PathLike) -> tuple[Tensor, Tensor]:
     try:
         from PIL import Image
     except ImportError:
-        raise InputError("data: reading a folder of images needs Pillow: pip install 'advx[image]'") from None
+        raise InputError(
+            "data: reading a folder of images needs Pillow: pip install 'advx[image]'"
+        ) from None
     root = Path(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise InputError(f"data: {root} has no class sub-folders (expected root/<class>/<image files>)")
+        raise InputError(
+            f"data: {root} has no class sub-folders (expected root/<class>/<image files>)"
+        )
     images, labels = [], []
     for k, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"):
+            if f.suffix.lower() not in (
+                ".png",
+                ".jpg",
+                ".jpeg",
+                ".bmp",
+                ".gif",
+                ".tif",
+                ".tiff",
+                ".webp",
+            ):
                 continue
             with Image.open(f) as im:
-                images.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+                images.append(
+                    np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+                )
             labels.append(k)
     if not images:
         raise InputError(f"data: no images found under {root}")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise InputError(f"data: images under {root} have different sizes {sorted(shapes)[:3]}; resize them first")
+        raise InputError(
+            f"data: images under {root} have different sizes {sorted(shapes)[:3]}; resize them first"
+        )
     x = np.stack(images)
     return _to_tensors(x, np.asarray(labels), channels_last=x.ndim == 4)
 
@@ -150,7 +195,9 @@ def _to_tensors(x: np.ndarray, y: np.ndarray, *, channels_last: bool) -> tuple[T
     else:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if xt.numel() and (float(xt.min()) < 0 or float(xt.max()) > 1):
-            raise InputError("data: float images must lie in [0, 1]; store uint8 or scale them first")
+            raise InputError(
+                "data: float images must lie in [0, 1]; store uint8 or scale them first"
+            )
     if not np.issubdtype(y.dtype, np.integer):
         raise InputError(f"data: labels must be integers, got dtype {y.dtype}")
     return xt, torch.from_numpy(np.asarray(y, dtype=np.int64).reshape(-1))

@@ -11,16 +11,42 @@ Every defense is an advx Model: attack it, audit it or guard it like any classif
 """
 
 from ._base import Defense, straight_through
-from .detectors import DetectorAware, Detector, EnsembleDisagreement, FeatureSqueezing, adaptive_success
+from .detectors import (
+    Detector,
+    DetectorAware,
+    EnsembleDisagreement,
+    FeatureSqueezing,
+    adaptive_success,
+)
 from .ensemble import Ensemble
 from .eot import EOT
-from .transforms import (JPEG, BitDepth, MedianSmoothing, RandomNoise, Transformed, bit_depth, jpeg_compress,
-                         median_smooth)
+from .transforms import (
+    JPEG,
+    BitDepth,
+    MedianSmoothing,
+    RandomNoise,
+    Transformed,
+    bit_depth,
+    jpeg_compress,
+    median_smooth,
+)
 
 __all__ = [
-    "Defense", "straight_through",
-    "Transformed", "BitDepth", "MedianSmoothing", "JPEG", "RandomNoise",
-    "bit_depth", "median_smooth", "jpeg_compress",
-    "Ensemble", "EOT",
-    "Detector", "FeatureSqueezing", "EnsembleDisagreement", "DetectorAware", "adaptive_success",
+    "Defense",
+    "straight_through",
+    "Transformed",
+    "BitDepth",
+    "MedianSmoothing",
+    "JPEG",
+    "RandomNoise",
+    "bit_depth",
+    "median_smooth",
+    "jpeg_compress",
+    "Ensemble",
+    "EOT",
+    "Detector",
+    "FeatureSqueezing",
+    "EnsembleDisagreement",
+    "DetectorAware",
+    "adaptive_success",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -184,14 +184,16 @@ def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
     """``fn`` over ``x`` in chunks of ``size`` rows, results concatenated along dim 0."""
     if x.shape[0] == 0:
         return fn(x)
-    return torch.cat([fn(x[s:s + size]) for s in range(0, x.shape[0], size)])
+    return torch.cat([fn(x[s : s + size]) for s in range(0, x.shape[0], size)])
 
 
 def check_same_bounds(models: list[Model], who: str) -> tuple[float, float]:
     bounds = {tuple(m.bounds) for m in models}
     if len(bounds) > 1:
-        raise InputError(f"{who}: the models have different input bounds {sorted(bounds)}; "
-                         "declare the same bounds on every Classifier")
+        raise InputError(
+            f"{who}: the models have different input bounds {sorted(bounds)}; "
+            "declare the same bounds on every Classifier"
+        )
     return bounds.pop()
 
 

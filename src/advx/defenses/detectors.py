@@ -10,8 +10,8 @@ not easily detected"), and :func:`adaptive_success` scores the result.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,13 @@ from ._base import Defense, check_scores, chunked, graph, straight_through
 from .ensemble import Ensemble
 from .transforms import _pillow, bit_depth, jpeg_compress, median_smooth
 
-__all__ = ["Detector", "FeatureSqueezing", "EnsembleDisagreement", "DetectorAware", "adaptive_success"]
+__all__ = [
+    "Detector",
+    "FeatureSqueezing",
+    "EnsembleDisagreement",
+    "DetectorAware",
+    "adaptive_success",
+]
 
 
 class Detector:
@@ -56,7 +62,7 @@ class Detector:
         with self.model.prepared(), torch.no_grad():
             return chunked(self._score, x, self.model.batch_size_for(x, grad=False))
 
-    def calibrate(self, x_clean: Tensor, fpr: float = 0.05) -> "Detector":
+    def calibrate(self, x_clean: Tensor, fpr: float = 0.05) -> Detector:
         """Set the threshold to the (1 - fpr) quantile of the scores of clean inputs, so that
         about ``fpr`` of clean inputs are flagged. Returns the detector."""
         if not isinstance(fpr, (int, float)) or isinstance(fpr, bool) or not 0 < fpr < 1:
@@ -65,16 +71,20 @@ class Detector:
         if scores.numel() == 0:
             raise InputError("x_clean: no inputs to calibrate on")
         if scores.numel() < math.ceil(1 / fpr):
-            raise InputError(f"x_clean: {scores.numel()} inputs cannot pin a false-positive rate of {fpr:g}; "
-                             f"give at least {math.ceil(1 / fpr)} (ideally many more)")
+            raise InputError(
+                f"x_clean: {scores.numel()} inputs cannot pin a false-positive rate of {fpr:g}; "
+                f"give at least {math.ceil(1 / fpr)} (ideally many more)"
+            )
         self.threshold = float(torch.quantile(scores.double().cpu(), 1 - fpr))
         self.fpr = float(fpr)
         return self
 
     def _require_threshold(self) -> float:
         if self.threshold is None:
-            raise InputError(f"{type(self).__name__}: no threshold yet; call .calibrate(x_clean, fpr=0.05) "
-                             "on clean data first (or set .threshold)")
+            raise InputError(
+                f"{type(self).__name__}: no threshold yet; call .calibrate(x_clean, fpr=0.05) "
+                "on clean data first (or set .threshold)"
+            )
         return float(self.threshold)
 
     def detect(self, x: Tensor) -> Tensor:
@@ -101,13 +111,16 @@ class FeatureSqueezing(Detector):
     differentiates the score (see :class:`DetectorAware`), squeezers are passed with BPDA.
     """
 
-    def __init__(self, model,
-                 squeezers: Sequence[str | Callable[[Tensor], Tensor]] = ("bits:1", "median:2")) -> None:
+    def __init__(
+        self, model, squeezers: Sequence[str | Callable[[Tensor], Tensor]] = ("bits:1", "median:2")
+    ) -> None:
         super().__init__(model)
         if isinstance(squeezers, str) or callable(squeezers):
             squeezers = (squeezers,)
         if not squeezers:
-            raise InputError("FeatureSqueezing: give at least one squeezer, e.g. ('bits:1', 'median:2')")
+            raise InputError(
+                "FeatureSqueezing: give at least one squeezer, e.g. ('bits:1', 'median:2')"
+            )
         self.names = []
         self.squeezers = []
         for s in squeezers:
@@ -121,7 +134,9 @@ class FeatureSqueezing(Detector):
         kind, _, value = str(spec).partition(":")
         known = ", ".join(f"'{k}:N' ({v})" for k, v in _SQUEEZERS.items())
         if kind not in _SQUEEZERS or not value.strip().isdigit():
-            raise InputError(f"FeatureSqueezing: unknown squeezer {spec!r}; expected {known}, or a callable")
+            raise InputError(
+                f"FeatureSqueezing: unknown squeezer {spec!r}; expected {known}, or a callable"
+            )
         n = int(value)
         if kind == "bits" and not 1 <= n <= 16:
             raise InputError(f"FeatureSqueezing: {spec!r}: bits must be from 1 to 16")
@@ -131,9 +146,11 @@ class FeatureSqueezing(Detector):
             _pillow("FeatureSqueezing")
             if not 1 <= n <= 95:
                 raise InputError(f"FeatureSqueezing: {spec!r}: JPEG quality must be from 1 to 95")
-        fn = {"bits": partial(bit_depth, bits=n, bounds=self.bounds),
-              "median": partial(median_smooth, size=n),
-              "jpeg": partial(jpeg_compress, quality=n, bounds=self.bounds)}[kind]
+        fn = {
+            "bits": partial(bit_depth, bits=n, bounds=self.bounds),
+            "median": partial(median_smooth, size=n),
+            "jpeg": partial(jpeg_compress, quality=n, bounds=self.bounds),
+        }[kind]
         return f"{kind}:{n}", fn
 
     def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
@@ -157,8 +174,10 @@ class EnsembleDisagreement(Detector):
 
     def __init__(self, ensemble: Ensemble) -> None:
         if not isinstance(ensemble, Ensemble):
-            raise InputError("EnsembleDisagreement: expected an advx.defenses.Ensemble, "
-                             f"got {type(ensemble).__name__}")
+            raise InputError(
+                "EnsembleDisagreement: expected an advx.defenses.Ensemble, "
+                f"got {type(ensemble).__name__}"
+            )
         super().__init__(ensemble)
 
     def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
@@ -178,24 +197,36 @@ class DetectorAware(Defense):
     The detector's threshold is read at every pass: calibrate it first.
     """
 
-    def __init__(self, model, detector: Detector, *, bpda: bool = True, scale: float = 10.0) -> None:
+    def __init__(
+        self, model, detector: Detector, *, bpda: bool = True, scale: float = 10.0
+    ) -> None:
         if not isinstance(detector, Detector):
-            raise InputError("DetectorAware: detector must be an advx.defenses.Detector, "
-                             f"got {type(detector).__name__}")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < math.inf:
+            raise InputError(
+                "DetectorAware: detector must be an advx.defenses.Detector, "
+                f"got {type(detector).__name__}"
+            )
+        if (
+            not isinstance(scale, (int, float))
+            or isinstance(scale, bool)
+            or not 0 < scale < math.inf
+        ):
             raise InputError(f"DetectorAware: scale must be a positive number, got {scale!r}")
         super().__init__(model, name="DetectorAware")
         check_scores(self.model, "DetectorAware")
         if tuple(detector.bounds) != self.bounds:
-            raise InputError(f"DetectorAware: the detector's bounds {detector.bounds} differ from "
-                             f"the model's {self.bounds}")
+            raise InputError(
+                f"DetectorAware: the detector's bounds {detector.bounds} differ from "
+                f"the model's {self.bounds}"
+            )
         detector._require_threshold()
         self.detector = detector
         self.bpda = bool(bpda)
         self.scale = float(scale)
 
     def _wrapped(self) -> list[Model]:
-        return [self.model] if self.detector.model is self.model else [self.model, self.detector.model]
+        return (
+            [self.model] if self.detector.model is self.model else [self.model, self.detector.model]
+        )
 
     @property
     def num_classes(self) -> int | None:  # type: ignore[override]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +38,13 @@ class Ensemble(Defense):
 
     def __init__(self, members: Sequence, combine: str = "mean") -> None:
         if isinstance(members, Model) or not isinstance(members, (list, tuple)) or not members:
-            raise InputError("Ensemble: expected a non-empty list of models, e.g. Ensemble([model_a, model_b])")
+            raise InputError(
+                "Ensemble: expected a non-empty list of models, e.g. Ensemble([model_a, model_b])"
+            )
         if combine not in COMBINE:
-            raise InputError(f"Ensemble: combine must be one of {', '.join(map(repr, COMBINE))}, got {combine!r}")
+            raise InputError(
+                f"Ensemble: combine must be one of {', '.join(map(repr, COMBINE))}, got {combine!r}"
+            )
         self.members = [as_model(m) for m in members]
         for m in self.members:
             check_scores(m, "Ensemble")
@@ -54,7 +58,11 @@ class Ensemble(Defense):
     @property
     def access(self) -> Access:  # type: ignore[override]
         access = _min_access(self.members)
-        return "scores" if self.combine == "vote" and ACCESS_RANK[access] > ACCESS_RANK["scores"] else access
+        return (
+            "scores"
+            if self.combine == "vote" and ACCESS_RANK[access] > ACCESS_RANK["scores"]
+            else access
+        )
 
     @property
     def num_classes(self) -> int | None:  # type: ignore[override]
@@ -68,16 +76,22 @@ class Ensemble(Defense):
         outs = [graph(m, x) for m in self.members]
         classes = {z.shape[1] for z in outs}
         if len(classes) > 1:
-            raise InputError(f"Ensemble: the members return different numbers of classes {sorted(classes)}")
+            raise InputError(
+                f"Ensemble: the members return different numbers of classes {sorted(classes)}"
+            )
         return torch.stack([F.log_softmax(z, dim=1) for z in outs])
 
     def _forward(self, x: Tensor) -> Tensor:
         logp = self._log_probs(x)
         m = logp.shape[0]
-        mean_logp = torch.logsumexp(logp, dim=0) - math.log(m)  # log of the mean probability, (N, C)
+        mean_logp = torch.logsumexp(logp, dim=0) - math.log(
+            m
+        )  # log of the mean probability, (N, C)
         if self.combine == "mean":
             return mean_logp
-        votes = F.one_hot(logp.argmax(dim=2), logp.shape[2]).to(logp.dtype).mean(dim=0)  # (M, N) -> (N, C)
+        votes = (
+            F.one_hot(logp.argmax(dim=2), logp.shape[2]).to(logp.dtype).mean(dim=0)
+        )  # (M, N) -> (N, C)
         return votes + mean_logp.exp() * (0.5 / m)
 
     def _disagreement(self, x: Tensor) -> Tensor:

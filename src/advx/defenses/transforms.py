@@ -14,8 +14,8 @@ JPEG), which is what a naive evaluation sees and what the audit's sanity checks 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,16 @@ from ..errors import InputError
 from ..models.classifier import as_model
 from ._base import Defense, graph, straight_through
 
-__all__ = ["Transformed", "BitDepth", "MedianSmoothing", "JPEG", "RandomNoise",
-           "bit_depth", "median_smooth", "jpeg_compress"]
+__all__ = [
+    "Transformed",
+    "BitDepth",
+    "MedianSmoothing",
+    "JPEG",
+    "RandomNoise",
+    "bit_depth",
+    "median_smooth",
+    "jpeg_compress",
+]
 
 
 # ---- the transforms, as functions of a batch ---------------------------------------------------
@@ -58,7 +66,9 @@ def median_smooth(x: Tensor, size: int) -> Tensor:
     """
     _check_images4d(x, "median smoothing")
     if size > min(x.shape[2], x.shape[3]):
-        raise InputError(f"median smoothing: a {size}x{size} window does not fit {tuple(x.shape[2:])} images")
+        raise InputError(
+            f"median smoothing: a {size}x{size} window does not fit {tuple(x.shape[2:])} images"
+        )
     before = size // 2
     after = size - 1 - before
     padded = _pad_symmetric(_pad_symmetric(x, 2, before, after), 3, before, after)
@@ -88,7 +98,9 @@ def jpeg_compress(x: Tensor, quality: int = 75, bounds: tuple[float, float] = (0
         buf.seek(0)
         decoded = np.asarray(Image.open(buf))
         out[i] = decoded.reshape(image.shape)
-    back = torch.from_numpy(out).to(device=x.device).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    back = (
+        torch.from_numpy(out).to(device=x.device).permute(0, 3, 1, 2)
+    )  # (N, H, W, C) -> (N, C, H, W)
     return back.to(x.dtype) / 255 * (hi - lo) + lo
 
 
@@ -96,13 +108,17 @@ def _pillow(who: str):
     try:
         from PIL import Image
     except ImportError:
-        raise InputError(f"{who}: JPEG needs Pillow; install it with pip install 'advx[image]'") from None
+        raise InputError(
+            f"{who}: JPEG needs Pillow; install it with pip install 'advx[image]'"
+        ) from None
     return Image
 
 
 def _check_images4d(x: Tensor, who: str) -> None:
     if x.dim() != 4:
-        raise InputError(f"{who}: expected images of shape (N, C, H, W), got shape {tuple(x.shape)}")
+        raise InputError(
+            f"{who}: expected images of shape (N, C, H, W), got shape {tuple(x.shape)}"
+        )
 
 
 # ---- the wrappers -------------------------------------------------------------------------------
@@ -118,12 +134,23 @@ class Transformed(Defense):
         name: shown in reprs and reports.
     """
 
-    def __init__(self, model, fn: Callable[[Tensor], Tensor], *, differentiable: bool = False,
-                 bpda: bool = True, name: str | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        fn: Callable[[Tensor], Tensor],
+        *,
+        differentiable: bool = False,
+        bpda: bool = True,
+        name: str | None = None,
+    ) -> None:
         if not callable(fn):
-            raise InputError("fn: expected a callable that maps a batch of inputs to a batch, "
-                             f"got {type(fn).__name__}")
-        super().__init__(model, name=name or f"Transformed(fn={getattr(fn, '__name__', type(fn).__name__)})")
+            raise InputError(
+                "fn: expected a callable that maps a batch of inputs to a batch, "
+                f"got {type(fn).__name__}"
+            )
+        super().__init__(
+            model, name=name or f"Transformed(fn={getattr(fn, '__name__', type(fn).__name__)})"
+        )
         self.fn = fn
         self.differentiable = bool(differentiable)
         self.bpda = bool(bpda)
@@ -154,8 +181,12 @@ class BitDepth(Transformed):
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
             raise InputError(f"BitDepth: bits must be an int from 1 to 16, got {bits!r}")
         model = as_model(model)
-        super().__init__(model, partial(bit_depth, bits=bits, bounds=tuple(model.bounds)), bpda=bpda,
-                         name=f"BitDepth(bits={bits})")
+        super().__init__(
+            model,
+            partial(bit_depth, bits=bits, bounds=tuple(model.bounds)),
+            bpda=bpda,
+            name=f"BitDepth(bits={bits})",
+        )
         self.bits = bits
 
 
@@ -168,8 +199,15 @@ class MedianSmoothing(Transformed):
 
     def __init__(self, model, size: int = 2, *, bpda: bool = True) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise InputError(f"MedianSmoothing: size must be an int >= 2 (2 or 3 in the paper), got {size!r}")
-        super().__init__(model, partial(median_smooth, size=size), bpda=bpda, name=f"MedianSmoothing(size={size})")
+            raise InputError(
+                f"MedianSmoothing: size must be an int >= 2 (2 or 3 in the paper), got {size!r}"
+            )
+        super().__init__(
+            model,
+            partial(median_smooth, size=size),
+            bpda=bpda,
+            name=f"MedianSmoothing(size={size})",
+        )
         self.size = size
 
     def check_input(self, x: Tensor) -> None:
@@ -188,14 +226,20 @@ class JPEG(Transformed):
         if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 95:
             raise InputError(f"JPEG: quality must be an int from 1 to 95, got {quality!r}")
         model = as_model(model)
-        super().__init__(model, partial(jpeg_compress, quality=quality, bounds=tuple(model.bounds)), bpda=bpda,
-                         name=f"JPEG(quality={quality})")
+        super().__init__(
+            model,
+            partial(jpeg_compress, quality=quality, bounds=tuple(model.bounds)),
+            bpda=bpda,
+            name=f"JPEG(quality={quality})",
+        )
         self.quality = quality
 
     def check_input(self, x: Tensor) -> None:
         _check_images4d(x, self.name)
         if x.shape[1] not in (1, 3):
-            raise InputError(f"{self.name}: expected 1 (grayscale) or 3 (RGB) channels, got {x.shape[1]}")
+            raise InputError(
+                f"{self.name}: expected 1 (grayscale) or 3 (RGB) channels, got {x.shape[1]}"
+            )
         super().check_input(x)
 
 
@@ -210,7 +254,9 @@ class RandomNoise(Transformed):
     def __init__(self, model, sigma: float) -> None:
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
             raise InputError(f"RandomNoise: sigma must be a number >= 0, got {sigma!r}")
-        super().__init__(model, self._noisy, differentiable=True, name=f"RandomNoise(sigma={sigma:g})")
+        super().__init__(
+            model, self._noisy, differentiable=True, name=f"RandomNoise(sigma={sigma:g})"
+        )
         self.sigma = float(sigma)
 
     def _noisy(self, x: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Callable, Iterator, Literal
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -44,8 +45,12 @@ class Model(abc.ABC):
     def _labels(self, x: Tensor) -> Tensor:
         return self._scores(x).argmax(dim=1)
 
-    def _value_and_grad(self, x: Tensor, loss_fn: LossFn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise AccessError(f"{type(self).__name__} gives no gradients; use a score- or label-based attack")
+    def _value_and_grad(
+        self, x: Tensor, loss_fn: LossFn, *args: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        raise AccessError(
+            f"{type(self).__name__} gives no gradients; use a score- or label-based attack"
+        )
 
     def prepared(self) -> contextlib.AbstractContextManager:
         """Put the model in the state attacks need for the duration of a call; restore it after."""
@@ -62,7 +67,9 @@ class Model(abc.ABC):
 class Tracker:
     """Per-sample counts of forward (``queries``) and backward (``grads``) passes."""
 
-    def __init__(self, n: int, device: torch.device, *, budget: int | None = None, label: str = "") -> None:
+    def __init__(
+        self, n: int, device: torch.device, *, budget: int | None = None, label: str = ""
+    ) -> None:
         self.queries = torch.zeros(n, dtype=torch.long, device=device)
         self.grads = torch.zeros(n, dtype=torch.long, device=device)
         self.budget = budget
@@ -107,7 +114,7 @@ class ModelView:
     def __len__(self) -> int:
         return self.index.numel()
 
-    def select(self, idx: Tensor) -> "ModelView":
+    def select(self, idx: Tensor) -> ModelView:
         return ModelView(self.model, self.tracker, self.index[idx])
 
     @property

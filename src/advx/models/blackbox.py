@@ -10,7 +10,8 @@ asked for, and a misbehaving model (wrong shape, NaN, an exception) stops the at
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,13 +49,19 @@ class BlackBox(Model):
         from ..threat import _check_bounds
 
         if not callable(fn):
-            raise InputError(f"fn: expected a callable that maps a batch of inputs to scores or labels, got {type(fn).__name__}")
+            raise InputError(
+                f"fn: expected a callable that maps a batch of inputs to scores or labels, got {type(fn).__name__}"
+            )
         if kind not in ("scores", "labels"):
             raise InputError(f"kind: expected 'scores' or 'labels', got {kind!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-            raise InputError(f"budget: expected a positive number of queries per sample, got {budget!r}")
+        if budget is not None and (
+            not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
+        ):
+            raise InputError(
+                f"budget: expected a positive number of queries per sample, got {budget!r}"
+            )
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
         self.fn = fn
@@ -69,26 +76,46 @@ class BlackBox(Model):
         return f"BlackBox({getattr(self.fn, '__name__', type(self.fn).__name__)}, kind={self.access!r}, bounds={self.bounds})"
 
     @classmethod
-    def from_http(cls, url: str, *, kind: Access = "scores", timeout: float = 10.0, retries: int = 3,
-                  backoff: float = 0.5, headers: dict[str, str] | None = None, batch_size: int | None = 64,
-                  **kwargs: Any) -> "BlackBox":
+    def from_http(
+        cls,
+        url: str,
+        *,
+        kind: Access = "scores",
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        headers: dict[str, str] | None = None,
+        batch_size: int | None = 64,
+        **kwargs: Any,
+    ) -> BlackBox:
         """A model behind an HTTP endpoint (the JSON protocol of :mod:`advx.models.remote`):
         timeouts, retries with exponential backoff, and a clear error when the server misbehaves."""
         from .remote import http_fn
 
-        fn = http_fn(url, kind=kind, timeout=timeout, retries=retries, backoff=backoff, headers=headers)
+        fn = http_fn(
+            url, kind=kind, timeout=timeout, retries=retries, backoff=backoff, headers=headers
+        )
         return cls(fn, kind=kind, batch_size=batch_size, **kwargs)
 
     @classmethod
-    def from_onnx(cls, path, *, kind: Access = "scores", output: int = 0, providers: list[str] | None = None,
-                  **kwargs: Any) -> "BlackBox":
+    def from_onnx(
+        cls,
+        path,
+        *,
+        kind: Access = "scores",
+        output: int = 0,
+        providers: list[str] | None = None,
+        **kwargs: Any,
+    ) -> BlackBox:
         """An ONNX model run with onnxruntime; with ``kind="labels"`` only its argmax is disclosed."""
         from .remote import onnx_fn
 
-        return cls(onnx_fn(path, kind=kind, output=output, providers=providers), kind=kind, **kwargs)
+        return cls(
+            onnx_fn(path, kind=kind, output=output, providers=providers), kind=kind, **kwargs
+        )
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs: Any) -> "BlackBox":
+    def from_spec(cls, spec: str, **kwargs: Any) -> BlackBox:
         """``http(s)://...``, ``path/to/model.onnx`` or ``pkg.module:fn`` (a callable, or a
         factory of one when called with no arguments returns a callable)."""
         spec = str(spec)
@@ -110,7 +137,7 @@ class BlackBox(Model):
             out = self.fn(x.detach())
         except ModelError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure of the user's model is reported as such
+        except Exception as e:
             raise ModelError(f"the black box raised {type(e).__name__}: {e}") from e
         if isinstance(out, Tensor):
             out = out.detach()
@@ -118,7 +145,9 @@ class BlackBox(Model):
             try:
                 out = torch.as_tensor(np.asarray(out))
             except (TypeError, ValueError) as e:
-                raise ModelError(f"the black box returned {type(out).__name__}, which is not an array ({e})") from None
+                raise ModelError(
+                    f"the black box returned {type(out).__name__}, which is not an array ({e})"
+                ) from None
         return out.to(x.device)
 
     def _scores(self, x: Tensor) -> Tensor:
@@ -126,7 +155,9 @@ class BlackBox(Model):
             raise ModelError("this black box returns labels only")
         out = self._call(x)
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
-            raise ModelError(f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]}, classes) scores")
+            raise ModelError(
+                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]}, classes) scores"
+            )
         if not torch.is_floating_point(out):
             out = out.to(x.dtype)
         if not bool(torch.isfinite(out).all()):
@@ -134,7 +165,9 @@ class BlackBox(Model):
         if self.num_classes is None:
             self.num_classes = out.shape[1]
         elif out.shape[1] != self.num_classes:
-            raise ModelError(f"the black box returned {out.shape[1]} scores per input; expected {self.num_classes}")
+            raise ModelError(
+                f"the black box returned {out.shape[1]} scores per input; expected {self.num_classes}"
+            )
         return out.to(x.dtype)
 
     def _labels(self, x: Tensor) -> Tensor:
@@ -144,13 +177,20 @@ class BlackBox(Model):
         if out.dim() == 2 and out.shape[1] == 1:
             out = out.view(-1)
         if out.dim() != 1 or out.shape[0] != x.shape[0]:
-            raise ModelError(f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]},) labels")
+            raise ModelError(
+                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]},) labels"
+            )
         if torch.is_floating_point(out):
             if not bool(torch.isfinite(out).all()) or not bool((out == out.round()).all()):
                 raise ModelError("the black box returned labels that are not whole numbers")
         out = out.long()
-        if out.numel() and (int(out.min()) < 0 or (self.num_classes is not None and int(out.max()) >= self.num_classes)):
-            raise ModelError(f"the black box returned labels outside [0, {(self.num_classes or 0) - 1}]")
+        if out.numel() and (
+            int(out.min()) < 0
+            or (self.num_classes is not None and int(out.max()) >= self.num_classes)
+        ):
+            raise ModelError(
+                f"the black box returned labels outside [0, {(self.num_classes or 0) - 1}]"
+            )
         return out
 
 
@@ -163,8 +203,13 @@ class ClassifierBox(BlackBox):
                 z = classifier._forward(x)
             return z if kind == "scores" else z.argmax(dim=1)
 
-        super().__init__(fn, kind=kind, bounds=classifier.bounds, budget=budget,
-                         num_classes=classifier.num_classes)
+        super().__init__(
+            fn,
+            kind=kind,
+            bounds=classifier.bounds,
+            budget=budget,
+            num_classes=classifier.num_classes,
+        )
         self.classifier = classifier
 
     def __repr__(self) -> str:

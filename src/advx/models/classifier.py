@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -96,16 +96,22 @@ class Classifier(Model):
             raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         if budget is not None and (not isinstance(budget, int) or budget < 1):
-            raise InputError(f"budget: expected a positive int (forward passes per sample), got {budget!r}")
+            raise InputError(
+                f"budget: expected a positive int (forward passes per sample), got {budget!r}"
+            )
         self.budget = budget
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise InputError(f"batch_size: expected a positive int or 'auto', got {batch_size!r}")
         self.batch_size = batch_size
         if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
-            raise InputError(f"autocast: expected torch.bfloat16, torch.float16 or None, got {autocast!r}")
+            raise InputError(
+                f"autocast: expected torch.bfloat16, torch.float16 or None, got {autocast!r}"
+            )
         self.autocast = autocast
         if not isinstance(compile, (bool, dict)):
-            raise InputError(f"compile: expected True, False or a dict of torch.compile options, got {compile!r}")
+            raise InputError(
+                f"compile: expected True, False or a dict of torch.compile options, got {compile!r}"
+            )
         self.compile = compile
         self._compiled: Callable[[Tensor], Any] | None = None
         self._compiled_shapes: set[tuple[int, ...]] = set()
@@ -118,7 +124,9 @@ class Classifier(Model):
         self.total_grads = 0
 
     def __repr__(self) -> str:
-        norm = "" if self._mean is None else f", mean={self._mean.tolist()}, std={self._std.tolist()}"
+        norm = (
+            "" if self._mean is None else f", mean={self._mean.tolist()}, std={self._std.tolist()}"
+        )
         return f"Classifier({type(self.net).__name__}, bounds={self.bounds}{norm})"
 
     # ---- public, for users ------------------------------------------------------------------
@@ -229,7 +237,9 @@ class Classifier(Model):
             try:
                 logits = out[spec]
             except (KeyError, IndexError, TypeError):
-                raise InputError(f"output={spec!r}: the model's output {type(out).__name__} has no such entry") from None
+                raise InputError(
+                    f"output={spec!r}: the model's output {type(out).__name__} has no such entry"
+                ) from None
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(f"expected logits of shape (N, classes) from the model, got {shape}")
@@ -264,14 +274,22 @@ class Classifier(Model):
             try:
                 self._compiled = torch.compile(self.net, **options)
             except TypeError as e:
-                raise InputError(f"compile: torch.compile does not take these options: {e}") from None
+                raise InputError(
+                    f"compile: torch.compile does not take these options: {e}"
+                ) from None
         shape = tuple(xin.shape)
         if shape not in self._compiled_shapes:
             fast, slow = self._adapt(self._compiled(xin)), self._adapt(self.net(xin))
             scale = float(slow.abs().max()) if slow.numel() else 0.0
-            if fast.shape != slow.shape or not bool(torch.allclose(fast.float(), slow.float(), rtol=1e-3, atol=1e-3 * max(1.0, scale))):
-                warnings.warn("compile: the compiled model's output differs from the eager model's; "
-                              "advx runs it eagerly from now on", UserWarning, stacklevel=2)
+            if fast.shape != slow.shape or not bool(
+                torch.allclose(fast.float(), slow.float(), rtol=1e-3, atol=1e-3 * max(1.0, scale))
+            ):
+                warnings.warn(
+                    "compile: the compiled model's output differs from the eager model's; "
+                    "advx runs it eagerly from now on",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 self.compile = False
                 return self.net
             self._compiled_shapes.add(shape)
@@ -282,10 +300,16 @@ class Classifier(Model):
         if self.num_classes is None:
             self.num_classes = logits.shape[1]
         elif logits.shape[1] != self.num_classes:
-            raise InputError(f"num_classes={self.num_classes} but the model returns {logits.shape[1]} scores")
+            raise InputError(
+                f"num_classes={self.num_classes} but the model returns {logits.shape[1]} scores"
+            )
         with torch.no_grad():
             sums = logits.detach().sum(dim=1)
-            if logits.shape[0] and bool((logits >= 0).all()) and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+            if (
+                logits.shape[0]
+                and bool((logits >= 0).all())
+                and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+            ):
                 warnings.warn(
                     "the model seems to return probabilities (rows are >= 0 and sum to 1); attacks "
                     "and their losses expect logits and are weaker on probabilities (softmax "
@@ -365,8 +389,13 @@ class Classifier(Model):
                 break
         fastest = min(per_row.values())
         choice = min(b for b, t in per_row.items() if t <= 1.05 * fastest)
-        log.debug("chunk size %d for %s (%s), per-row times %s", choice, tuple(x.shape[1:]),
-                  "forward+backward" if grad else "forward", per_row)
+        log.debug(
+            "chunk size %d for %s (%s), per-row times %s",
+            choice,
+            tuple(x.shape[1:]),
+            "forward+backward" if grad else "forward",
+            per_row,
+        )
         return choice
 
 
@@ -376,7 +405,9 @@ def _channel_stat(name: str, value) -> Tensor | None:
     try:
         t = torch.as_tensor(value, dtype=torch.float64).flatten()
     except (TypeError, ValueError):
-        raise InputError(f"{name}: expected a sequence of per-channel numbers, got {value!r}") from None
+        raise InputError(
+            f"{name}: expected a sequence of per-channel numbers, got {value!r}"
+        ) from None
     if t.numel() == 0 or not bool(torch.isfinite(t).all()):
         raise InputError(f"{name}: expected finite per-channel numbers, got {value!r}")
     return t

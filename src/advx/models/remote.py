@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,15 @@ from ..errors import InputError, ModelError
 __all__ = ["http_fn", "onnx_fn"]
 
 
-def http_fn(url: str, *, kind: str = "scores", timeout: float = 10.0, retries: int = 3, backoff: float = 0.5,
-            headers: dict[str, str] | None = None) -> Callable[[Tensor], Any]:
+def http_fn(
+    url: str,
+    *,
+    kind: str = "scores",
+    timeout: float = 10.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    headers: dict[str, str] | None = None,
+) -> Callable[[Tensor], Any]:
     """A callable that sends a batch to ``url`` and returns the scores or labels it answers."""
     try:
         import httpx
@@ -37,7 +45,9 @@ def http_fn(url: str, *, kind: str = "scores", timeout: float = 10.0, retries: i
     if not str(url).startswith(("http://", "https://")):
         raise InputError(f"url: expected http://... or https://..., got {url!r}")
     if timeout <= 0 or retries < 0 or backoff < 0:
-        raise InputError(f"timeout must be > 0, retries and backoff >= 0; got {timeout}, {retries}, {backoff}")
+        raise InputError(
+            f"timeout must be > 0, retries and backoff >= 0; got {timeout}, {retries}, {backoff}"
+        )
     client = httpx.Client(timeout=timeout, headers=headers or {})
     key = "scores" if kind == "scores" else "labels"
 
@@ -59,7 +69,9 @@ def http_fn(url: str, *, kind: str = "scores", timeout: float = 10.0, retries: i
                 last = f"server error {resp.status_code}: {resp.text[:200]!r}"
                 continue
             if resp.status_code >= 400:
-                raise ModelError(f"{url} refused the request: {resp.status_code} {resp.text[:200]!r}")
+                raise ModelError(
+                    f"{url} refused the request: {resp.status_code} {resp.text[:200]!r}"
+                )
             try:
                 doc = resp.json()
             except ValueError:
@@ -74,8 +86,13 @@ def http_fn(url: str, *, kind: str = "scores", timeout: float = 10.0, retries: i
     return fn
 
 
-def onnx_fn(path: str | os.PathLike, *, kind: str = "scores", output: int = 0,
-            providers: list[str] | None = None) -> Callable[[Tensor], Any]:
+def onnx_fn(
+    path: str | os.PathLike,
+    *,
+    kind: str = "scores",
+    output: int = 0,
+    providers: list[str] | None = None,
+) -> Callable[[Tensor], Any]:
     """A callable that runs an ONNX model with onnxruntime on a batch."""
     try:
         import onnxruntime as ort
@@ -86,16 +103,24 @@ def onnx_fn(path: str | os.PathLike, *, kind: str = "scores", output: int = 0,
         raise InputError(f"onnx: no file {path}")
     try:
         session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as e:
         raise InputError(f"onnx: cannot load {path}: {e}") from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise InputError(f"onnx: {path.name} takes {len(inputs)} inputs; advx needs a model with one (the batch)")
+        raise InputError(
+            f"onnx: {path.name} takes {len(inputs)} inputs; advx needs a model with one (the batch)"
+        )
     name = inputs[0].name
-    dtype = np.float16 if "float16" in inputs[0].type else (np.float64 if "double" in inputs[0].type else np.float32)
+    dtype = (
+        np.float16
+        if "float16" in inputs[0].type
+        else (np.float64 if "double" in inputs[0].type else np.float32)
+    )
 
     def fn(x: Tensor) -> Any:
-        out = session.run(None, {name: x.detach().to("cpu").numpy().astype(dtype, copy=False)})[output]
+        out = session.run(None, {name: x.detach().to("cpu").numpy().astype(dtype, copy=False)})[
+            output
+        ]
         if kind == "labels" and out.ndim == 2 and out.shape[1] > 1:
             return out.argmax(axis=1)  # the file returns scores; only the labels are disclosed
         return out

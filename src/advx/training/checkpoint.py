@@ -39,8 +39,16 @@ from .._io import atomic_open
 from .._version import __version__
 from ..errors import InputError
 
-__all__ = ["SCHEMA", "SIDECAR", "save_checkpoint", "read_sidecar", "load_state", "find_checkpoint",
-           "require_safetensors", "state_dict_cpu"]
+__all__ = [
+    "SCHEMA",
+    "SIDECAR",
+    "save_checkpoint",
+    "read_sidecar",
+    "load_state",
+    "find_checkpoint",
+    "require_safetensors",
+    "state_dict_cpu",
+]
 
 log = logging.getLogger("advx")
 
@@ -54,8 +62,10 @@ def require_safetensors():
     try:
         import safetensors.torch as st
     except ImportError:
-        raise InputError("checkpoints are saved as safetensors, which is not installed: "
-                         "pip install 'advx[train]' (or pip install safetensors)") from None
+        raise InputError(
+            "checkpoints are saved as safetensors, which is not installed: "
+            "pip install 'advx[train]' (or pip install safetensors)"
+        ) from None
     return st
 
 
@@ -93,8 +103,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(folder: str | os.PathLike, weights: dict[str, torch.Tensor], meta: dict[str, Any],
-                    state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: str | os.PathLike,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
     """Write a checkpoint into ``folder`` atomically; returns the sidecar's path.
 
     ``meta`` is the sidecar's content (what made the weights); ``state`` what an exact resume
@@ -116,12 +130,20 @@ def save_checkpoint(folder: str | os.PathLike, weights: dict[str, torch.Tensor],
     sidecar = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "weights": w_name, "weights_sha256": w_sha,
-        "state": s_name, "state_sha256": s_sha,
+        "weights": w_name,
+        "weights_sha256": w_sha,
+        "state": s_name,
+        "state_sha256": s_sha,
         **meta,
-        "versions": {"advx": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "advx": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
-    _write(folder / SIDECAR, (json.dumps(sidecar, indent=2, default=str) + "\n").encode())  # the commit
+    _write(
+        folder / SIDECAR, (json.dumps(sidecar, indent=2, default=str) + "\n").encode()
+    )  # the commit
     _fsync_dir(folder)
     for old in list(folder.glob("model-e*.safetensors")) + list(folder.glob("state-e*.pt")):
         if old.name not in (w_name, s_name):
@@ -138,7 +160,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_dir():
         side = path / SIDECAR
         if not side.exists():
-            raise InputError(f"checkpoint: {path} holds no {SIDECAR}; is it an advx training output folder?")
+            raise InputError(
+                f"checkpoint: {path} holds no {SIDECAR}; is it an advx training output folder?"
+            )
         return side
     if not path.exists():
         raise InputError(f"checkpoint: no file or folder {path}")
@@ -146,7 +170,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if path.suffix == ".safetensors":
         return path  # read_sidecar takes the metadata from its header
-    raise InputError(f"checkpoint: expected a folder, its {SIDECAR} or a .safetensors file, got {path}")
+    raise InputError(
+        f"checkpoint: expected a folder, its {SIDECAR} or a .safetensors file, got {path}"
+    )
 
 
 def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
@@ -160,7 +186,7 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         try:
             with safe_open(str(side), framework="pt") as f:
                 header = (f.metadata() or {}).get(_META_KEY)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as e:
             raise InputError(f"checkpoint: cannot read {side} ({type(e).__name__}: {e})") from None
         beside = side.parent / SIDECAR
         if beside.exists():
@@ -168,8 +194,10 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             if meta.get("weights") == side.name:
                 return _checked(meta, side)
         if header is None:
-            raise InputError(f"checkpoint: {side} has no advx metadata and no {SIDECAR} beside it; "
-                             "load it with advx.zoo.build(spec, weights=...) instead")
+            raise InputError(
+                f"checkpoint: {side} has no advx metadata and no {SIDECAR} beside it; "
+                "load it with advx.zoo.build(spec, weights=...) instead"
+            )
         return json.loads(header), side
     try:
         meta = json.loads(side.read_text())
@@ -182,14 +210,18 @@ def read_sidecar(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
 
 def _checked(meta: dict[str, Any], weights: Path) -> tuple[dict[str, Any], Path]:
     if not weights.exists():
-        raise InputError(f"checkpoint: the weights file {weights.name} named by the sidecar is missing")
+        raise InputError(
+            f"checkpoint: the weights file {weights.name} named by the sidecar is missing"
+        )
     want = meta.get("weights_sha256")
     if want:
         from ..zoo import file_sha256
 
         if file_sha256(weights) != want:
-            raise InputError(f"checkpoint: {weights.name} does not match the sha256 in its sidecar; the file was "
-                             "changed after it was saved")
+            raise InputError(
+                f"checkpoint: {weights.name} does not match the sha256 in its sidecar; the file was "
+                "changed after it was saved"
+            )
     return meta, weights
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,19 +54,29 @@ class Group:
     def check_batch_size(self, batch_size: int) -> int:
         """The local batch size; the global one must split evenly across the processes."""
         if batch_size % self.world:
-            raise InputError(f"batch_size: {batch_size} does not split evenly across {self.world} processes; "
-                             f"use a multiple of {self.world}")
+            raise InputError(
+                f"batch_size: {batch_size} does not split evenly across {self.world} processes; "
+                f"use a multiple of {self.world}"
+            )
         return batch_size // self.world
 
-    def batches(self, n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True) -> Iterator[tuple[Tensor, int]]:
+    def batches(
+        self, n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True
+    ) -> Iterator[tuple[Tensor, int]]:
         """This rank's share of each global batch of epoch ``epoch``: (positions in [0, n), size
         of the global batch). Every rank yields the same number of batches (DDP needs each rank
         at every step); a share may be empty for the last batch."""
         from torch.utils.data import DistributedSampler
 
         local = self.check_batch_size(batch_size)
-        sampler = DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=shuffle,
-                                     seed=seed, drop_last=False)
+        sampler = DistributedSampler(
+            range(n),
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
         sampler.set_epoch(epoch)
         order = torch.as_tensor(list(iter(sampler)), dtype=torch.long)
         # the sampler pads to a multiple of world with repeats: padded slot j of this rank is

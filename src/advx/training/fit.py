@@ -23,9 +23,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,14 +43,16 @@ log = logging.getLogger("advx")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cyclic", "multistep")
 _AUTOCAST = {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_CLEAN_EVERY = 10  # recipes that never see the clean batch: its accuracy is sampled every 10th batch
+_CLEAN_EVERY = (
+    10  # recipes that never see the clean batch: its accuracy is sampled every 10th batch
+)
 
 
 class TrainingError(AdvxError, FloatingPointError):
     """Training had to stop (the loss became NaN or infinite). ``history`` holds the epochs done;
     the model holds the weights of the last good epoch, and so does the checkpoint on disk."""
 
-    def __init__(self, message: str, history: "History") -> None:
+    def __init__(self, message: str, history: History) -> None:
         super().__init__(message)
         self.history = history
 
@@ -79,11 +82,26 @@ class History:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "History":
-        return cls(**{k: d[k] for k in ("epochs", "seconds", "stopped", "best_epoch", "resumed_from", "checkpoint") if k in d})
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        return cls(
+            **{
+                k: d[k]
+                for k in (
+                    "epochs",
+                    "seconds",
+                    "stopped",
+                    "best_epoch",
+                    "resumed_from",
+                    "checkpoint",
+                )
+                if k in d
+            }
+        )
 
 
-def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int, milestones: tuple[int, ...] = ()) -> float:
+def lr_at(
+    schedule: str, lr: float, epoch_float: float, epochs: int, milestones: tuple[int, ...] = ()
+) -> float:
     """The learning rate at a fractional epoch (0 .. epochs).
 
     ``constant``: ``lr``. ``cyclic``: Wong et al.'s triangle, from 0 up to ``lr`` at 2/5 of the
@@ -97,23 +115,37 @@ def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int, milestones:
         if epoch_float <= peak:
             return lr * epoch_float / peak
         return max(0.0, lr * (epochs - epoch_float) / (epochs - peak))
-    current = max(0, math.ceil(epoch_float - 1e-9) - 1)  # a batch ending at e + f, 0 < f <= 1, is in epoch e
+    current = max(
+        0, math.ceil(epoch_float - 1e-9) - 1
+    )  # a batch ending at e + f, 0 < f <= 1, is in epoch e
     return lr * (0.1 ** sum(1 for m in milestones if current >= m))
 
 
 # ---- argument checks --------------------------------------------------------------------------
-def _check_args(epochs, batch_size, lr, optimizer, lr_schedule, autocast, momentum, weight_decay) -> None:
+def _check_args(
+    epochs, batch_size, lr, optimizer, lr_schedule, autocast, momentum, weight_decay
+) -> None:
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"fit: {name} must be a positive int, got {v!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, (int, float))
+        or not (math.isfinite(lr) and lr > 0)
+    ):
         raise InputError(f"fit: lr must be a finite number > 0, got {lr!r}")
     if optimizer not in OPTIMIZERS:
-        raise InputError(f"fit: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        raise InputError(
+            f"fit: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}"
+        )
     if lr_schedule not in SCHEDULES:
-        raise InputError(f"fit: lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
+        raise InputError(
+            f"fit: lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}"
+        )
     if autocast not in _AUTOCAST:
-        raise InputError(f"fit: autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}")
+        raise InputError(
+            f"fit: autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}"
+        )
     if not (0 <= momentum < 1):
         raise InputError(f"fit: momentum must be in [0, 1), got {momentum!r}")
     if not (weight_decay >= 0 and math.isfinite(weight_decay)):
@@ -127,8 +159,10 @@ def _as_recipe(loss) -> Recipe:
     if isinstance(loss, Recipe):
         return loss
     if not callable(loss):
-        raise InputError(f"fit: loss must be a recipe such as advx.training.fgsm_rs(0.3) or a function "
-                         f"loss(net, x, y), got {type(loss).__name__}")
+        raise InputError(
+            f"fit: loss must be a recipe such as advx.training.fgsm_rs(0.3) or a function "
+            f"loss(net, x, y), got {type(loss).__name__}"
+        )
 
     def run(b: Batch) -> Step:
         value = loss(b.model, b.x, b.y)
@@ -217,7 +251,9 @@ def fit(
     clf = model if isinstance(model, Classifier) else None
     net = model.net if clf is not None else model
     if not isinstance(net, nn.Module):
-        raise InputError(f"fit: model must be an nn.Module or an advx.Classifier, got {type(model).__name__}")
+        raise InputError(
+            f"fit: model must be an nn.Module or an advx.Classifier, got {type(model).__name__}"
+        )
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise InputError("fit: the model has no trainable parameters")
@@ -231,14 +267,20 @@ def fit(
     adapt = clf._adapt if clf is not None else _logits_of
     num_classes = _num_classes(net, normalize, adapt, x[:1].to(device, pdtype))
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise InputError(f"fit: the labels run from {int(y.min())} to {int(y.max())} but the model gives "
-                         f"{num_classes} classes; labels must lie in 0..{num_classes - 1}")
+        raise InputError(
+            f"fit: the labels run from {int(y.min())} to {int(y.max())} but the model gives "
+            f"{num_classes} classes; labels must lie in 0..{num_classes - 1}"
+        )
     overfit = recipe.overfit_check if overfit_check is None else bool(overfit_check)
     if overfit and recipe.threat is None:
-        raise InputError(f"fit: overfit_check needs a recipe with a threat model; {recipe.name} has none")
+        raise InputError(
+            f"fit: overfit_check needs a recipe with a threat model; {recipe.name} has none"
+        )
     train_rows, mon = _split_monitor(monitor, x, y, seed, wants=overfit)
     if overfit and mon is None:
-        raise InputError("fit: overfit_check needs monitor data: pass monitor=(x, y) or a number of samples to hold out")
+        raise InputError(
+            "fit: overfit_check needs monitor data: pass monitor=(x, y) or a number of samples to hold out"
+        )
     if not train_rows.numel():
         raise InputError("fit: no training samples left after holding out the monitor set")
     n = train_rows.numel()
@@ -247,18 +289,35 @@ def fit(
         milestones = (epochs // 2, (3 * epochs) // 4) if lr_schedule == "multistep" else ()
     milestones = tuple(int(m) for m in milestones)
 
-    opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam"
-           else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    opt = (
+        torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if optimizer == "adam"
+        else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast is torch.float16)
 
     config = {
-        "recipe": recipe.to_dict(), "epochs": epochs, "batch_size": batch_size, "lr": float(lr),
-        "optimizer": optimizer, "momentum": float(momentum), "weight_decay": float(weight_decay),
-        "lr_schedule": lr_schedule, "milestones": list(milestones), "seed": int(seed),
-        "autocast": _AUTOCAST[autocast], "monitor": None if mon is None else int(mon[0].shape[0]),
-        "overfit_check": overfit, "overfit_drop": overfit_drop, "overfit_floor": overfit_floor,
+        "recipe": recipe.to_dict(),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "optimizer": optimizer,
+        "momentum": float(momentum),
+        "weight_decay": float(weight_decay),
+        "lr_schedule": lr_schedule,
+        "milestones": list(milestones),
+        "seed": int(seed),
+        "autocast": _AUTOCAST[autocast],
+        "monitor": None if mon is None else int(mon[0].shape[0]),
+        "overfit_check": overfit,
+        "overfit_drop": overfit_drop,
+        "overfit_floor": overfit_floor,
     }
-    saver = _Saver(out, net, clf, recipe, config, model_spec, x, y, data_name, group) if out is not None else None
+    saver = (
+        _Saver(out, net, clf, recipe, config, model_spec, x, y, data_name, group)
+        if out is not None
+        else None
+    )
 
     history = History()
     start_epoch, step = 0, 0
@@ -279,7 +338,11 @@ def fit(
         opts = {} if compile is True else {"backend": str(compile)}
         train_fast = torch.compile(train_mod, **opts)
         craft_fast = torch.compile(net, **opts) if group.distributed else train_fast
-    amp = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+    amp = (
+        (lambda: torch.autocast(device.type, dtype=autocast))
+        if autocast is not None
+        else contextlib.nullcontext
+    )
     full_rows = batch_size // group.world
 
     def runner(mod: nn.Module, fast: Callable | None) -> Callable[[Tensor], Tensor]:
@@ -292,6 +355,7 @@ def fit(
             with amp():
                 logits = adapt(use(normalize(inp)))
             return logits if logits.dtype == inp.dtype else logits.to(inp.dtype)
+
         return forward
 
     model_fn, craft_fn = runner(train_mod, train_fast), runner(craft_mod, craft_fast)
@@ -299,40 +363,77 @@ def fit(
     started = time.perf_counter()
     seconds_before = history.seconds
     rng_devices = [device] if device.type == "cuda" else []
-    bar = _Bar(total=(epochs - start_epoch) * steps_per_epoch, desc=desc,
-               enabled=progress and group.main)
+    bar = _Bar(
+        total=(epochs - start_epoch) * steps_per_epoch, desc=desc, enabled=progress and group.main
+    )
     try:
         with torch.random.fork_rng(devices=rng_devices):
             for epoch in range(start_epoch, epochs):
-                torch.manual_seed(derive_seed(seed, 0xD0, epoch, group.rank))  # dropout: (seed, epoch, rank)
+                torch.manual_seed(
+                    derive_seed(seed, 0xD0, epoch, group.rank)
+                )  # dropout: (seed, epoch, rank)
                 net.train()
                 good = _state_copy(net)  # the last good weights, should this epoch blow up
                 t0 = time.perf_counter()
-                sums = torch.zeros(6, dtype=torch.float64)  # loss, n, clean ok, clean n, adv ok, adv n
+                sums = torch.zeros(
+                    6, dtype=torch.float64
+                )  # loss, n, clean ok, clean n, adv ok, adv n
                 bar.set_description(f"{desc} {epoch + 1}/{epochs}")
-                for t, (pos, n_global) in enumerate(group.batches(n, batch_size, seed=seed, epoch=epoch)):
+                for t, (pos, n_global) in enumerate(
+                    group.batches(n, batch_size, seed=seed, epoch=epoch)
+                ):
                     idx = train_rows[pos]
                     xb = x[idx].to(device, pdtype, non_blocking=True)
                     yb = y[idx].to(device, non_blocking=True)
-                    rate = lr_at(lr_schedule, lr, epoch + (t + 1) / steps_per_epoch, epochs, milestones)
+                    rate = lr_at(
+                        lr_schedule, lr, epoch + (t + 1) / steps_per_epoch, epochs, milestones
+                    )
                     for g in opt.param_groups:
                         g["lr"] = rate
-                    batch = Batch(xb, yb, idx.to(device), epoch, seed, model_fn, craft_fn, net, bounds, grad_scale)
+                    batch = Batch(
+                        xb,
+                        yb,
+                        idx.to(device),
+                        epoch,
+                        seed,
+                        model_fn,
+                        craft_fn,
+                        net,
+                        bounds,
+                        grad_scale,
+                    )
                     result = recipe(batch)
                     per = result.loss
                     if per.shape != (xb.shape[0],):
-                        raise InputError(f"fit: the recipe {recipe.name} returned a loss of shape {tuple(per.shape)}, "
-                                         f"expected one value per sample ({xb.shape[0]},)")
-                    total = per.sum(dtype=torch.float64 if per.dtype == torch.float64 else torch.float32)
+                        raise InputError(
+                            f"fit: the recipe {recipe.name} returned a loss of shape {tuple(per.shape)}, "
+                            f"expected one value per sample ({xb.shape[0]},)"
+                        )
+                    total = per.sum(
+                        dtype=torch.float64 if per.dtype == torch.float64 else torch.float32
+                    )
                     stats = _batch_stats(total, result, batch, t, craft_fn)
                     stats = group.sum(stats)
                     if not math.isfinite(float(stats[0])):
                         _restore(net, good)
-                        kept = f"the weights of epoch {epoch}, the last good one" if epoch else "its initial weights"
-                        history.stopped = (f"the loss became {float(stats[0])} at epoch {epoch + 1}, batch {t + 1} of "
-                                           f"{steps_per_epoch}; the model holds {kept}"
-                                           + (f", as does the checkpoint in {out}" if out is not None and epoch else ""))
-                        raise TrainingError(f"fit: {history.stopped}; lower the learning rate or check the data", history)
+                        kept = (
+                            f"the weights of epoch {epoch}, the last good one"
+                            if epoch
+                            else "its initial weights"
+                        )
+                        history.stopped = (
+                            f"the loss became {float(stats[0])} at epoch {epoch + 1}, batch {t + 1} of "
+                            f"{steps_per_epoch}; the model holds {kept}"
+                            + (
+                                f", as does the checkpoint in {out}"
+                                if out is not None and epoch
+                                else ""
+                            )
+                        )
+                        raise TrainingError(
+                            f"fit: {history.stopped}; lower the learning rate or check the data",
+                            history,
+                        )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(total * (group.world / n_global)).backward()
                     scaler.step(opt)
@@ -342,7 +443,9 @@ def fit(
                     bar.update(sums, stats)
                 row = _epoch_row(epoch, rate, sums, time.perf_counter() - t0)
                 if mon is not None:
-                    row.update(_score_monitor(net, clf, mon, recipe, seed, epoch, monitor_steps, group))
+                    row.update(
+                        _score_monitor(net, clf, mon, recipe, seed, epoch, monitor_steps, group)
+                    )
                 history.epochs.append(row)
                 stop = None
                 if overfit:
@@ -351,10 +454,16 @@ def fit(
                     fell = acc < best["accuracy"] - overfit_drop
                     under = overfit_floor is not None and best["accuracy"] >= overfit_floor > acc
                     if fell or under:
-                        rule = (f"more than {overfit_drop:.0%} below" if fell else f"under the floor of {overfit_floor:.0%}, from")
-                        stop = (f"catastrophic overfitting at epoch {epoch + 1}: PGD accuracy on the "
-                                f"{mon[0].shape[0]} monitor samples fell to {acc:.1%}, {rule} {best['accuracy']:.1%} "
-                                f"at epoch {best['epoch']}; rolled back to epoch {best['epoch']} and stopped")
+                        rule = (
+                            f"more than {overfit_drop:.0%} below"
+                            if fell
+                            else f"under the floor of {overfit_floor:.0%}, from"
+                        )
+                        stop = (
+                            f"catastrophic overfitting at epoch {epoch + 1}: PGD accuracy on the "
+                            f"{mon[0].shape[0]} monitor samples fell to {acc:.1%}, {rule} {best['accuracy']:.1%} "
+                            f"at epoch {best['epoch']}; rolled back to epoch {best['epoch']} and stopped"
+                        )
                         _restore(net, best["weights"])
                         history.stopped, history.best_epoch = stop, best["epoch"]
                         log.warning("fit: %s", stop)
@@ -362,7 +471,9 @@ def fit(
                         best = {"epoch": epoch + 1, "accuracy": acc, "weights": _state_copy(net)}
                 history.seconds = seconds_before + time.perf_counter() - started
                 if saver is not None:
-                    history.checkpoint = str(saver.save(epoch + 1, step, opt, scaler, history, best))
+                    history.checkpoint = str(
+                        saver.save(epoch + 1, step, opt, scaler, history, best)
+                    )
                 bar.write_epoch(row, stop)
                 if stop:
                     break
@@ -383,8 +494,10 @@ def _logits_of(out: Any) -> Tensor:
         return out["logits"]
     if hasattr(out, "logits"):
         return out.logits
-    raise InputError(f"fit: the model returned a {type(out).__name__}, not logits; wrap it in an "
-                     "advx.Classifier with output= to say where the logits are")
+    raise InputError(
+        f"fit: the model returned a {type(out).__name__}, not logits; wrap it in an "
+        "advx.Classifier with output= to say where the logits are"
+    )
 
 
 def _check_data(x, y, bounds) -> tuple[Tensor, Tensor]:
@@ -407,7 +520,9 @@ def _num_classes(net: nn.Module, normalize, adapt, x1: Tensor) -> int:
         for m, mode in modes:
             m.training = mode
     if logits.dim() != 2:
-        raise InputError(f"fit: expected logits of shape (N, classes) from the model, got {tuple(logits.shape)}")
+        raise InputError(
+            f"fit: expected logits of shape (N, classes) from the model, got {tuple(logits.shape)}"
+        )
     return int(logits.shape[1])
 
 
@@ -422,11 +537,13 @@ def _split_monitor(monitor, x: Tensor, y: Tensor, seed: int, *, wants: bool):
         return everything, (mx, my, torch.arange(mx.shape[0]) + n)  # ids past the training set's
     k = min(512, n // 10) if monitor == "auto" else monitor
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < n:
-        raise InputError(f"fit: monitor must be (x, y), a number of samples in 1..{n - 1} to hold out, 'auto' "
-                         f"or None, got {monitor!r}")
+        raise InputError(
+            f"fit: monitor must be (x, y), a number of samples in 1..{n - 1} to hold out, 'auto' "
+            f"or None, got {monitor!r}"
+        )
     gen = torch.Generator().manual_seed(derive_seed(seed, 0x40A1))
     order = torch.randperm(n, generator=gen)
-    held = order[n - k:].sort().values
+    held = order[n - k :].sort().values
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
     held_dev = held.to(x.device)
@@ -452,12 +569,20 @@ def _batch_stats(total: Tensor, result: Step, batch: Batch, t: int, craft_fn) ->
 
 
 def _epoch_row(epoch: int, lr: float, s: Tensor, seconds: float) -> dict[str, Any]:
-    ratio = lambda a, b: None if float(s[b]) == 0 else float(s[a] / s[b])  # noqa: E731
-    return {"epoch": epoch + 1, "lr": lr, "loss": ratio(0, 1), "train_clean_accuracy": ratio(2, 3),
-            "train_adv_accuracy": ratio(4, 5), "seconds": round(seconds, 3)}
+    ratio = lambda a, b: None if float(s[b]) == 0 else float(s[a] / s[b])
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "loss": ratio(0, 1),
+        "train_clean_accuracy": ratio(2, 3),
+        "train_adv_accuracy": ratio(4, 5),
+        "seconds": round(seconds, 3),
+    }
 
 
-def _score_monitor(net: nn.Module, clf, mon, recipe: Recipe, seed: int, epoch: int, steps: int, group: Group) -> dict[str, Any]:
+def _score_monitor(
+    net: nn.Module, clf, mon, recipe: Recipe, seed: int, epoch: int, steps: int, group: Group
+) -> dict[str, Any]:
     """Clean accuracy on the monitor set, and PGD accuracy when the recipe has a threat model.
     Split across the processes and summed: every process learns the same numbers."""
     from ..attacks import PGD
@@ -474,7 +599,11 @@ def _score_monitor(net: nn.Module, clf, mon, recipe: Recipe, seed: int, epoch: i
     try:
         model = clf if clf is not None else Classifier(net, batch_size=512)
         with torch.no_grad():
-            ok = model.predict(xs) == ys if xs.shape[0] else torch.zeros(0, dtype=torch.bool, device=device)
+            ok = (
+                model.predict(xs) == ys
+                if xs.shape[0]
+                else torch.zeros(0, dtype=torch.bool, device=device)
+            )
         robust = ok.clone()
         if recipe.threat is not None and xs.shape[0]:
             attack = PGD(recipe.threat, steps=steps, seed=derive_seed(seed, 0x3011, epoch))
@@ -483,10 +612,16 @@ def _score_monitor(net: nn.Module, clf, mon, recipe: Recipe, seed: int, epoch: i
     finally:
         for m, mode in modes:
             m.training = mode
-    counts = group.sum(torch.tensor([float(ok.sum()), float(robust.sum()), float(xs.shape[0])], dtype=torch.float64))
+    counts = group.sum(
+        torch.tensor(
+            [float(ok.sum()), float(robust.sum()), float(xs.shape[0])], dtype=torch.float64
+        )
+    )
     m = float(counts[2])
-    return {"monitor_clean_accuracy": float(counts[0]) / m,
-            "monitor_adv_accuracy": float(counts[1]) / m if recipe.threat is not None else None}
+    return {
+        "monitor_clean_accuracy": float(counts[0]) / m,
+        "monitor_adv_accuracy": float(counts[1]) / m if recipe.threat is not None else None,
+    }
 
 
 def _state_copy(net: nn.Module) -> dict[str, Tensor]:
@@ -514,8 +649,14 @@ class _Bar:
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
             return
-        self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                        disable=None if setting is None else False)
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if setting is None else False,
+        )
 
     def set_description(self, text: str) -> None:
         if self.bar is not None:
@@ -536,8 +677,12 @@ class _Bar:
         if self.bar is None:
             return
         parts = [f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
-        for key, name in (("train_clean_accuracy", "clean"), ("train_adv_accuracy", "adv"),
-                          ("monitor_clean_accuracy", "monitor clean"), ("monitor_adv_accuracy", "monitor PGD")):
+        for key, name in (
+            ("train_clean_accuracy", "clean"),
+            ("train_adv_accuracy", "adv"),
+            ("monitor_clean_accuracy", "monitor clean"),
+            ("monitor_adv_accuracy", "monitor PGD"),
+        ):
             if row.get(key) is not None:
                 parts.append(f"{name} {row[key]:.1%}")
         parts.append(f"{row['seconds']:.1f}s")
@@ -551,7 +696,9 @@ class _Bar:
 class _Saver:
     """Writes and reads the checkpoints of one run (rank 0 writes; every rank reads)."""
 
-    def __init__(self, out, net, clf, recipe: Recipe, config, model_spec, x, y, data_name, group: Group) -> None:
+    def __init__(
+        self, out, net, clf, recipe: Recipe, config, model_spec, x, y, data_name, group: Group
+    ) -> None:
         from ..data import data_sha256
         from .checkpoint import require_safetensors
 
@@ -580,9 +727,14 @@ class _Saver:
             "recipe": {"name": self.recipe.name, "params": self.recipe.params},
             "threat": None if self.recipe.threat is None else self.recipe.threat.to_dict(),
             "data": self.data,
-            "training": {**self.config, "epochs_done": epochs_done, "processes": self.group.world,
-                         "stopped": history.stopped, "best_epoch": history.best_epoch,
-                         "seconds": round(history.seconds, 3)},
+            "training": {
+                **self.config,
+                "epochs_done": epochs_done,
+                "processes": self.group.world,
+                "stopped": history.stopped,
+                "best_epoch": history.best_epoch,
+                "seconds": round(history.seconds, 3),
+            },
             "metrics": history.epochs,
         }
 
@@ -592,21 +744,31 @@ class _Saver:
         path = self.out / SIDECAR
         if self.group.main:
             state = {
-                "config": _jsonish(self.config), "epochs_done": epochs_done, "step": step,
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "config": _jsonish(self.config),
+                "epochs_done": epochs_done,
+                "step": step,
+                "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
                 "history": _jsonish(history.to_dict()),
-                "best": {"epoch": best["epoch"], "accuracy": float(best["accuracy"]),
-                         "weights": None if best["weights"] is None else {k: v.cpu() for k, v in best["weights"].items()}},
+                "best": {
+                    "epoch": best["epoch"],
+                    "accuracy": float(best["accuracy"]),
+                    "weights": None
+                    if best["weights"] is None
+                    else {k: v.cpu() for k, v in best["weights"].items()},
+                },
             }
-            path = save_checkpoint(self.out, state_dict_cpu(self.net), self._meta(epochs_done, history), state)
+            path = save_checkpoint(
+                self.out, state_dict_cpu(self.net), self._meta(epochs_done, history), state
+            )
         self.group.barrier()
         return path
 
     def restore(self, opt, scaler):
         """Load the last checkpoint into the model, the optimizer and the scaler; None when there
         is none. A checkpoint made with other settings is refused, naming them."""
-        from .checkpoint import SIDECAR, load_state, read_sidecar
         from ..zoo import load_weights
+        from .checkpoint import SIDECAR, load_state, read_sidecar
 
         side = self.out / SIDECAR
         if not side.exists():
@@ -615,14 +777,18 @@ class _Saver:
         meta, weights = read_sidecar(side)
         state = load_state(side, meta)
         old = state["config"]
-        differ = [k for k in self.config if k != "epochs" and old.get(k) != _jsonish(self.config[k])]
+        differ = [
+            k for k in self.config if k != "epochs" and old.get(k) != _jsonish(self.config[k])
+        ]
         if old.get("epochs") != self.config["epochs"] and self.config["lr_schedule"] != "constant":
             differ.append("epochs")  # the schedule's shape depends on the number of epochs
         if meta.get("data", {}).get("sha256") != self.data["sha256"]:
             differ.append("data")
         if differ:
-            raise InputError(f"resume: the checkpoint in {self.out} was made with other settings ({', '.join(differ)}); "
-                             "use the same ones, or another out folder to start afresh")
+            raise InputError(
+                f"resume: the checkpoint in {self.out} was made with other settings ({', '.join(differ)}); "
+                "use the same ones, or another out folder to start afresh"
+            )
         load_weights(self.net, weights)  # strict: another architecture is refused, naming the keys
         opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -630,8 +796,13 @@ class _Saver:
         history = History.from_dict(state["history"])
         b = state["best"]
         device = next(self.net.parameters()).device
-        best = {"epoch": b["epoch"], "accuracy": b["accuracy"],
-                "weights": None if b["weights"] is None else {k: v.to(device) for k, v in b["weights"].items()}}
+        best = {
+            "epoch": b["epoch"],
+            "accuracy": b["accuracy"],
+            "weights": None
+            if b["weights"] is None
+            else {k: v.to(device) for k, v in b["weights"].items()},
+        }
         return history, int(state["epochs_done"]), int(state["step"]), best
 
 

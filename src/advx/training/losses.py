@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,19 @@ from torch import Tensor, nn
 
 from .._rng import SampleRNG, derive_seed
 from ..errors import InputError
-from ..threat import ThreatModel, Linf
+from ..threat import Linf, ThreatModel
 
-__all__ = ["Recipe", "Batch", "Step", "standard", "fgsm_rs", "pgd_at", "trades", "distillation", "RECIPES"]
+__all__ = [
+    "Recipe",
+    "Batch",
+    "Step",
+    "standard",
+    "fgsm_rs",
+    "pgd_at",
+    "trades",
+    "distillation",
+    "RECIPES",
+]
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,9 @@ class Batch:
     def threat(self, threat: ThreatModel) -> ThreatModel:
         return threat if threat.has_explicit_bounds else threat.with_bounds(self.bounds)
 
-    def input_grad(self, x: Tensor, loss_of_logits: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    def input_grad(
+        self, x: Tensor, loss_of_logits: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """d sum(loss) / d x through the bare module; returns (gradient, logits), detached."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -124,11 +137,16 @@ class Recipe:
         eps = float(self.threat.eps)
         top = {"linf": hi - lo, "l2": math.inf, "l1": math.inf}[self.threat.norm]
         if not eps < top or eps <= 0:
-            raise InputError(f"{self.name}: eps must be in (0, {top:g}) for inputs in [{lo:g}, {hi:g}], got {eps:g}")
+            raise InputError(
+                f"{self.name}: eps must be in (0, {top:g}) for inputs in [{lo:g}, {hi:g}], got {eps:g}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "params": dict(self.params),
-                "threat": None if self.threat is None else self.threat.to_dict()}
+        return {
+            "name": self.name,
+            "params": dict(self.params),
+            "threat": None if self.threat is None else self.threat.to_dict(),
+        }
 
 
 # ---- parameter checks ------------------------------------------------------------------------
@@ -136,7 +154,9 @@ def _threat(who: str, eps: float | ThreatModel) -> ThreatModel:
     threat = eps if isinstance(eps, ThreatModel) else None
     if threat is None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise InputError(f"{who}: eps must be a number (Linf) or a ThreatModel such as advx.L2(1.5), got {eps!r}")
+            raise InputError(
+                f"{who}: eps must be a number (Linf) or a ThreatModel such as advx.L2(1.5), got {eps!r}"
+            )
         if not (math.isfinite(eps) and eps > 0):
             raise InputError(f"{who}: eps must be a finite number > 0, got {eps!r}")
         threat = Linf(float(eps))
@@ -148,7 +168,9 @@ def _threat(who: str, eps: float | ThreatModel) -> ThreatModel:
 def _positive(who: str, name: str, value: Any, *, allow_zero: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise InputError(f"{who}: {name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise InputError(
+            f"{who}: {name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
+        )
     return float(value)
 
 
@@ -189,8 +211,13 @@ def _warmed(b: Batch, threat: ThreatModel, warmup: int) -> tuple[ThreatModel, fl
     return (th.with_eps(float(th.eps) * scale) if scale < 1.0 else th), scale
 
 
-def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start: bool = False,
-            warmup: int = 0) -> Recipe:
+def fgsm_rs(
+    eps: float | ThreatModel,
+    alpha: float | None = None,
+    *,
+    clip_start: bool = False,
+    warmup: int = 0,
+) -> Recipe:
     """FGSM with a random start (Wong, Rice & Kolter 2020, "Fast is better than free").
 
     A point drawn uniformly from the ball, one steepest-ascent step of size ``alpha`` (default
@@ -218,13 +245,23 @@ def fgsm_rs(eps: float | ThreatModel, alpha: float | None = None, *, clip_start:
         logits = b.model(x_adv)
         return Step(_ce(logits, b.y), adv_logits=logits)
 
-    params = {"eps": float(threat.eps), "alpha": a, **({"clip_start": True} if clip_start else {}),
-              **({"warmup": warm} if warm else {})}
+    params = {
+        "eps": float(threat.eps),
+        "alpha": a,
+        **({"clip_start": True} if clip_start else {}),
+        **({"warmup": warm} if warm else {}),
+    }
     return Recipe("fgsm_rs", params, run, threat, overfit_check=True)
 
 
-def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = None, *,
-           random_start: bool = True, warmup: int = 0) -> Recipe:
+def pgd_at(
+    eps: float | ThreatModel,
+    steps: int = 10,
+    step_size: float | None = None,
+    *,
+    random_start: bool = True,
+    warmup: int = 0,
+) -> Recipe:
     """PGD adversarial training (Madry et al. 2018): minimize the cross-entropy at the point
     that ``steps`` projected steepest-ascent steps of ``step_size`` (default 2.5 * eps / steps)
     from a uniform random start reach. Crafted in training mode, as in the paper's code.
@@ -236,7 +273,11 @@ def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = 
     """
     threat = _threat("pgd_at", eps)
     n = _count("pgd_at", "steps", steps)
-    size = 2.5 * float(threat.eps) / n if step_size is None else _positive("pgd_at", "step_size", step_size)
+    size = (
+        2.5 * float(threat.eps) / n
+        if step_size is None
+        else _positive("pgd_at", "step_size", step_size)
+    )
     warmup = _warmup("pgd_at", warmup)
 
     def run(b: Batch) -> Step:
@@ -244,11 +285,18 @@ def pgd_at(eps: float | ThreatModel, steps: int = 10, step_size: float | None = 
         x_adv = th.random_init(b.x, b.rng(0)) if random_start else b.x.clone()
         for _ in range(n):
             grad, _ = b.input_grad(x_adv, lambda z: _ce(z, b.y))
-            x_adv = th.project(x_adv + scale * size * th.steepest_ascent(grad, x_adv=x_adv), b.x).detach()
+            x_adv = th.project(
+                x_adv + scale * size * th.steepest_ascent(grad, x_adv=x_adv), b.x
+            ).detach()
         logits = b.model(x_adv)
         return Step(_ce(logits, b.y), adv_logits=logits)
 
-    params = {"eps": float(threat.eps), "steps": n, "step_size": size, "random_start": bool(random_start)}
+    params = {
+        "eps": float(threat.eps),
+        "steps": n,
+        "step_size": size,
+        "random_start": bool(random_start),
+    }
     if warmup:
         params["warmup"] = warmup
     return Recipe("pgd_at", params, run, threat)
@@ -259,8 +307,14 @@ def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
-def trades(eps: float | ThreatModel, beta: float = 6.0, steps: int = 10, step_size: float | None = None, *,
-           start: float = 0.001) -> Recipe:
+def trades(
+    eps: float | ThreatModel,
+    beta: float = 6.0,
+    steps: int = 10,
+    step_size: float | None = None,
+    *,
+    start: float = 0.001,
+) -> Recipe:
     """TRADES (Zhang et al. 2019): cross-entropy on the clean input plus ``beta`` times the KL
     divergence between the model's outputs on the clean input and on the point that maximizes
     that divergence in the ball (``steps`` steepest-ascent steps of ``step_size``, default
@@ -269,7 +323,11 @@ def trades(eps: float | ThreatModel, beta: float = 6.0, steps: int = 10, step_si
     threat = _threat("trades", eps)
     b_ = _positive("trades", "beta", beta, allow_zero=True)
     n = _count("trades", "steps", steps)
-    size = 2.5 * float(threat.eps) / n if step_size is None else _positive("trades", "step_size", step_size)
+    size = (
+        2.5 * float(threat.eps) / n
+        if step_size is None
+        else _positive("trades", "step_size", step_size)
+    )
     s0 = _positive("trades", "start", start, allow_zero=True)
 
     def run(b: Batch) -> Step:
@@ -280,15 +338,23 @@ def trades(eps: float | ThreatModel, beta: float = 6.0, steps: int = 10, step_si
             noise = b.rng(0).normal(shape=tuple(b.x.shape[1:]), dtype=b.x.dtype).to(b.x.device)
             x_adv = b.x + s0 * noise  # unclipped, as in the paper's code: the steps project
             for _ in range(n):
-                grad, _ = b.input_grad(x_adv, lambda z: _kl(p_clean, F.log_softmax(z.float(), dim=1)))
-                x_adv = th.project(x_adv + size * th.steepest_ascent(grad, x_adv=x_adv), b.x).detach()
+                grad, _ = b.input_grad(
+                    x_adv, lambda z: _kl(p_clean, F.log_softmax(z.float(), dim=1))
+                )
+                x_adv = th.project(
+                    x_adv + size * th.steepest_ascent(grad, x_adv=x_adv), b.x
+                ).detach()
         logits = b.model(b.x)
         adv = b.model(x_adv)
         robust = _kl(F.log_softmax(logits, dim=1), F.log_softmax(adv, dim=1))
         return Step(_ce(logits, b.y) + b_ * robust, logits=logits, adv_logits=adv)
 
-    return Recipe("trades", {"eps": float(threat.eps), "beta": b_, "steps": n, "step_size": size, "start": s0},
-                  run, threat)
+    return Recipe(
+        "trades",
+        {"eps": float(threat.eps), "beta": b_, "steps": n, "step_size": size, "start": s0},
+        run,
+        threat,
+    )
 
 
 def distillation(teacher, temperature: float = 100.0) -> Recipe:
@@ -304,7 +370,9 @@ def distillation(teacher, temperature: float = 100.0) -> Recipe:
 
     t = _positive("distillation", "temperature", temperature)
     if not isinstance(teacher, (nn.Module, Classifier)):
-        raise InputError(f"distillation: teacher must be an nn.Module or an advx.Classifier, got {type(teacher).__name__}")
+        raise InputError(
+            f"distillation: teacher must be an nn.Module or an advx.Classifier, got {type(teacher).__name__}"
+        )
 
     def soft_labels(x: Tensor) -> Tensor:
         if isinstance(teacher, Classifier):

@@ -11,8 +11,9 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,9 @@ def _factory(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise InputError(f"model: cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?") from None
+            raise InputError(
+                f"model: cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?"
+            ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -69,7 +72,9 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
     obj = _factory(spec)(**kwargs)
     net = obj.net if isinstance(obj, Classifier) else obj
     if not isinstance(net, nn.Module):
-        raise InputError(f"model: {spec} returned a {type(obj).__name__}, expected an nn.Module or an advx.Classifier")
+        raise InputError(
+            f"model: {spec} returned a {type(obj).__name__}, expected an nn.Module or an advx.Classifier"
+        )
     if weights is not None:
         load_weights(net, weights)
     # how to rebuild it: training records this in its checkpoints, for advx.zoo.load
@@ -77,7 +82,12 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
     return obj
 
 
-def load(path: str | os.PathLike, *, model: str | nn.Module | None = None, device: str | torch.device = "cpu"):
+def load(
+    path: str | os.PathLike,
+    *,
+    model: str | nn.Module | None = None,
+    device: str | torch.device = "cpu",
+):
     """A ready :class:`advx.Classifier` from an advx training checkpoint.
 
     ``path`` is a checkpoint folder (``fit(..., out=DIR)`` or ``advx train --out DIR``), its
@@ -91,11 +101,15 @@ def load(path: str | os.PathLike, *, model: str | nn.Module | None = None, devic
 
     meta, weights = read_sidecar(path)
     info = meta.get("model") or {}
-    ours = not isinstance(model, nn.Module)  # a module we build ourselves may be moved; the caller's is not
+    ours = not isinstance(
+        model, nn.Module
+    )  # a module we build ourselves may be moved; the caller's is not
     if model is None:
         if not info.get("spec"):
-            raise InputError(f"load: {path} was trained from a {info.get('class', 'model')} that advx cannot rebuild "
-                             "(no model spec recorded); pass model= (a spec such as 'lenet' or the nn.Module to load into)")
+            raise InputError(
+                f"load: {path} was trained from a {info.get('class', 'model')} that advx cannot rebuild "
+                "(no model spec recorded); pass model= (a spec such as 'lenet' or the nn.Module to load into)"
+            )
         obj = build(info["spec"], **(info.get("kwargs") or {}))
     elif isinstance(model, str):
         obj = build(model)
@@ -110,7 +124,12 @@ def load(path: str | os.PathLike, *, model: str | nn.Module | None = None, devic
         raise InputError(f"load: model must be a spec or an nn.Module, got {type(obj).__name__}")
     load_weights(obj, weights)
     net = obj.to(device).eval() if ours else obj
-    return Classifier(net, bounds=tuple(info.get("bounds") or (0.0, 1.0)), mean=info.get("mean"), std=info.get("std"))
+    return Classifier(
+        net,
+        bounds=tuple(info.get("bounds") or (0.0, 1.0)),
+        mean=info.get("mean"),
+        std=info.get("std"),
+    )
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -118,21 +137,27 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise InputError("weights: reading .safetensors needs the safetensors package: pip install safetensors") from None
+            raise InputError(
+                "weights: reading .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "cannot read"
-        raise InputError(f"weights: cannot read {path} as a state dict ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise InputError(
+            f"weights: cannot read {path} as a state dict ({type(e).__name__}: {e})"
+        ) from None
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"weights: {path} does not hold a state dict (a mapping of names to tensors)")
+        raise InputError(
+            f"weights: {path} does not hold a state dict (a mapping of names to tensors)"
+        )
     # checkpoints saved from DataParallel/DDP prefix every key with "module."
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -154,8 +179,15 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> nn.Module:
         if unexpected:
             parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5]))
-        raise InputError(f"weights: {path.name} does not fit {type(net).__name__}: " + "; ".join(parts))
+            parts.append(
+                "shape mismatch "
+                + ", ".join(
+                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5]
+                )
+            )
+        raise InputError(
+            f"weights: {path.name} does not fit {type(net).__name__}: " + "; ".join(parts)
+        )
     net.load_state_dict(state, strict=False)
     return net
 

@@ -22,20 +22,34 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, drop: float = 0.5) -> None:
         super().__init__()
-        self.feature_extractor = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(in_channels, 32, 3)), ("relu1", nn.ReLU()),
-            ("conv2", nn.Conv2d(32, 32, 3)), ("relu2", nn.ReLU()),
-            ("maxpool1", nn.MaxPool2d(2, 2)),
-            ("conv3", nn.Conv2d(32, 64, 3)), ("relu3", nn.ReLU()),
-            ("conv4", nn.Conv2d(64, 64, 3)), ("relu4", nn.ReLU()),
-            ("maxpool2", nn.MaxPool2d(2, 2)),
-        ]))
-        self.classifier = nn.Sequential(OrderedDict([
-            ("fc1", nn.Linear(64 * 4 * 4, 200)), ("relu1", nn.ReLU()),
-            ("drop", nn.Dropout(drop)),
-            ("fc2", nn.Linear(200, 200)), ("relu2", nn.ReLU()),
-            ("fc3", nn.Linear(200, num_classes)),
-        ]))
+        self.feature_extractor = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(in_channels, 32, 3)),
+                    ("relu1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(32, 32, 3)),
+                    ("relu2", nn.ReLU()),
+                    ("maxpool1", nn.MaxPool2d(2, 2)),
+                    ("conv3", nn.Conv2d(32, 64, 3)),
+                    ("relu3", nn.ReLU()),
+                    ("conv4", nn.Conv2d(64, 64, 3)),
+                    ("relu4", nn.ReLU()),
+                    ("maxpool2", nn.MaxPool2d(2, 2)),
+                ]
+            )
+        )
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("fc1", nn.Linear(64 * 4 * 4, 200)),
+                    ("relu1", nn.ReLU()),
+                    ("drop", nn.Dropout(drop)),
+                    ("fc2", nn.Linear(200, 200)),
+                    ("relu2", nn.ReLU()),
+                    ("fc3", nn.Linear(200, num_classes)),
+                ]
+            )
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.feature_extractor(x)  # (N, 1, 28, 28) -> (N, 64, 4, 4)
