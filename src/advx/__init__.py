@@ -67,9 +67,7 @@ _SUBMODULES = {
     "threat",
     "errors",
     "viz",
-    "demo",
     "defenses",
-    "guard",
 }
 
 

@@ -1,17 +1,24 @@
 """Progress bars (tqdm, imported lazily). Shown on an interactive terminal, silent otherwise;
-``ADVX_PROGRESS=0`` turns them off and ``ADVX_PROGRESS=1`` forces them on."""
+``ADVX_PROGRESS=0`` turns them off and ``ADVX_PROGRESS=1`` forces them on.
+
+Two shapes, one setting: :func:`progress` wraps an iterable; :func:`bar` is a bar advanced by
+hand (an audit counts sample-stages, training counts batches). Inside :func:`quiet` neither
+shows (an attack run as one step of a training epoch would only add noise).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+__all__ = ["progress", "bar", "Bar", "quiet", "enabled"]
 
-_QUIET = [0]  # > 0 inside quiet(): no bars (e.g. an attack run as one step of a training epoch)
+_QUIET = [0]  # > 0 inside quiet()
 
 
 @contextlib.contextmanager
@@ -24,7 +31,8 @@ def quiet() -> Iterator[None]:
         _QUIET[0] -= 1
 
 
-def _setting() -> bool | None:
+def enabled() -> bool | None:
+    """False: no bars; True: bars even on a pipe; None: tqdm decides (on for a terminal)."""
     if _QUIET[0]:
         return False
     value = os.environ.get("ADVX_PROGRESS", "").strip().lower()
@@ -32,7 +40,23 @@ def _setting() -> bool | None:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    return None  # tqdm decides: on for a terminal, off for a pipe or a log file
+    return None
+
+
+def _tqdm(**kwargs: Any) -> Any | None:
+    setting = enabled()
+    if setting is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
+        return None
+    return tqdm(
+        leave=kwargs.pop("leave", False),
+        dynamic_ncols=True,
+        disable=None if setting is None else False,
+        **kwargs,
+    )
 
 
 def progress(
@@ -43,21 +67,50 @@ def progress(
     unit: str = "it",
     leave: bool = False,
 ) -> Iterator[T]:
-    setting = _setting()
-    if setting is False:
+    """``iterable`` with a progress bar."""
+    if enabled() is False:
         return iter(iterable)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency, but stay usable without it
-        return iter(iterable)
-    return iter(
-        tqdm(
-            iterable,
-            total=total,
-            desc=desc,
-            unit=unit,
-            leave=leave,
-            disable=None if setting is None else False,
-            dynamic_ncols=True,
+    t = _tqdm(iterable=iterable, total=total, desc=desc, unit=unit, leave=leave)
+    return iter(iterable) if t is None else iter(t)
+
+
+class Bar:
+    """A bar advanced by hand. Every method is a no-op when bars are off."""
+
+    def __init__(self, *, total: int, desc: str, unit: str = "it", initial: int = 0) -> None:
+        self._bar = (
+            None if total <= 0 else _tqdm(total=total, desc=desc, unit=unit, initial=initial)
         )
-    )
+
+    def update(self, k: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(k)
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description(text, refresh=False)
+
+    def postfix(self, values: dict[str, str]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+
+    def write(self, line: str) -> None:
+        """A line above the bar (a finished epoch, say); nothing when bars are off."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bar(*, total: int, desc: str, unit: str = "it", initial: int = 0) -> Bar:
+    """A :class:`Bar` (use it as a context manager so it closes on error)."""
+    return Bar(total=total, desc=desc, unit=unit, initial=initial)

@@ -1,14 +1,41 @@
 """Checks of user input, written once. Each error names the argument, what was expected, what
-came, and what to do. Tensor checks are a few reductions: cheap next to one forward pass."""
+came, and what to do. Tensor checks are a few reductions: cheap next to one forward pass.
+
+Argument checks (cheap, at construction) share one message form::
+
+    PGD: steps must be a positive int, got 0
+
+``who`` names the object or function the argument belongs to (empty for a top-level argument).
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["check_images", "check_labels", "check_target", "check_index", "check_classes"]
+__all__ = [
+    "check_images",
+    "check_labels",
+    "check_target",
+    "check_index",
+    "check_classes",
+    "check_bounds",
+    "check_int",
+    "check_float",
+    "check_choice",
+    "check_bool",
+    "positive_int",
+    "nonneg_float",
+    "positive_float",
+    "one_of",
+    "fail",
+]
 
 # Inputs a hair outside the bounds (float rounding after a transform) are accepted and clipped.
 _TOL = 1e-4
@@ -123,3 +150,115 @@ def check_index(index, n: int, device: torch.device) -> Tensor:
     if index.dim() != 1 or index.shape[0] != n or torch.is_floating_point(index):
         raise InputError(f"index: expected {n} integer sample ids, got shape {tuple(index.shape)}")
     return index.long()
+
+
+# ---- arguments ------------------------------------------------------------------------------
+def fail(who: str, name: str, what: str, value: Any, hint: str = "") -> InputError:
+    """The one form of an argument error: ``who: name must be what, got value; hint``."""
+    prefix = f"{who}: " if who else ""
+    return InputError(
+        f"{prefix}{name} must be {what}, got {value!r}" + (f"; {hint}" if hint else "")
+    )
+
+
+def check_int(
+    value: Any,
+    *,
+    name: str,
+    who: str = "",
+    low: int | None = 1,
+    high: int | None = None,
+    allow_none: bool = False,
+    hint: str = "",
+) -> int | None:
+    """An int (not a bool) in [low, high]; None passes when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        if low == 1 and high is None:
+            what = "a positive int"
+        elif high is None:
+            what = f"an int >= {low}"
+        elif low is None:
+            what = f"an int <= {high}"
+        else:
+            what = f"an int from {low} to {high}"
+        raise fail(who, name, what + (" or None" if allow_none else ""), value, hint)
+    return value
+
+
+def check_float(
+    value: Any,
+    *,
+    name: str,
+    who: str = "",
+    low: float | None = 0.0,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+    allow_none: bool = False,
+    hint: str = "",
+) -> float | None:
+    """A real number (not a bool, not NaN) in the interval given; returns it as a float."""
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        v = float(value)
+        ok = (allow_inf or math.isfinite(v)) and (
+            low is None or (v > low if low_open else v >= low)
+        )
+        ok = ok and (high is None or (v < high if high_open else v <= high))
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
+        what = ("a number" if allow_inf else "a finite number") + (
+            " " + " and ".join(parts) if parts else ""
+        )
+        raise fail(who, name, what + (" or None" if allow_none else ""), value, hint)
+    return float(value)
+
+
+def check_choice(value: Any, choices: Collection[Any], *, name: str, who: str = "") -> Any:
+    if value not in choices:
+        raise fail(who, name, f"one of {', '.join(map(repr, choices))}", value)
+    return value
+
+
+def check_bool(value: Any, *, name: str, who: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise fail(who, name, "True or False", value)
+    return value
+
+
+def positive_int(value: Any, *, name: str, who: str = "") -> int:
+    return check_int(value, name=name, who=who)  # type: ignore[return-value]
+
+
+def positive_float(value: Any, *, name: str, who: str = "", allow_inf: bool = False) -> float:
+    return check_float(value, name=name, who=who, low_open=True, allow_inf=allow_inf)  # type: ignore[return-value]
+
+
+def nonneg_float(value: Any, *, name: str, who: str = "", allow_inf: bool = False) -> float:
+    return check_float(value, name=name, who=who, allow_inf=allow_inf)  # type: ignore[return-value]
+
+
+def one_of(value: Any, choices: Collection[Any], *, name: str, who: str = "") -> Any:
+    return check_choice(value, choices, name=name, who=who)
+
+
+def check_bounds(bounds: Sequence[float]) -> tuple[float, float]:
+    """Input bounds (low, high), finite, low < high."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise InputError(f"bounds: expected (low, high), got {bounds!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise InputError(f"bounds: expected finite low < high, got ({lo}, {hi})")
+    return (lo, hi)

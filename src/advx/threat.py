@@ -9,7 +9,6 @@ so that an attack is written once for every norm.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from ._rng import SampleRNG
 from ._tensor import flat, per_sample
+from ._validate import check_bounds
 from .errors import InputError
 
 __all__ = ["ThreatModel", "Linf", "L2", "L1", "Norm", "NORMS", "parse_threat"]
@@ -70,7 +70,7 @@ class ThreatModel:
             if math.isnan(eps) or eps < 0:
                 raise InputError(f"eps: expected a number >= 0 (or math.inf), got {eps}")
         if bounds is not None:
-            bounds = _check_bounds(bounds)
+            bounds = check_bounds(bounds)
         self.norm: str = norm
         self.eps: float | Tensor = eps
         self._bounds = bounds
@@ -201,7 +201,7 @@ class ThreatModel:
         leaves it unclipped: FGSM-RS training takes its gradient there, as Wong et al. do)."""
         if self.unbounded:
             raise InputError("random_init: eps is infinite; there is no ball to sample from")
-        n, shape = x.shape[0], tuple(x.shape[1:])
+        shape = tuple(x.shape[1:])
         d = math.prod(shape)
         eps = self.eps_tensor(x)
         if self.norm == "linf":
@@ -348,16 +348,6 @@ def _project_l1_box(v: Tensor, lower: Tensor, upper: Tensor, eps: Tensor) -> Ten
     out = boxed.clone()
     out[need] = d
     return (v.sign() * out.to(v.dtype)).view(shape)
-
-
-def _check_bounds(bounds: Sequence[float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise InputError(f"bounds: expected (low, high), got {bounds!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise InputError(f"bounds: expected finite low < high, got ({lo}, {hi})")
-    return (lo, hi)
 
 
 def Linf(eps: float | Tensor, *, bounds: tuple[float, float] | None = None) -> ThreatModel:

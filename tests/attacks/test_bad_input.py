@@ -105,10 +105,10 @@ def test_an_attack_refuses_a_model_without_the_access_it_needs(trained_mlp, batc
     class LabelsOnly(advx.models.Model):
         access = "labels"
 
-        def _scores(self, x):
+        def forward(self, x):
             raise AssertionError("never asked")
 
-        def _labels(self, x):
+        def labels(self, x):
             return trained_mlp(x).argmax(1)
 
     with pytest.raises(AccessError, match="needs gradients"):

@@ -313,8 +313,6 @@ def test_bad_arguments(trained_mlp, data):
 
 def test_a_model_with_batchnorm_is_audited_and_fingerprinted_by_its_buffers(data):
     # BatchNorm keeps 0-dim integer buffers (num_batches_tracked); the fingerprint hashes them too
-    from advx.audit.runner import model_fingerprint
-
     x, y = data
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -324,9 +322,9 @@ def test_a_model_with_batchnorm_is_audited_and_fingerprinted_by_its_buffers(data
         net, x[:16], y[:16], advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False
     )
     assert 0 <= r.robust_accuracy <= r.clean_accuracy
-    before = model_fingerprint(advx.Classifier(net))
+    before = advx.Classifier(net).fingerprint()
     net[1].num_batches_tracked += 1
-    assert model_fingerprint(advx.Classifier(net)) != before
+    assert advx.Classifier(net).fingerprint() != before
 
 
 def test_a_gated_stage_attacks_only_the_samples_closest_to_the_boundary(trained_mlp, data):

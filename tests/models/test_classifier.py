@@ -142,6 +142,11 @@ def test_constructor_errors_name_the_argument(trained_mlp):
         advx.Classifier(trained_mlp, std=[0.0])
     with pytest.raises(InputError, match="budget"):
         advx.Classifier(trained_mlp, budget=0)
+    # a bool is not a budget, on a Classifier as on a BlackBox (the checks are one function)
+    with pytest.raises(InputError, match="budget must be a positive int or None, got True"):
+        advx.Classifier(trained_mlp, budget=True)
+    with pytest.raises(InputError, match="budget must be a positive int or None, got True"):
+        advx.BlackBox(lambda x: x, budget=True)
     with pytest.raises(InputError, match="batch_size"):
         advx.Classifier(trained_mlp, batch_size=-3)
     with pytest.raises(InputError, match="channels"):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import advx
+from advx import _checkpoint as ckpt
 from advx.errors import InputError
 from advx.training import Recipe, fgsm_rs, fit, standard
-from advx.training import checkpoint as ckpt
 from advx.zoo import build, load
 
 
@@ -58,7 +58,7 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
         side["versions"]["advx"] == advx.__version__
         and side["versions"]["torch"] == torch.__version__
     )
-    assert side["model"]["spec"] == "lenet" and side["model"]["kwargs"] == {"width": 4}
+    assert side["model"]["spec"] == "lenet" and side["model"]["kwargs"]["width"] == 4
     assert h.checkpoint == str(tmp_path / "checkpoint.json")
     # only the current checkpoint's files are left
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
@@ -121,7 +121,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     first = weights(net)
 
-    real = ckpt._write
+    real = ckpt.write_bytes
     target = {"weights": ".safetensors", "state": ".pt", "sidecar": ".json"}[where]
 
     def half_then_fail(path, data_bytes):
@@ -133,7 +133,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
                 raise OSError("disk full (simulated)")
         return real(path, data_bytes)
 
-    monkeypatch.setattr(ckpt, "_write", half_then_fail)
+    monkeypatch.setattr(ckpt, "write_bytes", half_then_fail)
     with pytest.raises(OSError, match="simulated"):
         fit(net, x[:100], y[:100], epochs=2, batch_size=50, progress=False, out=tmp_path)
     monkeypatch.undo()

@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 
 from advx.cli import cli
-from advx.training.distributed import Group
+from advx.training.distributed import Group, batches
 from advx.zoo import load
 
 
 @pytest.mark.parametrize("n, batch, world", [(103, 20, 2), (10, 8, 4), (64, 16, 4), (7, 3, 3)])
 def test_the_ranks_shares_make_up_the_single_process_batches(n, batch, world):
-    single = list(Group(0, 1).batches(n, batch, seed=5, epoch=2))
-    shares = [list(Group(r, world).batches(n, batch, seed=5, epoch=2)) for r in range(world)]
+    single = list(batches(Group(0, 1), n, batch, seed=5, epoch=2))
+    shares = [list(batches(Group(r, world), n, batch, seed=5, epoch=2)) for r in range(world)]
     assert all(len(s) == len(single) for s in shares)  # every rank joins every step
     for t, (rows, size) in enumerate(single):
         parts = [s[t][0] for s in shares]
@@ -32,7 +32,7 @@ def test_an_uneven_batch_size_is_refused():
     from advx.errors import InputError
 
     with pytest.raises(InputError, match="multiple of 3"):
-        list(Group(0, 3).batches(10, 8, seed=0, epoch=0))
+        list(batches(Group(0, 3), 10, 8, seed=0, epoch=0))
 
 
 FACTORY = "import advx\ndef make():\n    return advx.zoo.build('wong_cnn').double()\n"

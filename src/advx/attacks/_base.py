@@ -307,23 +307,3 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 def step_size_default(threat: ThreatModel, x: Tensor, steps: int, factor: float = 2.5) -> Tensor:
     """Madry et al.'s rule of thumb: ``factor * eps / steps`` per sample, shape (N,)."""
     return threat.eps_tensor(x) * (factor / max(1, steps))
-
-
-def positive_int(who: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{who}: {name} must be a positive int, got {value!r}")
-
-
-def nonneg_float(who: str, name: str, value: Any, *, allow_inf: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    if ok and not allow_inf and math.isinf(value):
-        ok = False
-    if not ok or (isinstance(value, float) and math.isnan(value)):
-        raise InputError(f"{who}: {name} must be a number >= 0, got {value!r}")
-
-
-def one_of(who: str, name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise InputError(
-            f"{who}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-        )

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat, per_sample
+from .._validate import one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem, one_of, positive_int
+from ._base import Attack, Problem
 from ._losses import LOSSES
 from ._registry import register
 
@@ -76,10 +77,10 @@ class APGD(Attack):
     norms = ("linf", "l2", "l1")
 
     def _check(self) -> None:
-        one_of("APGD", "loss", self.loss, ("ce", "dlr", "dlr-targeted"))
-        positive_int("APGD", "steps", self.steps)
-        positive_int("APGD", "restarts", self.restarts)
-        positive_int("APGD", "targets", self.targets)
+        one_of(self.loss, ("ce", "dlr", "dlr-targeted"), name="loss", who="APGD")
+        positive_int(self.steps, name="steps", who="APGD")
+        positive_int(self.restarts, name="restarts", who="APGD")
+        positive_int(self.targets, name="targets", who="APGD")
         if (
             not isinstance(self.rho, (int, float))
             or isinstance(self.rho, bool)

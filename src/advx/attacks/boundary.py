@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat
+from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem, nonneg_float, one_of, positive_int
+from ._base import Attack, Problem
 from ._decision import Search, draw, sample_generators
 from ._registry import register
 
@@ -91,17 +92,17 @@ class Boundary(Attack):
     access = "labels"
 
     def _check(self) -> None:
-        positive_int("Boundary", "max_queries", self.max_queries)
+        positive_int(self.max_queries, name="max_queries", who="Boundary")
         if self.steps is not None:
-            positive_int("Boundary", "steps", self.steps)
-        positive_int("Boundary", "candidates", self.candidates)
+            positive_int(self.steps, name="steps", who="Boundary")
+        positive_int(self.candidates, name="candidates", who="Boundary")
         for name in ("spherical_step", "source_step", "step_adaptation"):
-            nonneg_float("Boundary", name, getattr(self, name))
+            nonneg_float(getattr(self, name), name=name, who="Boundary")
         if self.spherical_step == 0 or self.source_step == 0:
             raise InputError("Boundary: spherical_step and source_step must be > 0")
         if self.step_adaptation < 1:
             raise InputError(f"Boundary: step_adaptation must be >= 1, got {self.step_adaptation}")
-        one_of("Boundary", "init", self.init, ("noise", "pool"))
+        one_of(self.init, ("noise", "pool"), name="init", who="Boundary")
 
     def _run(self, p: Problem):
         s = Search(p, self.max_queries)

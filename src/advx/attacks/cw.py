@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat
+from .._validate import nonneg_float, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem, nonneg_float, positive_int
+from ._base import Attack, Problem
 from ._losses import margin
 from ._registry import register
 
@@ -50,11 +51,11 @@ class CW(Attack):
     minimum_norm = True
 
     def _check(self) -> None:
-        positive_int("CW", "steps", self.steps)
-        positive_int("CW", "search_steps", self.search_steps)
-        nonneg_float("CW", "lr", self.lr)
-        nonneg_float("CW", "kappa", self.kappa)
-        nonneg_float("CW", "initial_c", self.initial_c)
+        positive_int(self.steps, name="steps", who="CW")
+        positive_int(self.search_steps, name="search_steps", who="CW")
+        nonneg_float(self.lr, name="lr", who="CW")
+        nonneg_float(self.kappa, name="kappa", who="CW")
+        nonneg_float(self.initial_c, name="initial_c", who="CW")
         if self.lr == 0 or self.initial_c == 0:
             raise InputError("CW: lr and initial_c must be > 0")
 

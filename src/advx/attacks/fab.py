@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat, per_sample
+from .._validate import nonneg_float, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem, nonneg_float, positive_int
+from ._base import Attack, Problem
 from ._losses import other_max
 from ._registry import register
 
@@ -118,11 +119,11 @@ class FAB(Attack):
     minimum_norm = True
 
     def _check(self) -> None:
-        positive_int("FAB", "steps", self.steps)
-        positive_int("FAB", "restarts", self.restarts)
-        positive_int("FAB", "targets", self.targets)
+        positive_int(self.steps, name="steps", who="FAB")
+        positive_int(self.restarts, name="restarts", who="FAB")
+        positive_int(self.targets, name="targets", who="FAB")
         for name in ("alpha_max", "eta", "beta"):
-            nonneg_float("FAB", name, getattr(self, name))
+            nonneg_float(getattr(self, name), name=name, who="FAB")
         if self.alpha_max > 1:
             raise InputError(f"FAB: alpha_max must be in [0, 1], got {self.alpha_max!r}")
         if self.beta >= 1:
@@ -130,7 +131,7 @@ class FAB(Attack):
         if self.eta == 0:
             raise InputError("FAB: eta must be > 0 (1.05 in the paper)")
         if self.eps_init is not None:
-            nonneg_float("FAB", "eps_init", self.eps_init)
+            nonneg_float(self.eps_init, name="eps_init", who="FAB")
             if self.eps_init == 0:
                 raise InputError("FAB: eps_init must be > 0 (or None)")
         for name in ("targeted", "early_stop"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from ._base import Attack, Problem, one_of
+from .._validate import one_of
+from ._base import Attack, Problem
 from ._losses import LOSSES, get_loss
 from ._registry import register
 
@@ -23,7 +24,7 @@ class FGSM(Attack):
     loss: str = "ce"
 
     def _check(self) -> None:
-        one_of("FGSM", "loss", self.loss, tuple(LOSSES))
+        one_of(self.loss, tuple(LOSSES), name="loss", who="FGSM")
 
     def _run(self, p: Problem):
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)

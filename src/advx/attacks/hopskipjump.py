@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat, per_sample
+from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem, nonneg_float, one_of, positive_int
+from ._base import Attack, Problem
 from ._decision import Search, draw, sample_generators
 from ._registry import register
 
@@ -57,14 +58,16 @@ class HopSkipJump(Attack):
     access = "labels"
 
     def _check(self) -> None:
-        positive_int("HopSkipJump", "max_queries", self.max_queries)
-        positive_int("HopSkipJump", "gradient_queries", self.gradient_queries)
-        positive_int("HopSkipJump", "max_gradient_queries", self.max_gradient_queries)
-        nonneg_float("HopSkipJump", "gamma", self.gamma)
+        positive_int(self.max_queries, name="max_queries", who="HopSkipJump")
+        positive_int(self.gradient_queries, name="gradient_queries", who="HopSkipJump")
+        positive_int(self.max_gradient_queries, name="max_gradient_queries", who="HopSkipJump")
+        nonneg_float(self.gamma, name="gamma", who="HopSkipJump")
         if self.gamma == 0:
             raise InputError("HopSkipJump: gamma must be > 0")
-        one_of("HopSkipJump", "stepsize_search", self.stepsize_search, ("geometric", "grid"))
-        one_of("HopSkipJump", "init", self.init, ("noise", "pool"))
+        one_of(
+            self.stepsize_search, ("geometric", "grid"), name="stepsize_search", who="HopSkipJump"
+        )
+        one_of(self.init, ("noise", "pool"), name="init", who="HopSkipJump")
 
     def _run(self, p: Problem):
         s = Search(p, self.max_queries)

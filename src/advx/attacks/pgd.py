@@ -8,7 +8,8 @@ from functools import partial
 import torch
 
 from .._tensor import per_sample
-from ._base import Attack, Problem, nonneg_float, one_of, positive_int, step_size_default
+from .._validate import nonneg_float, one_of, positive_int
+from ._base import Attack, Problem, step_size_default
 from ._losses import LOSSES, get_loss
 from ._registry import register
 
@@ -31,11 +32,11 @@ class PGD(Attack):
     early_stop: bool = True
 
     def _check(self) -> None:
-        positive_int("PGD", "steps", self.steps)
-        positive_int("PGD", "restarts", self.restarts)
-        one_of("PGD", "loss", self.loss, tuple(LOSSES))
+        positive_int(self.steps, name="steps", who="PGD")
+        positive_int(self.restarts, name="restarts", who="PGD")
+        one_of(self.loss, tuple(LOSSES), name="loss", who="PGD")
         if self.step_size is not None:
-            nonneg_float("PGD", "step_size", self.step_size)
+            nonneg_float(self.step_size, name="step_size", who="PGD")
 
     def _run(self, p: Problem):
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._tensor import flat
+from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem, nonneg_float, one_of, positive_int
+from ._base import Attack, Problem
 from ._registry import register
 
 __all__ = ["SimBA", "dct_matrix", "dct2", "idct2"]
@@ -73,14 +74,14 @@ class SimBA(Attack):
     norms = ("l2", "linf")
 
     def _check(self) -> None:
-        positive_int("SimBA", "max_queries", self.max_queries)
-        one_of("SimBA", "basis", self.basis, ("pixel", "dct"))
-        one_of("SimBA", "order", self.order, ("random", "strided"))
-        nonneg_float("SimBA", "step", self.step)
+        positive_int(self.max_queries, name="max_queries", who="SimBA")
+        one_of(self.basis, ("pixel", "dct"), name="basis", who="SimBA")
+        one_of(self.order, ("random", "strided"), name="order", who="SimBA")
+        nonneg_float(self.step, name="step", who="SimBA")
         if self.step == 0:
             raise InputError("SimBA: step must be > 0")
         if self.freq_dims is not None:
-            positive_int("SimBA", "freq_dims", self.freq_dims)
+            positive_int(self.freq_dims, name="freq_dims", who="SimBA")
 
     # ---- directions --------------------------------------------------------------------------
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from .._tensor import flat, per_sample
+from .._validate import one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem, one_of, positive_int
+from ._base import Attack, Problem
 from ._losses import get_loss
 from ._registry import register
 
@@ -125,9 +126,9 @@ class Square(Attack):
     norms = ("linf", "l2")
 
     def _check(self) -> None:
-        positive_int("Square", "queries", self.queries)
-        positive_int("Square", "restarts", self.restarts)
-        one_of("Square", "loss", self.loss, ("margin", "ce"))
+        positive_int(self.queries, name="queries", who="Square")
+        positive_int(self.restarts, name="restarts", who="Square")
+        one_of(self.loss, ("margin", "ce"), name="loss", who="Square")
         ok = isinstance(self.p_init, (int, float)) and not isinstance(self.p_init, bool)
         if not ok or not 0 < self.p_init <= 1:
             raise InputError(f"Square: p_init must be a number in (0, 1], got {self.p_init!r}")

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._tensor import flat
+from .._validate import nonneg_float, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem, nonneg_float, positive_int
+from ._base import Attack, Problem
 from ._losses import margin
 from ._registry import register
 
@@ -75,13 +76,13 @@ class ZOO(Attack):
 
     def _check(self) -> None:
         for name in ("max_queries", "coordinates", "search_steps", "stall_every"):
-            positive_int("ZOO", name, getattr(self, name))
+            positive_int(getattr(self, name), name=name, who="ZOO")
         for name in ("lr", "c", "kappa", "h"):
-            nonneg_float("ZOO", name, getattr(self, name))
+            nonneg_float(getattr(self, name), name=name, who="ZOO")
         if self.lr == 0 or self.c == 0 or self.h == 0:
             raise InputError("ZOO: lr, c and h must be > 0")
         if self.resize is not None:
-            positive_int("ZOO", "resize", self.resize)
+            positive_int(self.resize, name="resize", who="ZOO")
         if not isinstance(self.importance_sampling, bool):
             raise InputError(
                 f"ZOO: importance_sampling must be a bool, got {self.importance_sampling!r}"

@@ -7,11 +7,9 @@ report.save("report.json"); report.save_html("report.html")
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .. import attacks
+from .._distributed import Group, current_group
+from .._provenance import now, provenance
 from .._rng import derive_seed
 from .._validate import check_classes, check_images, check_labels
-from .._version import __version__
 from ..data import data_sha256
 from ..errors import InputError
 from ..models.classifier import as_model
@@ -39,10 +38,7 @@ from .checks import (
 from .report import SCHEMA, Report
 from .runner import (
     CascadeState,
-    Shard,
-    current_shard,
     gather_states,
-    model_fingerprint,
     run_cascade,
 )
 from .suites import SUITES, Suite, load_suite
@@ -113,14 +109,14 @@ def audit(
         raise InputError(f"batch_size: expected a positive int, got {batch_size}")
 
     fingerprint = {
-        "model": model_fingerprint(model),
+        "model": model.fingerprint(),
         "data": data_sha256(x, y),
         "suite": json.dumps(the_suite.to_dict(), sort_keys=True, default=str),
         "threat": json.dumps(threat.to_dict(), sort_keys=True),
         "seed": seed,
     }
-    shard = current_shard()
-    rows = shard.rows(n)
+    shard = current_group()
+    rows = shard.shard(n)
     state_path = None
     if state is not None:
         state_path = (
@@ -279,7 +275,7 @@ def _document(
     curve,
     *,
     seed,
-    shard: Shard,
+    shard: Group,
     closest,
     fingerprint,
     n_examples,
@@ -332,7 +328,7 @@ def _document(
     dist = st.distance
     return {
         "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
         "model": {
             "name": repr(model),
             "sha256": fingerprint["model"],
@@ -367,21 +363,16 @@ def _document(
         },
         "findings": [f.to_dict() for f in findings],
         "examples": examples,
-        "provenance": {
-            "advx": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": str(x.device),
-            "threads": torch.get_num_threads(),
-            "seed": seed,
-            "processes": shard.world,
+        "provenance": provenance(
+            device=x.device,
+            seed=seed,
+            processes=shard.world,
             **{
                 k: v
                 for k, v in meta.items()
                 if not k.startswith("weights") and k not in ("model", "data")
             },
-        },
+        ),
     }
 
 

@@ -8,13 +8,10 @@ processes all give the same per-sample results.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._distributed import Group, current_group
 from .._io import atomic_open
+from .._progress import bar
 from ..attacks import Attack
 from ..errors import InputError
 from ..models._base import ACCESS_RANK, ModelView, Tracker
 
 log = logging.getLogger("advx")
 
-__all__ = ["CascadeState", "run_cascade", "model_fingerprint", "Shard", "current_shard"]
+__all__ = ["CascadeState", "run_cascade", "gather_states"]
 
 _STATE_VERSION = 2
 
@@ -113,59 +112,6 @@ class CascadeState:
         out.x_adv = None if self.x_adv is None else self.x_adv[rows]
         out.margin, out.gate = self.margin[:, rows], self.gate.clone()
         return out
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of the model's weights and buffers, in state-dict order (what a resume must match).
-
-    Wrappers (defenses, black-box views) are followed down to every module they hold."""
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    nets = _modules_of(model)
-    if not nets:
-        h.update(repr(model).encode())
-    for net in nets:
-        for name, t in net.state_dict().items():
-            h.update(name.encode())
-            # reshape(-1): a 0-dim buffer (BatchNorm's num_batches_tracked) cannot be viewed as bytes
-            h.update(
-                t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                if t.numel()
-                else b""
-            )
-    for attr in ("_mean", "_std", "bounds"):
-        h.update(repr(getattr(model, attr, None)).encode())
-    return h.hexdigest()
-
-
-def _modules_of(model, depth: int = 0) -> list[torch.nn.Module]:
-    if depth > 8 or model is None:
-        return []
-    if isinstance(model, torch.nn.Module):
-        return [model]
-    found: list[torch.nn.Module] = []
-    for attr in ("net", "model", "classifier", "detector"):
-        found += _modules_of(getattr(model, attr, None), depth + 1)
-    for member in getattr(model, "members", None) or []:
-        found += _modules_of(member, depth + 1)
-    return found
-
-
-# ---- sharding ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    def rows(self, n: int) -> Tensor:
-        """This process's samples: every world-th one, from its rank."""
-        return torch.arange(self.rank, n, self.world)
-
-
-def current_shard() -> Shard:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return Shard(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    return Shard()
 
 
 # ---- state file ----------------------------------------------------------------------------
@@ -302,7 +248,7 @@ def run_cascade(
 
     total = int(state.clean_correct.sum()) * len(attacks)
     done_units = int((state.stage_done & state.clean_correct).sum())
-    with _bar(total, desc, done_units) as advance:
+    with bar(total=total, desc=desc, unit="sample", initial=done_units) as progress:
         for k, attack in enumerate(attacks):
             track = any(c is not None for c in closest[k + 1 :])  # a later stage needs the margins
             todo = state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]
@@ -335,14 +281,14 @@ def run_cascade(
                 state.x_adv[rows[hit]] = r.x_adv.detach().cpu()[hit].to(state.x_adv.dtype)
                 state.stage_done[k, rows] = True
                 save()
-                advance(rows.numel())
+                progress.update(rows.numel())
             if closest[k] is not None:  # the gated-out samples are done with this stage too
                 state.stage_done[k] |= state.clean_correct & (state.broken_by < 0)
             # samples broken by an earlier stage count as done for this one
             state.stage_done[k] |= (
                 state.clean_correct & (state.broken_by >= 0) & (state.broken_by < k)
             )
-            advance(skipped)
+            progress.update(skipped)
     save()
     return state
 
@@ -361,54 +307,20 @@ def _margins(model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def _threshold(margins: Tensor, fraction: float) -> float:
     """The margin below which (inclusive) lie the ``fraction`` smallest margins of the samples
     still robust -- of every process's samples under torchrun, so that the shards agree."""
-    values = margins
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import torch.distributed as dist
-
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, margins.tolist())
-        values = torch.tensor([v for part in parts for v in part], dtype=torch.float64)
+    parts = current_group().all_gather(margins.tolist())
+    values = torch.tensor([v for part in parts for v in part], dtype=torch.float64)
     if values.numel() == 0:
         return float("inf")
     count = max(1, math.ceil(fraction * values.numel()))
     return float(values.sort().values[count - 1])
 
 
-@contextlib.contextmanager
-def _bar(total: int, desc: str, initial: int) -> Iterator:
-    """A progress bar over sample-stages, advanced by hand."""
-    from .._progress import _setting
-
-    setting = _setting()
-    if setting is False or total == 0:
-        yield lambda k: None
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        yield lambda k: None
-        return
-    with tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="sample",
-        leave=False,
-        dynamic_ncols=True,
-        disable=None if setting is None else False,
-    ) as bar:
-        yield bar.update
-
-
-def gather_states(state: CascadeState, shard: Shard, n: int) -> CascadeState | None:
+def gather_states(state: CascadeState, group: Group, n: int) -> CascadeState | None:
     """Merge the shards' states on rank 0 (None on the other ranks)."""
-    if shard.world == 1:
+    if group.world == 1:
         return state
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * shard.world if shard.rank == 0 else None
-    dist.gather_object(state.to_dict(), parts, dst=0)
-    if shard.rank != 0:
+    parts = group.gather(state.to_dict())
+    if parts is None:
         return None
     merged = CascadeState(n=n, stages=state.stages, clean_done=True)
     first = CascadeState.from_dict(parts[0])
@@ -418,7 +330,7 @@ def gather_states(state: CascadeState, shard: Shard, n: int) -> CascadeState | N
     merged.seconds = torch.zeros_like(first.seconds)
     for r, blob in enumerate(parts):
         part = CascadeState.from_dict(blob)
-        rows = Shard(r, shard.world).rows(n)
+        rows = Group(r, group.world).shard(n)
         merged.clean_correct[rows], merged.clean_pred[rows] = part.clean_correct, part.clean_pred
         merged.broken_by[rows], merged.stage_done[:, rows] = part.broken_by, part.stage_done
         merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 
 import click
@@ -115,13 +114,12 @@ def attack_command(
     A JSON summary goes to stdout.
     """
     from .. import attacks
-    from .._io import atomic_open, check_writable
+    from .._io import atomic_open, check_writable, sha256_file
     from .._progress import progress
-    from .._version import __version__
+    from .._provenance import provenance
     from ..attacks._result import concat_results
     from ..data import data_sha256, load
     from ..threat import parse_threat
-    from ..zoo import file_sha256
 
     out_path = check_writable(out, name="out")
     dev = pick_device(device)
@@ -200,17 +198,14 @@ def attack_command(
             "threat": threat.to_dict(),
             "out": str(out_path),
             "summary": summary,
-            "provenance": {
-                "advx": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "device": str(dev),
-                "seed": seed,
-                "model": model_spec or blackbox,
-                "weights_sha256": file_sha256(weights) if weights else None,
-                "data": str(data),
-                "data_sha256": data_sha256(x, y),
-            },
+            "provenance": provenance(
+                device=dev,
+                seed=seed,
+                model=model_spec or blackbox,
+                weights_sha256=sha256_file(weights) if weights else None,
+                data=str(data),
+                data_sha256=data_sha256(x, y),
+            ),
         }
     )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import torch
 
+from .._distributed import init_from_env, local_device
 from ..errors import InputError
 from . import cli
 from ._common import (
@@ -122,17 +123,17 @@ def audit_command(
 ) -> None:
     """Measure robust accuracy with a cascade of attacks; write a JSON (and HTML) report."""
     from .. import audit as run_audit
-    from .._io import check_writable
+    from .._io import check_writable, sha256_file
     from ..audit import load_suite
     from ..data import load
     from ..threat import parse_threat
-    from ..zoo import file_sha256
 
     if model_spec is None:
         raise InputError(
             "--model is required: a built-in name, pkg.module:factory or file.py:factory"
         )
-    rank, world = _init_distributed(device)
+    group = init_from_env(device)
+    rank, world = group.rank, group.world
     for path, name in ((out, "out"), (html_path, "html"), (resume, "resume")):
         if path is not None and rank == 0:
             check_writable(path, name=name)
@@ -141,7 +142,7 @@ def audit_command(
 
         if not have_matplotlib():
             raise InputError("--html needs matplotlib and jinja2: pip install 'advx[report]'")
-    dev = pick_device(device) if world == 1 or device != "auto" else _rank_device()
+    dev = pick_device(device) if world == 1 or device != "auto" else local_device(device)
     threat = parse_threat(threat_spec)
     load_suite(suite, threat)  # a bad suite fails here, before the model or the data are loaded
     curve = _curve(eps_curve)
@@ -164,7 +165,7 @@ def audit_command(
     }
     if weights is not None:
         meta["weights"] = str(weights)
-        meta["weights_sha256"] = file_sha256(weights)
+        meta["weights_sha256"] = sha256_file(weights)
     try:
         report = run_audit(
             model,
@@ -233,24 +234,3 @@ def _curve(spec: str):
     if not values:
         raise InputError(f"--eps-curve: expected auto, min-norm, none or eps values, got {spec!r}")
     return values
-
-
-def _init_distributed(device: str) -> tuple[int, int]:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        use_nccl = torch.cuda.is_available() and device != "cpu"
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _rank_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")

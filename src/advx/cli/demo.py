@@ -53,7 +53,7 @@ def demo_command(
     audit flag it and CW break it. Writes a JSON summary, a PNG of clean / adversarial /
     perturbation images, the three audits and one HTML page comparing them."""
     from .._io import check_writable
-    from ..demo import format_table, run_demo
+    from ._story import format_table, run_demo
 
     check_writable(f"{out}/summary.json", name="out")
     summary = run_demo(

@@ -163,11 +163,11 @@ def train_command(
     from pathlib import Path
 
     from .. import audit as run_audit
+    from .._checkpoint import require_safetensors
     from ..audit import load_suite
     from ..data import load
     from ..threat import parse_threat
     from ..training import fit
-    from ..training.checkpoint import require_safetensors
     from ..training.distributed import init_from_env, local_device
     from ._common import pick_device
     from .audit import _curve
@@ -212,6 +212,7 @@ def train_command(
             compile=compile_,
             monitor=mon,
             out=out_path,
+            model_spec=model_spec,
             resume=resume,
             data_name=_data_name(data, split, n),
             desc="train",

@@ -11,7 +11,6 @@ unmodified (LeCun, Cortes & Burges; CC BY-SA 3.0). Its ``test`` split is images 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 from importlib import resources
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._io import sha256_tensors
 from ..errors import InputError
 
 __all__ = [
@@ -224,7 +224,4 @@ def _find_idx(folder: Path, split: str | None) -> tuple[Path, Path] | None:
 
 def data_sha256(x: Tensor, y: Tensor) -> str:
     """A fingerprint of a data set as the attack saw it (float32 images and int64 labels)."""
-    h = hashlib.sha256()
-    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return sha256_tensors(x.detach().to("cpu", torch.float32), y.detach().to("cpu", torch.int64))

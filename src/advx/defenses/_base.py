@@ -2,7 +2,7 @@
 
 A defense is itself a ``Model``: attacks, the audit and the guard query it like any classifier,
 and every query is charged to the attacked samples by the same tracker. Internally a defense
-builds its output as one autograd graph (``_forward``) over the models it wraps, with
+builds its output as one autograd graph (``forward``) over the models it wraps, with
 straight-through estimators (BPDA) where a part is not differentiable; gradients then come from
 that graph, whatever the nesting (``EOT(BitDepth(Ensemble([...]), 4))``).
 """
@@ -14,12 +14,12 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._validate import check_images
 from ..errors import AccessError, InputError
 from ..models._base import ACCESS_RANK, Access, Model, ModelView, Tracker
-from ..models.classifier import Classifier, as_model
+from ..models.classifier import as_model
 
 __all__ = ["Defense", "graph", "straight_through"]
 
@@ -44,20 +44,20 @@ def straight_through(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 class _ModelVJP(torch.autograd.Function):
-    """The logits of a gradient-giving Model that is neither a Classifier nor a Defense, as a
+    """The logits of a gradient-giving Model whose forward builds no autograd graph, as a
     node of an autograd graph: its backward asks the model for the vector-Jacobian product
-    through ``_value_and_grad`` with the loss ``<logits, upstream gradient>``."""
+    through ``value_and_grad`` with the loss ``<logits, upstream gradient>``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, model: Model) -> Tensor:
         ctx.model = model
         ctx.save_for_backward(x)
-        return model._scores(x)
+        return model.scores(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        _, gx, _ = ctx.model._value_and_grad(x, lambda z, u: (z * u).sum(dim=1), grad)
+        _, gx, _ = ctx.model.value_and_grad(x, lambda z, u: (z * u).sum(dim=1), grad)
         return gx, None
 
 
@@ -66,13 +66,9 @@ def graph(model: Model, x: Tensor) -> Tensor:
     autograd is on and the model gives gradients. Not charged to any tracker: the caller is a
     wrapper whose own query was charged."""
     if not torch.is_grad_enabled() or ACCESS_RANK[model.access] < ACCESS_RANK["gradients"]:
-        return model._scores(x)
-    if isinstance(model, Defense):
-        return model._forward(x)
-    if isinstance(model, Classifier):
-        model.total_queries += x.shape[0]
-        model.total_grads += x.shape[0] if x.requires_grad else 0
-        return model._forward(x)
+        return model.scores(x)
+    if model.autograd:
+        return model.forward(x)
     return _ModelVJP.apply(x, model)
 
 
@@ -83,10 +79,12 @@ def _min_access(models: Iterable[Model]) -> Access:
 class Defense(Model):
     """Base class of the defenses: wraps ``model`` and keeps its bounds, budget and state.
 
-    Subclasses implement ``_forward(x)``: the defended logits as an autograd graph (use
+    Subclasses implement ``forward(x)``: the defended logits as an autograd graph (use
     :func:`graph` to call a wrapped model). Scores and gradients follow from it; a subclass may
-    override ``_scores`` or ``_value_and_grad`` when it can do better (EOT does).
+    override ``scores`` or ``value_and_grad`` when it can do better (EOT does).
     """
+
+    autograd = True
 
     def __init__(self, model, *, name: str | None = None) -> None:
         self.model = as_model(model)
@@ -156,28 +154,15 @@ class Defense(Model):
         return float((self.predict(x) == y.to(x.device)).float().mean())
 
     # ---- Model interface ---------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        found: list[nn.Module] = []
+        for m in self._wrapped():
+            found += [net for net in m.modules() if all(net is not f for f in found)]
+        return found
+
     @abc.abstractmethod
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """The defended logits (N, C), differentiable with respect to x when autograd is on."""
-
-    def _scores(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._forward(x)
-
-    def _value_and_grad(self, x: Tensor, loss_fn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if ACCESS_RANK[self.access] < ACCESS_RANK["gradients"]:
-            raise AccessError(f"{self.name} gives no gradients; use a score- or label-based attack")
-        xg = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._forward(xg)
-            loss = loss_fn(logits, *args)
-            grad = None
-            if loss.requires_grad:
-                # inputs=[xg] only: the wrapped nets' parameter gradients are left alone
-                (grad,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
-        if grad is None:  # nothing differentiable between x and the loss (e.g. JPEG without BPDA)
-            grad = torch.zeros_like(x)
-        return loss.detach(), grad, logits.detach()
 
 
 def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import check_images, check_labels
+from .._validate import check_float, check_images, check_labels, positive_float
 from ..errors import InputError
 from ..models._base import Model, ModelView, Tracker
 from ..models.classifier import as_model
@@ -65,8 +65,9 @@ class Detector:
     def calibrate(self, x_clean: Tensor, fpr: float = 0.05) -> Detector:
         """Set the threshold to the (1 - fpr) quantile of the scores of clean inputs, so that
         about ``fpr`` of clean inputs are flagged. Returns the detector."""
-        if not isinstance(fpr, (int, float)) or isinstance(fpr, bool) or not 0 < fpr < 1:
-            raise InputError(f"fpr: expected a false-positive rate in (0, 1), got {fpr!r}")
+        check_float(
+            fpr, name="fpr", low_open=True, high=1, high_open=True, hint="a false-positive rate"
+        )
         scores = self.score(x_clean)
         if scores.numel() == 0:
             raise InputError("x_clean: no inputs to calibrate on")
@@ -205,12 +206,7 @@ class DetectorAware(Defense):
                 "DetectorAware: detector must be an advx.defenses.Detector, "
                 f"got {type(detector).__name__}"
             )
-        if (
-            not isinstance(scale, (int, float))
-            or isinstance(scale, bool)
-            or not 0 < scale < math.inf
-        ):
-            raise InputError(f"DetectorAware: scale must be a positive number, got {scale!r}")
+        positive_float(scale, name="scale", who="DetectorAware")
         super().__init__(model, name="DetectorAware")
         check_scores(self.model, "DetectorAware")
         if tuple(detector.bounds) != self.bounds:
@@ -236,7 +232,7 @@ class DetectorAware(Defense):
     def __repr__(self) -> str:
         return f"DetectorAware({self.model!r}, {self.detector!r}, bpda={self.bpda})"
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         z = graph(self.model, x)
         score = self.detector._score(x, bpda=self.bpda).to(z.dtype)
         extra = z.amax(dim=1) + self.scale * (score - self.detector._require_threshold())

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validate import one_of
 from ..errors import InputError
 from ..models._base import ACCESS_RANK, Access, Model
 from ..models.classifier import as_model
@@ -41,10 +42,7 @@ class Ensemble(Defense):
             raise InputError(
                 "Ensemble: expected a non-empty list of models, e.g. Ensemble([model_a, model_b])"
             )
-        if combine not in COMBINE:
-            raise InputError(
-                f"Ensemble: combine must be one of {', '.join(map(repr, COMBINE))}, got {combine!r}"
-            )
+        one_of(combine, COMBINE, name="combine", who="Ensemble")
         self.members = [as_model(m) for m in members]
         for m in self.members:
             check_scores(m, "Ensemble")
@@ -81,7 +79,7 @@ class Ensemble(Defense):
             )
         return torch.stack([F.log_softmax(z, dim=1) for z in outs])
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         logp = self._log_probs(x)
         m = logp.shape[0]
         mean_logp = torch.logsumexp(logp, dim=0) - math.log(
@@ -96,7 +94,7 @@ class Ensemble(Defense):
 
     def _disagreement(self, x: Tensor) -> Tensor:
         """Mean total-variation distance between each member's probabilities and the
-        ensemble's mean, (N,); differentiable like ``_forward``."""
+        ensemble's mean, (N,); differentiable like ``forward``."""
         p = self._log_probs(x).exp()  # (M, N, C)
         return 0.5 * (p - p.mean(dim=0)).abs().sum(dim=2).mean(dim=0)  # (M, N, C) -> (N,)
 

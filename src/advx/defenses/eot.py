@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from .._validate import check_int
 from ._base import Defense, check_scores, graph
 
 __all__ = ["EOT"]
@@ -27,8 +27,7 @@ class EOT(Defense):
     """
 
     def __init__(self, model, n: int = 16) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InputError(f"EOT: n must be a positive int (passes per query), got {n!r}")
+        check_int(n, name="n", who="EOT", hint="passes per query")
         super().__init__(model, name=f"EOT(n={n})")
         check_scores(self.model, "EOT")
         self.n = n
@@ -40,19 +39,19 @@ class EOT(Defense):
     def __repr__(self) -> str:
         return f"EOT({self.model!r}, n={self.n})"
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return torch.stack([graph(self.model, x) for _ in range(self.n)]).mean(dim=0)
 
-    def _scores(self, x: Tensor) -> Tensor:
-        total = self.model._scores(x)
+    def scores(self, x: Tensor) -> Tensor:
+        total = self.model.scores(x)
         for _ in range(self.n - 1):
-            total = total + self.model._scores(x)
+            total = total + self.model.scores(x)
         return total / self.n
 
-    def _value_and_grad(self, x: Tensor, loss_fn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def value_and_grad(self, x: Tensor, loss_fn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # one pass at a time: memory does not grow with n
-        value, grad, logits = self.model._value_and_grad(x, loss_fn, *args)
+        value, grad, logits = self.model.value_and_grad(x, loss_fn, *args)
         for _ in range(self.n - 1):
-            v, g, z = self.model._value_and_grad(x, loss_fn, *args)
+            v, g, z = self.model.value_and_grad(x, loss_fn, *args)
             value, grad, logits = value + v, grad + g, logits + z
         return value / self.n, grad / self.n, logits / self.n

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import check_int, nonneg_float
 from ..errors import InputError
 from ..models.classifier import as_model
 from ._base import Defense, graph, straight_through
@@ -161,11 +162,11 @@ class Transformed(Defense):
             return self.fn(x)
         return straight_through(self.fn, x)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return graph(self.model, self.transform(x))
 
-    def _labels(self, x: Tensor) -> Tensor:
-        return self.model._labels(self.fn(x))  # works for label-only models too
+    def labels(self, x: Tensor) -> Tensor:
+        return self.model.labels(self.fn(x))  # works for label-only models too
 
     def __repr__(self) -> str:
         kind, _, args = self.name.partition("(")
@@ -178,8 +179,7 @@ class BitDepth(Transformed):
     """Feature squeezing's colour-depth reduction: 2**bits levels within the model's bounds."""
 
     def __init__(self, model, bits: int, *, bpda: bool = True) -> None:
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
-            raise InputError(f"BitDepth: bits must be an int from 1 to 16, got {bits!r}")
+        check_int(bits, name="bits", who="BitDepth", low=1, high=16)
         model = as_model(model)
         super().__init__(
             model,
@@ -198,10 +198,7 @@ class MedianSmoothing(Transformed):
     """
 
     def __init__(self, model, size: int = 2, *, bpda: bool = True) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise InputError(
-                f"MedianSmoothing: size must be an int >= 2 (2 or 3 in the paper), got {size!r}"
-            )
+        check_int(size, name="size", who="MedianSmoothing", low=2, hint="2 or 3 in the paper")
         super().__init__(
             model,
             partial(median_smooth, size=size),
@@ -223,8 +220,7 @@ class JPEG(Transformed):
 
     def __init__(self, model, quality: int = 75, *, bpda: bool = True) -> None:
         _pillow("JPEG")
-        if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 95:
-            raise InputError(f"JPEG: quality must be an int from 1 to 95, got {quality!r}")
+        check_int(quality, name="quality", who="JPEG", low=1, high=95)
         model = as_model(model)
         super().__init__(
             model,
@@ -252,8 +248,7 @@ class RandomNoise(Transformed):
     """
 
     def __init__(self, model, sigma: float) -> None:
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma >= 0:
-            raise InputError(f"RandomNoise: sigma must be a number >= 0, got {sigma!r}")
+        nonneg_float(sigma, name="sigma", who="RandomNoise")
         super().__init__(
             model, self._noisy, differentiable=True, name=f"RandomNoise(sigma={sigma:g})"
         )

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .._io import tensor_bytes
 from ..errors import AccessError, BudgetExceeded, InputError
 
 __all__ = ["Access", "Model", "ModelView", "Tracker", "ACCESS_RANK"]
@@ -38,19 +40,67 @@ class Model(abc.ABC):
     # times per pass (EOT over n draws) sets it to n, so that budgets and counts see every draw.
     query_cost: int = 1
 
+    # ``forward`` builds an autograd graph with respect to x (a Classifier, a defense over one):
+    # a wrapper can then differentiate through it instead of asking for vector-Jacobian products
+    autograd: bool = False
+
+    # ---- the raw passes ------------------------------------------------------------------------
+    # Not validated, not counted, not put in eval mode: attacks reach them through a ModelView,
+    # which charges every pass to its samples; wrappers (defenses) and training call them
+    # inside their own, already charged, passes. Users call the model instead (``model(x)``).
     @abc.abstractmethod
-    def _scores(self, x: Tensor) -> Tensor:
-        """Raw scores (logits for a white-box model), shape (N, C). Not counted."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores (logits for a white-box model) for a batch in input space, shape (N, C)."""
 
-    def _labels(self, x: Tensor) -> Tensor:
-        return self._scores(x).argmax(dim=1)
+    def scores(self, x: Tensor) -> Tensor:
+        """``forward`` without a graph: what a score-based query returns."""
+        with torch.no_grad():
+            return self.forward(x)
 
-    def _value_and_grad(
+    def labels(self, x: Tensor) -> Tensor:
+        """Predicted classes, shape (N,): what a decision-based query returns."""
+        return self.scores(x).argmax(dim=1)
+
+    def value_and_grad(
         self, x: Tensor, loss_fn: LossFn, *args: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        raise AccessError(
-            f"{type(self).__name__} gives no gradients; use a score- or label-based attack"
-        )
+        """(loss (N,), d loss / d x, logits) for ``loss_fn(logits, *args)``, all detached."""
+        if ACCESS_RANK[self.access] < ACCESS_RANK["gradients"] or not self.autograd:
+            raise AccessError(
+                f"{type(self).__name__} gives no gradients; use a score- or label-based attack"
+            )
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.forward(xg)
+            loss = loss_fn(logits, *args)
+            grad = None
+            if loss.requires_grad:
+                # inputs=[xg] only: the nets' parameter gradients (param.grad) are left alone
+                (grad,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
+        if grad is None:  # nothing differentiable between x and the loss (JPEG without BPDA)
+            grad = torch.zeros_like(x)
+        return loss.detach(), grad, logits.detach()
+
+    # ---- what the model is made of -----------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        """The torch modules this model evaluates (none for a black box)."""
+        return []
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights and buffers of every module, in state-dict order, and of the
+        input space (bounds, normalization): what a resumed audit or a guard policy must match."""
+        h = hashlib.sha256()
+        h.update(type(self).__name__.encode())
+        nets = self.modules()
+        if not nets:
+            h.update(repr(self).encode())
+        for net in nets:
+            for name, t in net.state_dict().items():
+                h.update(name.encode())
+                h.update(tensor_bytes(t))
+        for attr in ("_mean", "_std", "bounds"):
+            h.update(repr(getattr(self, attr, None)).encode())
+        return h.hexdigest()
 
     def prepared(self) -> contextlib.AbstractContextManager:
         """Put the model in the state attacks need for the duration of a call; restore it after."""
@@ -157,7 +207,7 @@ class ModelView:
         if x.shape[0] == 0:
             return x.new_zeros(0, self.model.num_classes or 0)
         with torch.no_grad():
-            return torch.cat([self.model._scores(x[s]) for s in self._chunks(x, False)])
+            return torch.cat([self.model.scores(x[s]) for s in self._chunks(x, False)])
 
     def labels(self, x: Tensor, *, rows: Tensor | None = None) -> Tensor:
         """Predicted class of each row, shape (R,). Works with every kind of access."""
@@ -166,7 +216,7 @@ class ModelView:
         if x.shape[0] == 0:
             return torch.zeros(0, dtype=torch.long, device=x.device)
         with torch.no_grad():
-            return torch.cat([self.model._labels(x[s]) for s in self._chunks(x, False)])
+            return torch.cat([self.model.labels(x[s]) for s in self._chunks(x, False)])
 
     def value_and_grad(
         self, x: Tensor, loss_fn: LossFn, *args: Tensor, rows: Tensor | None = None
@@ -185,7 +235,7 @@ class ModelView:
             return x.new_zeros(0), torch.zeros_like(x), x.new_zeros(0, self.model.num_classes or 0)
         losses, grads, logits = [], [], []
         for s in self._chunks(x, True):
-            value, grad, out = self.model._value_and_grad(x[s], loss_fn, *(a[s] for a in args))
+            value, grad, out = self.model.value_and_grad(x[s], loss_fn, *(a[s] for a in args))
             losses.append(value)
             grads.append(grad)
             logits.append(out)

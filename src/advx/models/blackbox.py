@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._io import import_object
+from .._validate import check_bounds, check_int
 from ..errors import InputError, ModelError
 from ._base import Access, Model
 
@@ -46,31 +48,21 @@ class BlackBox(Model):
         budget: int | None = None,
         num_classes: int | None = None,
     ) -> None:
-        from ..threat import _check_bounds
-
         if not callable(fn):
             raise InputError(
                 f"fn: expected a callable that maps a batch of inputs to scores or labels, got {type(fn).__name__}"
             )
         if kind not in ("scores", "labels"):
             raise InputError(f"kind: expected 'scores' or 'labels', got {kind!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size: expected a positive int or None, got {batch_size!r}")
-        if budget is not None and (
-            not isinstance(budget, int) or isinstance(budget, bool) or budget < 1
-        ):
-            raise InputError(
-                f"budget: expected a positive number of queries per sample, got {budget!r}"
-            )
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+        check_int(batch_size, name="batch_size", allow_none=True)
+        check_int(budget, name="budget", allow_none=True, hint="queries per sample")
+        check_int(num_classes, name="num_classes", low=2, allow_none=True)
         self.fn = fn
         self.access = kind
-        self.bounds = _check_bounds(bounds)
+        self.bounds = check_bounds(bounds)
         self.batch_size = batch_size
         self.budget = budget
         self.num_classes = num_classes
-        self.total_queries = 0
 
     def __repr__(self) -> str:
         return f"BlackBox({getattr(self.fn, '__name__', type(self.fn).__name__)}, kind={self.access!r}, bounds={self.bounds})"
@@ -123,16 +115,13 @@ class BlackBox(Model):
             return cls.from_http(spec, **kwargs)
         if spec.endswith(".onnx"):
             return cls.from_onnx(spec, **kwargs)
-        from ..zoo import _factory
-
-        fn = _factory(spec)
+        fn = import_object(spec, name="model")
         return cls(fn, **kwargs)
 
     def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
         return self.batch_size or max(1, x.shape[0])
 
     def _call(self, x: Tensor) -> Tensor:
-        self.total_queries += x.shape[0]
         try:
             out = self.fn(x.detach())
         except ModelError:
@@ -150,7 +139,7 @@ class BlackBox(Model):
                 ) from None
         return out.to(x.device)
 
-    def _scores(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.access == "labels":
             raise ModelError("this black box returns labels only")
         out = self._call(x)
@@ -170,9 +159,9 @@ class BlackBox(Model):
             )
         return out.to(x.dtype)
 
-    def _labels(self, x: Tensor) -> Tensor:
+    def labels(self, x: Tensor) -> Tensor:
         if self.access == "scores":
-            return self._scores(x).argmax(dim=1)
+            return self.forward(x).argmax(dim=1)
         out = self._call(x)
         if out.dim() == 2 and out.shape[1] == 1:
             out = out.view(-1)
@@ -200,7 +189,7 @@ class ClassifierBox(BlackBox):
     def __init__(self, classifier, kind: Access, budget: int | None = None) -> None:
         def fn(x: Tensor) -> Tensor:
             with torch.no_grad():
-                z = classifier._forward(x)
+                z = classifier.forward(x)
             return z if kind == "scores" else z.argmax(dim=1)
 
         super().__init__(

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_images
+from .._state import evaluating
+from .._validate import check_bounds, check_images, check_int
 from ..errors import InputError
 from ._base import Access, Model, ModelView, Tracker
 
@@ -57,6 +58,7 @@ class Classifier(Model):
     """
 
     access: Access = "gradients"
+    autograd = True
 
     def __init__(
         self,
@@ -79,10 +81,8 @@ class Classifier(Model):
                 f"net: expected a torch.nn.Module returning logits, got {type(net).__name__}; "
                 "wrap a plain function with advx.BlackBox"
             )
-        from ..threat import _check_bounds
-
         self.net = net
-        self.bounds = _check_bounds(bounds)
+        self.bounds = check_bounds(bounds)
         self._mean = _channel_stat("mean", mean)
         self._std = _channel_stat("std", std)
         if self._std is not None and bool((self._std <= 0).any()):
@@ -92,16 +92,12 @@ class Classifier(Model):
         if self._std is not None and self._mean is None:
             self._mean = torch.zeros_like(self._std)
         self.output = output
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise InputError(f"num_classes: expected an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        if budget is not None and (not isinstance(budget, int) or budget < 1):
-            raise InputError(
-                f"budget: expected a positive int (forward passes per sample), got {budget!r}"
-            )
-        self.budget = budget
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size: expected a positive int or 'auto', got {batch_size!r}")
+        self.num_classes = check_int(num_classes, name="num_classes", low=2, allow_none=True)
+        self.budget = check_int(
+            budget, name="budget", allow_none=True, hint="forward passes per sample"
+        )
+        if batch_size != "auto":
+            check_int(batch_size, name="batch_size", hint="or 'auto'")
         self.batch_size = batch_size
         if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
             raise InputError(
@@ -120,8 +116,6 @@ class Classifier(Model):
         self._depth = 0
         self._warned_train = False
         self._checked_output = False
-        self.total_queries = 0
-        self.total_grads = 0
 
     def __repr__(self) -> str:
         norm = (
@@ -181,8 +175,7 @@ class Classifier(Model):
             finally:
                 self._depth -= 1
             return
-        modes = [(m, m.training) for m in self.net.modules()]
-        if any(t for _, t in modes) and not self._warned_train:
+        if any(m.training for m in self.net.modules()) and not self._warned_train:
             self._warned_train = True
             warnings.warn(
                 "the model was in training mode; advx evaluates it in eval mode (dropout off, "
@@ -190,16 +183,29 @@ class Classifier(Model):
                 UserWarning,
                 stacklevel=4,
             )
-        self.net.eval()
         self._depth = 1
         try:
-            yield
+            with evaluating(self.net):
+                yield
         finally:
             self._depth = 0
-            for m, t in modes:
-                m.training = t
 
-    def _normalize(self, x: Tensor) -> Tensor:
+    # ---- the input space and the output, for wrappers and training ---------------------------
+    @property
+    def mean(self) -> Tensor | None:
+        """Per-channel mean subtracted inside (float64, (C,)), or None."""
+        return self._mean
+
+    @property
+    def std(self) -> Tensor | None:
+        """Per-channel std divided by inside (float64, (C,)), or None."""
+        return self._std
+
+    def modules(self) -> list[nn.Module]:
+        return [self.net]
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """Inputs in input space -> what the net takes (normalized with mean/std)."""
         if self._mean is None:
             return x
         key = (x.device, x.dtype)
@@ -217,7 +223,8 @@ class Classifier(Model):
         mean, std = self._stats[key]
         return (x - mean) / std
 
-    def _adapt(self, out: Any) -> Tensor:
+    def logits_of(self, out: Any) -> Tensor:
+        """The logits (N, C) in what the net returned (per ``output=``)."""
         spec = self.output
         if spec is None:
             if isinstance(out, Tensor):
@@ -245,12 +252,14 @@ class Classifier(Model):
             raise InputError(f"expected logits of shape (N, classes) from the model, got {shape}")
         return logits
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for inputs in input space: normalized, through the net, adapted; an autograd
+        graph with respect to x when grad is on. Not validated, not counted."""
         p = next(self.net.parameters(), None)
         xin = x if p is None or p.dtype == x.dtype or not p.is_floating_point() else x.to(p.dtype)
-        xin = self._normalize(xin)
+        xin = self.preprocess(xin)
         out = self._run_net(xin, compiled=self.compile and not torch.is_grad_enabled())
-        logits = self._adapt(out)
+        logits = self.logits_of(out)
         if logits.dtype != x.dtype:
             logits = logits.to(x.dtype)  # losses in the caller's precision
         if not self._checked_output:
@@ -279,7 +288,7 @@ class Classifier(Model):
                 ) from None
         shape = tuple(xin.shape)
         if shape not in self._compiled_shapes:
-            fast, slow = self._adapt(self._compiled(xin)), self._adapt(self.net(xin))
+            fast, slow = self.logits_of(self._compiled(xin)), self.logits_of(self.net(xin))
             scale = float(slow.abs().max()) if slow.numel() else 0.0
             if fast.shape != slow.shape or not bool(
                 torch.allclose(fast.float(), slow.float(), rtol=1e-3, atol=1e-3 * max(1.0, scale))
@@ -318,21 +327,6 @@ class Classifier(Model):
                     stacklevel=6,
                 )
 
-    def _scores(self, x: Tensor) -> Tensor:
-        self.total_queries += x.shape[0]
-        return self._forward(x)
-
-    def _value_and_grad(self, x: Tensor, loss_fn, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self.total_queries += x.shape[0]
-        self.total_grads += x.shape[0]
-        xg = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._forward(xg)
-            loss = loss_fn(logits, *args)
-            # autograd.grad with inputs=[x] skips the weight gradients and leaves param.grad alone
-            (grad,) = torch.autograd.grad(loss.sum(), xg)
-        return loss.detach(), grad, logits.detach()
-
     # ---- chunk size -------------------------------------------------------------------------
     def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
         if self.batch_size != "auto":
@@ -363,10 +357,10 @@ class Classifier(Model):
             if grad:
                 xg = rows.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    torch.autograd.grad(self._forward(xg).logsumexp(dim=1).sum(), xg)
+                    torch.autograd.grad(self.forward(xg).logsumexp(dim=1).sum(), xg)
             else:
                 with torch.no_grad():
-                    self._forward(rows)
+                    self.forward(rows)
 
         def timed(b: int) -> float:
             sync()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,9 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._progress import Bar, quiet
 from .._rng import derive_seed
+from .._state import evaluating, restore_modes, training_modes
+from .._validate import check_float, fail, nonneg_float, one_of, positive_float, positive_int
 from ..errors import AdvxError, InputError
-from .distributed import Group, current_group
+from .distributed import Group, batches, check_batch_size, current_group, wrap
 from .losses import Batch, Recipe, Step, standard
 
 __all__ = ["fit", "History", "TrainingError", "lr_at"]
@@ -125,31 +127,15 @@ def lr_at(
 def _check_args(
     epochs, batch_size, lr, optimizer, lr_schedule, autocast, momentum, weight_decay
 ) -> None:
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise InputError(f"fit: {name} must be a positive int, got {v!r}")
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, (int, float))
-        or not (math.isfinite(lr) and lr > 0)
-    ):
-        raise InputError(f"fit: lr must be a finite number > 0, got {lr!r}")
-    if optimizer not in OPTIMIZERS:
-        raise InputError(
-            f"fit: optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}"
-        )
-    if lr_schedule not in SCHEDULES:
-        raise InputError(
-            f"fit: lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}"
-        )
+    positive_int(epochs, name="epochs", who="fit")
+    positive_int(batch_size, name="batch_size", who="fit")
+    positive_float(lr, name="lr", who="fit")
+    one_of(optimizer, OPTIMIZERS, name="optimizer", who="fit")
+    one_of(lr_schedule, SCHEDULES, name="lr_schedule", who="fit")
     if autocast not in _AUTOCAST:
-        raise InputError(
-            f"fit: autocast must be torch.bfloat16, torch.float16 or None, got {autocast!r}"
-        )
-    if not (0 <= momentum < 1):
-        raise InputError(f"fit: momentum must be in [0, 1), got {momentum!r}")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise InputError(f"fit: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        raise fail("fit", "autocast", "torch.bfloat16, torch.float16 or None", autocast)
+    check_float(momentum, name="momentum", who="fit", high=1, high_open=True)
+    nonneg_float(weight_decay, name="weight_decay", who="fit")
 
 
 def _as_recipe(loss) -> Recipe:
@@ -235,7 +221,8 @@ def fit(
             epoch k and resumed ends with the weights an uninterrupted run would have.
         model_spec: how to rebuild the architecture (e.g. ``"lenet"`` or
             ``{"spec": "pkg.mod:make", "kwargs": {...}}``), recorded in the checkpoint for
-            :func:`advx.zoo.load`; taken from the model when it was made by ``advx.zoo.build``.
+            :func:`advx.zoo.load`; for a built-in architecture it is read off the module
+            (:func:`advx.zoo.describe`).
 
     Under ``torchrun`` (the process group initialized), every process calls ``fit`` with the same
     arguments and data: the model is wrapped in DistributedDataParallel, each process takes its
@@ -261,10 +248,10 @@ def fit(
     recipe.check(bounds)
     x, y = _check_data(x, y, bounds)
     group = current_group()
-    group.check_batch_size(batch_size)
+    check_batch_size(group, batch_size)
     device, pdtype = params[0].device, params[0].dtype
-    normalize = clf._normalize if clf is not None else (lambda t: t)
-    adapt = clf._adapt if clf is not None else _logits_of
+    normalize = clf.preprocess if clf is not None else (lambda t: t)
+    adapt = clf.logits_of if clf is not None else _logits_of
     num_classes = _num_classes(net, normalize, adapt, x[:1].to(device, pdtype))
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise InputError(
@@ -330,8 +317,8 @@ def fit(
             if history.stopped or start_epoch >= epochs:
                 return history
 
-    was_training = {m: m.training for m in net.modules()}
-    train_mod = group.wrap(net)
+    was_training = training_modes(net)
+    train_mod = wrap(group, net)
     craft_mod: nn.Module = net
     train_fast = craft_fast = None
     if compile:
@@ -363,8 +350,10 @@ def fit(
     started = time.perf_counter()
     seconds_before = history.seconds
     rng_devices = [device] if device.type == "cuda" else []
-    bar = _Bar(
-        total=(epochs - start_epoch) * steps_per_epoch, desc=desc, enabled=progress and group.main
+    bar = Bar(
+        total=(epochs - start_epoch) * steps_per_epoch if progress and group.main else 0,
+        desc=desc,
+        unit="batch",
     )
     try:
         with torch.random.fork_rng(devices=rng_devices):
@@ -378,9 +367,9 @@ def fit(
                 sums = torch.zeros(
                     6, dtype=torch.float64
                 )  # loss, n, clean ok, clean n, adv ok, adv n
-                bar.set_description(f"{desc} {epoch + 1}/{epochs}")
+                bar.describe(f"{desc} {epoch + 1}/{epochs}")
                 for t, (pos, n_global) in enumerate(
-                    group.batches(n, batch_size, seed=seed, epoch=epoch)
+                    batches(group, n, batch_size, seed=seed, epoch=epoch)
                 ):
                     idx = train_rows[pos]
                     xb = x[idx].to(device, pdtype, non_blocking=True)
@@ -440,7 +429,8 @@ def fit(
                     scaler.update()
                     step += 1
                     sums += stats
-                    bar.update(sums, stats)
+                    bar.postfix(_postfix(sums, stats))
+                    bar.update()
                 row = _epoch_row(epoch, rate, sums, time.perf_counter() - t0)
                 if mon is not None:
                     row.update(
@@ -474,14 +464,13 @@ def fit(
                     history.checkpoint = str(
                         saver.save(epoch + 1, step, opt, scaler, history, best)
                     )
-                bar.write_epoch(row, stop)
+                bar.write(_epoch_line(row, stop))
                 if stop:
                     break
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)  # leave no gradients on the weights
-        for m, mode in was_training.items():
-            m.training = mode
+        restore_modes(was_training)
     history.seconds = seconds_before + time.perf_counter() - started
     return history
 
@@ -511,14 +500,8 @@ def _check_data(x, y, bounds) -> tuple[Tensor, Tensor]:
 
 
 def _num_classes(net: nn.Module, normalize, adapt, x1: Tensor) -> int:
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        with torch.no_grad():
-            logits = adapt(net(normalize(x1)))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(net, no_grad=True):
+        logits = adapt(net(normalize(x1)))
     if logits.dim() != 2:
         raise InputError(
             f"fit: expected logits of shape (N, classes) from the model, got {tuple(logits.shape)}"
@@ -592,11 +575,8 @@ def _score_monitor(
     rows = group.shard(mx.shape[0]).to(mx.device)
     device = next(net.parameters()).device
     xs, ys, idx = mx[rows].to(device), my[rows].to(device), ids[rows.cpu()].to(device)
-    from .._progress import quiet
 
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with evaluating(net):
         model = clf if clf is not None else Classifier(net, batch_size=512)
         with torch.no_grad():
             ok = (
@@ -609,9 +589,6 @@ def _score_monitor(
             attack = PGD(recipe.threat, steps=steps, seed=derive_seed(seed, 0x3011, epoch))
             with quiet():  # the training bar is enough
                 robust &= ~attack(model, xs, ys, index=idx).success
-    finally:
-        for m, mode in modes:
-            m.training = mode
     counts = group.sum(
         torch.tensor(
             [float(ok.sum()), float(robust.sum()), float(xs.shape[0])], dtype=torch.float64
@@ -633,64 +610,28 @@ def _restore(net: nn.Module, state: dict[str, Tensor] | None) -> None:
         net.load_state_dict(state)
 
 
-class _Bar:
-    """One progress bar over every batch of the run (tqdm, shown per advx's progress setting)."""
+def _postfix(sums: Tensor, batch: Tensor) -> dict[str, str]:
+    """The bar's running figures: this batch's loss, the epoch's clean and adversarial accuracy."""
+    post = {"loss": f"{float(batch[0] / max(1.0, float(batch[1]))):.4f}"}
+    if float(sums[3]):
+        post["clean"] = f"{float(sums[2] / sums[3]):.1%}"
+    if float(sums[5]):
+        post["adv"] = f"{float(sums[4] / sums[5]):.1%}"
+    return post
 
-    def __init__(self, *, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if not enabled or total <= 0:
-            return
-        from .._progress import _setting
 
-        setting = _setting()
-        if setting is False:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            return
-        self.bar = tqdm(
-            total=total,
-            desc=desc,
-            unit="batch",
-            leave=False,
-            dynamic_ncols=True,
-            disable=None if setting is None else False,
-        )
-
-    def set_description(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(text, refresh=False)
-
-    def update(self, sums: Tensor, batch: Tensor) -> None:
-        if self.bar is None:
-            return
-        post = {"loss": f"{float(batch[0] / max(1.0, float(batch[1]))):.4f}"}
-        if float(sums[3]):
-            post["clean"] = f"{float(sums[2] / sums[3]):.1%}"
-        if float(sums[5]):
-            post["adv"] = f"{float(sums[4] / sums[5]):.1%}"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(1)
-
-    def write_epoch(self, row: dict[str, Any], stop: str | None) -> None:
-        if self.bar is None:
-            return
-        parts = [f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
-        for key, name in (
-            ("train_clean_accuracy", "clean"),
-            ("train_adv_accuracy", "adv"),
-            ("monitor_clean_accuracy", "monitor clean"),
-            ("monitor_adv_accuracy", "monitor PGD"),
-        ):
-            if row.get(key) is not None:
-                parts.append(f"{name} {row[key]:.1%}")
-        parts.append(f"{row['seconds']:.1f}s")
-        self.bar.write("  ".join(parts) + (f"\n{stop}" if stop else ""), file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _epoch_line(row: dict[str, Any], stop: str | None) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
+    for key, name in (
+        ("train_clean_accuracy", "clean"),
+        ("train_adv_accuracy", "adv"),
+        ("monitor_clean_accuracy", "monitor clean"),
+        ("monitor_adv_accuracy", "monitor PGD"),
+    ):
+        if row.get(key) is not None:
+            parts.append(f"{name} {row[key]:.1%}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts) + (f"\n{stop}" if stop else "")
 
 
 class _Saver:
@@ -699,15 +640,17 @@ class _Saver:
     def __init__(
         self, out, net, clf, recipe: Recipe, config, model_spec, x, y, data_name, group: Group
     ) -> None:
+        from .._checkpoint import require_safetensors
         from ..data import data_sha256
-        from .checkpoint import require_safetensors
 
         require_safetensors()  # fail before training, not after the first epoch
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"fit: out={self.out} is a file; give a folder")
         self.net, self.group, self.config = net, group, config
-        spec = model_spec if model_spec is not None else getattr(net, "_advx_spec", None)
+        from ..zoo import describe
+
+        spec = model_spec if model_spec is not None else describe(net)
         if isinstance(spec, str):
             spec = {"spec": spec, "kwargs": {}}
         cls = type(net)
@@ -715,8 +658,8 @@ class _Saver:
             **(spec or {"spec": None, "kwargs": {}}),
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "bounds": list(clf.bounds) if clf is not None else [0.0, 1.0],
-            "mean": None if clf is None or clf._mean is None else clf._mean.tolist(),
-            "std": None if clf is None or clf._std is None else clf._std.tolist(),
+            "mean": None if clf is None or clf.mean is None else clf.mean.tolist(),
+            "std": None if clf is None or clf.std is None else clf.std.tolist(),
         }
         self.recipe = recipe
         self.data = {"sha256": data_sha256(x, y), "n": int(x.shape[0]), "name": data_name}
@@ -739,7 +682,7 @@ class _Saver:
         }
 
     def save(self, epochs_done: int, step: int, opt, scaler, history: History, best) -> Path:
-        from .checkpoint import SIDECAR, save_checkpoint, state_dict_cpu
+        from .._checkpoint import SIDECAR, save_checkpoint, state_dict_cpu
 
         path = self.out / SIDECAR
         if self.group.main:
@@ -767,8 +710,8 @@ class _Saver:
     def restore(self, opt, scaler):
         """Load the last checkpoint into the model, the optimizer and the scaler; None when there
         is none. A checkpoint made with other settings is refused, naming them."""
+        from .._checkpoint import SIDECAR, load_state, read_sidecar
         from ..zoo import load_weights
-        from .checkpoint import SIDECAR, load_state, read_sidecar
 
         side = self.out / SIDECAR
         if not side.exists():

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._rng import SampleRNG, derive_seed
+from .._state import evaluating
+from .._validate import nonneg_float, positive_float, positive_int
 from ..errors import InputError
 from ..threat import Linf, ThreatModel
 
@@ -105,13 +107,8 @@ class Batch:
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
         """The bare module in eval mode for the duration; every submodule's mode restored after."""
-        modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
+        with evaluating(self.module):
             yield
-        finally:
-            for m, t in modes:
-                m.training = t
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,21 +162,6 @@ def _threat(who: str, eps: float | ThreatModel) -> ThreatModel:
     return threat
 
 
-def _positive(who: str, name: str, value: Any, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise InputError(
-            f"{who}: {name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}"
-        )
-    return float(value)
-
-
-def _count(who: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{who}: {name} must be a positive int, got {value!r}")
-    return value
-
-
 def _ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
@@ -188,7 +170,7 @@ def _ce(logits: Tensor, y: Tensor) -> Tensor:
 def standard(temperature: float = 1.0) -> Recipe:
     """Cross-entropy on clean inputs, of the logits divided by ``temperature`` (a distillation
     teacher is trained at T > 1, Papernot et al. 2016; 1 is ordinary training)."""
-    t = _positive("standard", "temperature", temperature)
+    t = positive_float(temperature, name="temperature", who="standard")
 
     def run(b: Batch) -> Step:
         logits = b.model(b.x)
@@ -234,7 +216,11 @@ def fgsm_rs(
     in proportion).
     """
     threat = _threat("fgsm_rs", eps)
-    a = 1.25 * float(threat.eps) if alpha is None else _positive("fgsm_rs", "alpha", alpha)
+    a = (
+        1.25 * float(threat.eps)
+        if alpha is None
+        else positive_float(alpha, name="alpha", who="fgsm_rs")
+    )
     warm = _warmup("fgsm_rs", warmup)
 
     def run(b: Batch) -> Step:
@@ -272,11 +258,11 @@ def pgd_at(
     WongCNN, the loss stayed at 2.30 for 18 epochs at lr 5e-3, and for 2 epochs at 1e-3 and 3e-4.
     """
     threat = _threat("pgd_at", eps)
-    n = _count("pgd_at", "steps", steps)
+    n = positive_int(steps, name="steps", who="pgd_at")
     size = (
         2.5 * float(threat.eps) / n
         if step_size is None
-        else _positive("pgd_at", "step_size", step_size)
+        else positive_float(step_size, name="step_size", who="pgd_at")
     )
     warmup = _warmup("pgd_at", warmup)
 
@@ -321,14 +307,14 @@ def trades(
     2.5 * eps / steps, from the clean input plus Gaussian noise of scale ``start``, not clipped
     before the first step). The inner maximization runs in eval mode, as in the paper's code."""
     threat = _threat("trades", eps)
-    b_ = _positive("trades", "beta", beta, allow_zero=True)
-    n = _count("trades", "steps", steps)
+    b_ = nonneg_float(beta, name="beta", who="trades")
+    n = positive_int(steps, name="steps", who="trades")
     size = (
         2.5 * float(threat.eps) / n
         if step_size is None
-        else _positive("trades", "step_size", step_size)
+        else positive_float(step_size, name="step_size", who="trades")
     )
-    s0 = _positive("trades", "start", start, allow_zero=True)
+    s0 = nonneg_float(start, name="start", who="trades")
 
     def run(b: Batch) -> Step:
         th = b.threat(threat)
@@ -368,7 +354,7 @@ def distillation(teacher, temperature: float = 100.0) -> Recipe:
     """
     from ..models import Classifier
 
-    t = _positive("distillation", "temperature", temperature)
+    t = positive_float(temperature, name="temperature", who="distillation")
     if not isinstance(teacher, (nn.Module, Classifier)):
         raise InputError(
             f"distillation: teacher must be an nn.Module or an advx.Classifier, got {type(teacher).__name__}"
@@ -378,14 +364,8 @@ def distillation(teacher, temperature: float = 100.0) -> Recipe:
         if isinstance(teacher, Classifier):
             logits = teacher(x)
         else:
-            modes = [(m, m.training) for m in teacher.modules()]
-            teacher.eval()
-            try:
-                with torch.no_grad():
-                    logits = teacher(x)
-            finally:
-                for m, mode in modes:
-                    m.training = mode
+            with evaluating(teacher, no_grad=True):
+                logits = teacher(x)
         return F.softmax(logits.float() / t, dim=1)
 
     def run(b: Batch) -> Step:

@@ -6,11 +6,7 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import import_object
 from ..errors import InputError
 from . import nets
 
-__all__ = ["build", "load", "load_weights", "file_sha256", "BUILTIN", "nets"]
+__all__ = ["build", "load", "load_weights", "describe", "BUILTIN", "nets"]
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": nets.smallcnn,
@@ -31,34 +28,23 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+_BUILTIN_CLASSES: dict[str, type[nn.Module]] = {
+    "smallcnn": nets.SmallCNN,
+    "lenet": nets.LeNet,
+    "resnet20": nets.ResNet20,
+    "wong_cnn": nets.WongCNN,
+}
+
+
 def _factory(spec: str) -> Callable[..., Any]:
     if spec.lower() in BUILTIN:
         return BUILTIN[spec.lower()]
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not attr:
+    if ":" not in spec:
         raise InputError(
             f"model: expected a built-in name ({', '.join(BUILTIN)}) or pkg.module:factory "
             f"(or path/to/file.py:factory), got {spec!r}"
         )
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.exists():
-            raise InputError(f"model: no file {module_name}")
-        mod_spec = importlib.util.spec_from_file_location(f"_advx_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_spec.name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise InputError(
-                f"model: cannot import {module_name!r} ({e}); is it installed or on PYTHONPATH?"
-            ) from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise InputError(f"model: {module_name} has no attribute {attr!r}") from None
+    return import_object(spec, name="model")
 
 
 def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any):
@@ -77,9 +63,16 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
         )
     if weights is not None:
         load_weights(net, weights)
-    # how to rebuild it: training records this in its checkpoints, for advx.zoo.load
-    net._advx_spec = {"spec": spec, "kwargs": dict(kwargs)}
     return obj
+
+
+def describe(net: nn.Module) -> dict[str, Any] | None:
+    """How to rebuild ``net`` (``{"spec": name, "kwargs": {...}}``) when it is one of the
+    built-in architectures; None for any other module (pass ``model_spec=`` to ``fit`` then)."""
+    for name, cls in _BUILTIN_CLASSES.items():
+        if type(net) is cls:
+            return {"spec": name, "kwargs": dict(net.config)}
+    return None
 
 
 def load(
@@ -96,8 +89,8 @@ def load(
     into), the weights are loaded strictly -- a checkpoint of another architecture is refused,
     naming the keys that differ -- and the Classifier gets the recorded bounds and normalization.
     """
+    from .._checkpoint import read_sidecar
     from ..models import Classifier
-    from ..training.checkpoint import read_sidecar
 
     meta, weights = read_sidecar(path)
     info = meta.get("model") or {}
@@ -190,11 +183,3 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     net.load_state_dict(state, strict=False)
     return net
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

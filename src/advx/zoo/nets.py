@@ -4,6 +4,9 @@
 ``ResNet20`` those of the CIFAR-10 ResNets of akamaster/pytorch_resnet_cifar10, so their
 published weights load into them. ``LeNet`` is a small, fast CNN for the demo and the tests.
 ``WongCNN`` is the MNIST network of Wong, Rice & Kolter (2020), "Fast is better than free".
+
+Each keeps its constructor's arguments in ``config``, so that a checkpoint of one records how to
+rebuild it (:func:`advx.zoo.describe`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, drop: float = 0.5) -> None:
         super().__init__()
+        self.config = {"in_channels": in_channels, "num_classes": num_classes, "drop": drop}
         self.feature_extractor = nn.Sequential(
             OrderedDict(
                 [
@@ -61,6 +65,7 @@ class LeNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
+        self.config = {"in_channels": in_channels, "num_classes": num_classes, "width": width}
         self.conv1 = nn.Conv2d(in_channels, width, 5, padding=2)
         self.conv2 = nn.Conv2d(width, 2 * width, 5, padding=2)
         self.fc1 = nn.LazyLinear(128)
@@ -79,6 +84,7 @@ class WongCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28) -> None:
         super().__init__()
+        self.config = {"in_channels": in_channels, "num_classes": num_classes, "size": size}
         self.conv1 = nn.Conv2d(in_channels, 16, 4, stride=2, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 4, stride=2, padding=1)
         side = size // 4
@@ -116,6 +122,7 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int = 10, n: int = 3) -> None:
         super().__init__()
+        self.config = {"num_classes": num_classes, "n": n}
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         cin = 16

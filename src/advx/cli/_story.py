@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,14 +17,14 @@ from typing import Any
 
 import torch
 
-from . import attacks
-from ._io import atomic_open, write_json
-from ._version import __version__
-from .data import data_sha256, load
-from .models import Classifier
-from .threat import L2, Linf
-from .training import distillation, fgsm_rs, fit, standard
-from .zoo import nets
+from .. import attacks
+from .._io import atomic_open, write_json
+from .._provenance import provenance
+from ..data import data_sha256, load
+from ..models import Classifier
+from ..threat import L2, Linf
+from ..training import distillation, fgsm_rs, fit, standard
+from ..zoo import nets
 
 __all__ = ["run_demo", "format_table"]
 
@@ -139,15 +138,9 @@ def run_demo(
         "story": story,
         "files": files,
         "seconds": round(time.perf_counter() - start, 2),
-        "provenance": {
-            "advx": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": "cpu",
-            "seed": seed,
-            "data": "mnist-demo:test",
-            "data_sha256": data_sha256(x, y),
-        },
+        "provenance": provenance(
+            device="cpu", seed=seed, data="mnist-demo:test", data_sha256=data_sha256(x, y)
+        ),
     }
     write_json(out / "summary.json", summary)
     return summary
@@ -167,8 +160,8 @@ def _story(
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     """Steps 2-5: audit the standard model, harden one with FGSM-RS, distill one; compare."""
-    from .audit import audit
-    from .audit.html import render_comparison
+    from ..audit import audit
+    from ..audit.html import render_comparison
 
     threat = Linf(STORY_EPS)
     models: list[dict[str, Any]] = []
@@ -302,7 +295,7 @@ def _row(attack: str, threat: str, success, distance, result, clean_acc: float) 
 
 
 def _grid(x, y, model: Classifier, keep: dict) -> bytes | None:
-    from .viz import example_grid, have_matplotlib
+    from ..viz import example_grid, have_matplotlib
 
     if not have_matplotlib():
         return None

@@ -22,22 +22,19 @@ The state file holds only tensors, numbers and strings: it loads with
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import io
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._io import atomic_open
-from .._version import __version__
-from ..errors import InputError
+from ._io import sha256_bytes, sha256_file, write_bytes
+from ._provenance import now, versions
+from .errors import InputError
 
 __all__ = [
     "SCHEMA",
@@ -72,16 +69,6 @@ def require_safetensors():
 def state_dict_cpu(net: nn.Module) -> dict[str, torch.Tensor]:
     """The weights as independent, contiguous CPU tensors (safetensors refuses shared storage)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file, fsync, rename."""
-    with atomic_open(path, "wb") as f:
-        f.write(data)
 
 
 def _dump_state(state: dict[str, Any]) -> bytes:
@@ -120,28 +107,24 @@ def save_checkpoint(
     epoch = int(meta.get("training", {}).get("epochs_done", 0))
     header = {k: v for k, v in meta.items() if k != "metrics"}
     blob = st.save(weights, metadata={_META_KEY: json.dumps(header, default=str)})
-    w_sha = _sha256(blob)
+    w_sha = sha256_bytes(blob)
     state_blob = _dump_state(state)
-    s_sha = _sha256(state_blob)
+    s_sha = sha256_bytes(state_blob)
     w_name = f"model-e{epoch:04d}-{w_sha[:8]}.safetensors"
     s_name = f"state-e{epoch:04d}-{s_sha[:8]}.pt"
-    _write(folder / w_name, blob)
-    _write(folder / s_name, state_blob)
+    write_bytes(folder / w_name, blob)
+    write_bytes(folder / s_name, state_blob)
     sidecar = {
         "schema": SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
         "weights": w_name,
         "weights_sha256": w_sha,
         "state": s_name,
         "state_sha256": s_sha,
         **meta,
-        "versions": {
-            "advx": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
     }
-    _write(
+    write_bytes(
         folder / SIDECAR, (json.dumps(sidecar, indent=2, default=str) + "\n").encode()
     )  # the commit
     _fsync_dir(folder)
@@ -215,9 +198,7 @@ def _checked(meta: dict[str, Any], weights: Path) -> tuple[dict[str, Any], Path]
         )
     want = meta.get("weights_sha256")
     if want:
-        from ..zoo import file_sha256
-
-        if file_sha256(weights) != want:
+        if sha256_file(weights) != want:
             raise InputError(
                 f"checkpoint: {weights.name} does not match the sha256 in its sidecar; the file was "
                 "changed after it was saved"
@@ -231,6 +212,6 @@ def load_state(sidecar: Path, meta: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         raise InputError(f"resume: the state file {path.name} named by {sidecar} is missing")
     data = path.read_bytes()
-    if meta.get("state_sha256") and _sha256(data) != meta["state_sha256"]:
+    if meta.get("state_sha256") and sha256_bytes(data) != meta["state_sha256"]:
         raise InputError(f"resume: {path.name} does not match the sha256 in {sidecar.name}")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
