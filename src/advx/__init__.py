@@ -7,21 +7,17 @@
 """
 
 from ._version import __version__
-from .attacks import (
-    APGD,
-    CW,
-    FAB,
-    FGSM,
-    PGD,
-    ZOO,
-    Attack,
-    AttackResult,
-    Boundary,
-    HopSkipJump,
-    SimBA,
-    Square,
-    WorstCase,
-)
+from .attacks import Attack, AttackResult, WorstCase
+from .attacks.apgd import APGD
+from .attacks.boundary import Boundary
+from .attacks.cw import CW
+from .attacks.fab import FAB
+from .attacks.fgsm import FGSM
+from .attacks.hopskipjump import HopSkipJump
+from .attacks.pgd import PGD
+from .attacks.simba import SimBA
+from .attacks.square import Square
+from .attacks.zoo import ZOO
 from .audit import Report, audit
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier

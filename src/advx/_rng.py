@@ -95,12 +95,8 @@ class SampleRNG:
         u = self.uniform(*key, shape=shape, dtype=torch.float64)
         if isinstance(high, Tensor):
             high = high.to(u.device, torch.float64).view(-1, *([1] * len(shape)))
-            top = high - 1
-        else:
-            top = high - 1
-        return torch.minimum(
-            torch.floor(u * high), torch.as_tensor(top, dtype=u.dtype, device=u.device)
-        ).to(torch.long)
+        top = torch.as_tensor(high - 1, dtype=u.dtype, device=u.device)
+        return torch.minimum(torch.floor(u * high), top).to(torch.long)
 
     def exponential(self, *key: int, shape: tuple[int, ...] = (), dtype=torch.float32) -> Tensor:
         u = self.uniform(*key, shape=shape, dtype=torch.float64)

@@ -88,7 +88,7 @@ class Defense(Model):
 
     def __init__(self, model, *, name: str | None = None) -> None:
         self.model = as_model(model)
-        self.bounds = tuple(self.model.bounds)
+        self.bounds = self.model.bounds
         self.budget = self.model.budget
         self.name = name or type(self).__name__
 
@@ -173,7 +173,7 @@ def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
 
 
 def check_same_bounds(models: list[Model], who: str) -> tuple[float, float]:
-    bounds = {tuple(m.bounds) for m in models}
+    bounds = {(float(m.bounds[0]), float(m.bounds[1])) for m in models}
     if len(bounds) > 1:
         raise InputError(
             f"{who}: the models have different input bounds {sorted(bounds)}; "

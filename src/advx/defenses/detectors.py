@@ -48,7 +48,7 @@ class Detector:
     def __init__(self, model) -> None:
         self.model = as_model(model)
         check_scores(self.model, type(self).__name__)
-        self.bounds = tuple(self.model.bounds)
+        self.bounds = self.model.bounds
         self.threshold = None
         self.fpr = None
 
@@ -180,9 +180,10 @@ class EnsembleDisagreement(Detector):
                 f"got {type(ensemble).__name__}"
             )
         super().__init__(ensemble)
+        self.ensemble = ensemble
 
     def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
-        return self.model._disagreement(x)
+        return self.ensemble._disagreement(x)
 
 
 class DetectorAware(Defense):

@@ -89,8 +89,8 @@ def jpeg_compress(x: Tensor, quality: int = 75, bounds: tuple[float, float] = (0
     if x.shape[1] not in (1, 3):
         raise InputError(f"JPEG: expected 1 (grayscale) or 3 (RGB) channels, got {x.shape[1]}")
     lo, hi = bounds
-    pixels = ((x.detach() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (N, C, H, W) -> (N, H, W, C)
+    levels = ((x.detach() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8)
+    pixels = levels.permute(0, 2, 3, 1).cpu().numpy()  # (N, C, H, W) -> (N, H, W, C)
     out = np.empty_like(pixels)
     for i, image in enumerate(pixels):  # Pillow encodes one image at a time
         buf = io.BytesIO()

@@ -118,9 +118,9 @@ class Classifier(Model):
         self._checked_output = False
 
     def __repr__(self) -> str:
-        norm = (
-            "" if self._mean is None else f", mean={self._mean.tolist()}, std={self._std.tolist()}"
-        )
+        norm = ""
+        if self._mean is not None and self._std is not None:
+            norm = f", mean={self._mean.tolist()}, std={self._std.tolist()}"
         return f"Classifier({type(self.net).__name__}, bounds={self.bounds}{norm})"
 
     # ---- public, for users ------------------------------------------------------------------
@@ -210,6 +210,7 @@ class Classifier(Model):
             return x
         key = (x.device, x.dtype)
         if key not in self._stats:
+            assert self._std is not None  # set together with the mean in __init__
             shape = (1, -1) + (1,) * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
             self._stats[key] = (
                 self._mean.to(x.device, x.dtype).view(shape),
@@ -258,7 +259,7 @@ class Classifier(Model):
         p = next(self.net.parameters(), None)
         xin = x if p is None or p.dtype == x.dtype or not p.is_floating_point() else x.to(p.dtype)
         xin = self.preprocess(xin)
-        out = self._run_net(xin, compiled=self.compile and not torch.is_grad_enabled())
+        out = self._run_net(xin, compiled=bool(self.compile) and not torch.is_grad_enabled())
         logits = self.logits_of(out)
         if logits.dtype != x.dtype:
             logits = logits.to(x.dtype)  # losses in the caller's precision
@@ -347,10 +348,10 @@ class Classifier(Model):
         beyond the first whose single pass takes over ``_TUNE_PASS_S`` -- by then the fixed cost
         of a pass, which is what bigger chunks save, is a rounding error (on a ResNet-20 the
         full sweep cost some 25 s of CPU, more than the attacks it tuned)."""
-        sizes = _GPU_SIZES if x.device.type == "cuda" else _CPU_SIZES
+        grid = _GPU_SIZES if x.device.type == "cuda" else _CPU_SIZES
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         n = x.shape[0]
-        sizes = [b for b in sizes if b <= max(64, n)] or [sizes[0]]
+        sizes = [b for b in grid if b <= max(64, n)] or [grid[0]]
 
         def run(b: int) -> None:
             rows = x[torch.arange(b, device=x.device) % n]
