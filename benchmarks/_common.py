@@ -88,7 +88,10 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, torch {torch.__version__}"
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
 
 
 def write_section(key: str, markdown: str) -> None:

@@ -87,7 +87,10 @@ def main() -> None:
         cpu = (time.process_time() - cpu0) / args.repeats
         if lib == "advx":
             x_adv = out.x_adv
-            extra = f"{out.robust_accuracy:.2%} reported, {float(out.grads.float().mean()):.1f} grads/sample"
+            extra = (
+                f"{out.robust_accuracy:.2%} reported, "
+                f"{float(out.grads.float().mean()):.1f} grads/sample"
+            )
         else:
             x_adv, extra = out, ""
         inside = float((x_adv - x).abs().amax() <= eps + 1e-6)
@@ -106,12 +109,15 @@ def main() -> None:
 
     text = "\n".join(
         [
-            f"## APGD vs torchattacks: TRADES SmallCNN, first {args.n} MNIST test images, Linf {eps}, {steps} steps, 1 restart",
+            f"## APGD vs torchattacks: TRADES SmallCNN, first {args.n} MNIST test images, "
+            f"Linf {eps}, {steps} steps, 1 restart",
             "",
             f"Clean accuracy {clean:.2%}. {machine()}. Versions: {versions('torchattacks')}.",
             "",
-            f"Command: `python benchmarks/bench_apgd.py --n {args.n} --steps {steps} --repeats {args.repeats}"
-            f"{' --threads ' + str(args.threads) if args.threads else ''}{' --only ' + args.only if args.only else ''}`",
+            f"Command: `python benchmarks/bench_apgd.py --n {args.n} --steps {steps}"
+            f" --repeats {args.repeats}"
+            f"{' --threads ' + str(args.threads) if args.threads else ''}"
+            f"{' --only ' + args.only if args.only else ''}`",
             "",
             table(
                 [

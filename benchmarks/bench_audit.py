@@ -104,8 +104,8 @@ def main() -> None:
         "--peer-steps",
         type=int,
         default=None,
-        help="only run torchattacks' cascade with this many APGD/APGD-T/FAB-T steps (the paper's 100)"
-        " on the first n-aa points and write it as its own section",
+        help="only run torchattacks' cascade with this many APGD/APGD-T/FAB-T steps"
+        " (the paper's 100) on the first n-aa points and write it as its own section",
     )
     ap.add_argument(
         "--threads",
@@ -159,11 +159,14 @@ def main() -> None:
             [
                 f"### torchattacks' AutoAttack cascade with {args.peer_steps} steps: {args.model}",
                 "",
-                f'{what} first {m} test images. torchattacks\' `AutoAttack(version="standard")` runs APGD, APGD-T and'
-                f" FAB-T with torchattacks' default of 10 steps; here the same cascade is built from torchattacks' attacks"
-                f" with {args.peer_steps} steps each (fra31/auto-attack's recipe), Square with 5,000 queries. {machine()}.",
+                f"{what} first {m} test images. torchattacks'"
+                ' `AutoAttack(version="standard")` runs APGD, APGD-T and FAB-T with'
+                " torchattacks' default of 10 steps; here the same cascade is built from"
+                f" torchattacks' attacks with {args.peer_steps} steps each (fra31/auto-attack's"
+                f" recipe), Square with 5,000 queries. {machine()}.",
                 "",
-                f"Command: `python benchmarks/bench_audit.py --model {args.model} --n-aa {m} --peer-steps {args.peer_steps} --write`",
+                f"Command: `python benchmarks/bench_audit.py --model {args.model} --n-aa {m}"
+                f" --peer-steps {args.peer_steps} --write`",
                 "",
                 table(
                     [
@@ -176,7 +179,8 @@ def main() -> None:
                     ],
                     [
                         [
-                            f"torchattacks APGD-CE, APGD-T, FAB-T ({args.peer_steps} steps), Square 5000",
+                            f"torchattacks APGD-CE, APGD-T, FAB-T ({args.peer_steps} steps),"
+                            " Square 5000",
                             m,
                             f"{ta['robust']:.2%}",
                             ta["seconds"],
@@ -256,17 +260,19 @@ def section(args, what: str, m: int, res: dict) -> str:
             [[c if c is not None else "" for c in r] for r in rows],
         ),
         "",
-        "Time ratio: against torchattacks' AutoAttack on the same points (rows with n = n-aa), and `fast` against"
-        " `standard` on all n points (last row).",
+        "Time ratio: against torchattacks' AutoAttack on the same points (rows with n = n-aa),"
+        " and `fast` against `standard` on all n points (last row).",
     ]
     if std_m and fast_m:
         line = (
-            f"`fast` against `standard` on the first {m}: {fast_m['seconds'] / std_m['seconds']:.2f}x the time, "
+            f"`fast` against `standard` on the first {m}: "
+            f"{fast_m['seconds'] / std_m['seconds']:.2f}x the time, "
             f"{100 * (fast_m['robust'] - std_m['robust']):+.2f} points of robust accuracy"
         )
         if "std_n" in res and "fast_n" in res:
             line += (
-                f"; on all {args.n}: {res['fast_n']['seconds'] / res['std_n']['seconds']:.2f}x the time, "
+                f"; on all {args.n}: "
+                f"{res['fast_n']['seconds'] / res['std_n']['seconds']:.2f}x the time, "
                 f"{100 * (res['fast_n']['robust'] - res['std_n']['robust']):+.2f} points"
             )
         stages = []
@@ -305,8 +311,10 @@ def section(args, what: str, m: int, res: dict) -> str:
                 stages,
             ),
             "",
-            f'A full `advx.audit(..., suite="fast")` on the first {m} images with its sanity checks and eps'
-            f" curve: {e['total']:.1f} s in all ({e['cascade']:.1f} s cascade, {e['checks']:.1f} s checks,"
+            'A full `advx.audit(..., suite="fast")`'
+            f" on the first {m} images with its sanity checks and eps curve:"
+            f" {e['total']:.1f} s in all ({e['cascade']:.1f} s cascade,"
+            f" {e['checks']:.1f} s checks,"
             f" {e['eps_curve']:.1f} s eps curve); findings: {res['extras']['findings'] or 'none'}.",
         ]
     return "\n".join(parts)

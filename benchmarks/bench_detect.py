@@ -139,7 +139,8 @@ def main() -> None:
         dist = float(r.distance[pred_wrong].median()) if bool(pred_wrong.any()) else float("nan")
         rows.append(
             [
-                f"PGD on DetectorAware ({loss}, targeted, Linf 0.3, {args.adaptive_steps} steps, BPDA)",
+                f"PGD on DetectorAware ({loss}, targeted, Linf 0.3, {args.adaptive_steps} steps,"
+                " BPDA)",
                 "yes",
                 f"{pred_wrong.float().mean():.1%}",
                 f"{detected:.1%}",
@@ -151,7 +152,8 @@ def main() -> None:
 
     if not args.no_reference:
         # An undetected misclassification needs the 1-bit squeezed input misclassified too (else
-        # the two softmaxes differ by about 2): how often PGD can do that bounds the adaptive attack.
+        # the two softmaxes differ by about 2): how often PGD can do that bounds the adaptive
+        # attack.
         t0 = time.perf_counter()
         r = advx.PGD(advx.Linf(eps), steps=args.adaptive_steps)(
             BitDepth(clf, 1), x, y, target=target
@@ -159,8 +161,8 @@ def main() -> None:
         secs = time.perf_counter() - t0
         rows.append(
             [
-                f"reference: PGD on BitDepth(LeNet, 1) alone (targeted, Linf 0.3, {args.adaptive_steps} steps, "
-                "BPDA)",
+                "reference: PGD on BitDepth(LeNet, 1) alone (targeted, Linf 0.3, "
+                f"{args.adaptive_steps} steps, BPDA)",
                 "-",
                 f"{r.success.float().mean():.1%}",
                 "-",
@@ -188,8 +190,9 @@ def main() -> None:
     print(table(header, rows))
     best = max(adaptive, key=lambda k: adaptive[k][0])
     print(
-        f"\nnon-adaptive PGD: {pgd_detected:.1%} of its adversarial examples detected, {pgd_share:.1%} of points "
-        f"misclassified and undetected; adaptive PGD ({best}): {adaptive[best][1]:.1%} detected, "
+        f"\nnon-adaptive PGD: {pgd_detected:.1%} of its adversarial examples detected, "
+        f"{pgd_share:.1%} of points misclassified and undetected; "
+        f"adaptive PGD ({best}): {adaptive[best][1]:.1%} detected, "
         f"{adaptive[best][0]:.1%} misclassified and undetected"
     )
     print(f"\n{machine()}; {versions()}")

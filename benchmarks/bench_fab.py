@@ -89,7 +89,8 @@ def main() -> None:
     )
     print()
     print(
-        f"Linf eps {eps}, {args.steps} steps, 9 targets, 1 restart; {machine()}; {versions('torchattacks')}"
+        f"Linf eps {eps}, {args.steps} steps, 9 targets, 1 restart; {machine()}; "
+        f"{versions('torchattacks')}"
     )
 
 

@@ -106,7 +106,10 @@ def main() -> None:
                 clf = advx.Classifier(net if d == dev else cpu_net, autocast=ac)
                 xd, yd = x.to(d), y.to(d)
                 attack(clf, xd[:200], yd[:200])  # warm-up: kernels and chunk sizes
-                secs, r = timed(lambda: attack(clf, xd, yd), repeats=1 if d.type == "cpu" else 3)
+                secs, r = timed(
+                    lambda attack=attack, clf=clf, xd=xd, yd=yd: attack(clf, xd, yd),
+                    repeats=1 if d.type == "cpu" else 3,
+                )
                 ok = r.success.cpu()
                 ref.setdefault(attack_name, ok)
                 rows.append(
@@ -175,7 +178,7 @@ def main() -> None:
             clf = advx.Classifier(net, **kw)
             advx.PGD(advx.Linf(0.3), steps=1)(clf, x[:200], y[:200])  # chunk sizes
             secs, rep = timed(
-                lambda: advx.audit(
+                lambda clf=clf, suite=suite: advx.audit(
                     clf, x, y, advx.Linf(0.3), suite=suite, eps_curve=None, checks=False
                 )
             )
@@ -183,7 +186,8 @@ def main() -> None:
             stages.append(
                 f"- {label}: "
                 + "; ".join(
-                    f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']} in {c['seconds']:.1f} s"
+                    f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']}"
+                    f" in {c['seconds']:.1f} s"
                     + (f" (on {c['gate']['attacked']})" if c.get("gate") else "")
                     for c in rep.cascade
                 )
@@ -244,7 +248,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 wnet = advx.zoo.build("wong_cnn").to(dev)
             secs, h = timed(
-                lambda: fit(
+                lambda wnet=wnet, kw=kw: fit(
                     wnet,
                     xt,
                     yt,
@@ -270,7 +274,8 @@ def main() -> None:
             results.setdefault("train", []).append({"label": label, "epochs": e})
             save()
         md += [
-            "### Training: FGSM-RS, WongCNN, MNIST training set, 2 epochs of a 2-epoch cyclic schedule",
+            "### Training: FGSM-RS, WongCNN, MNIST training set,"
+            " 2 epochs of a 2-epoch cyclic schedule",
             "",
             table(
                 [

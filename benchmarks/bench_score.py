@@ -1,8 +1,9 @@
-"""Score-based black-box attacks: advx ZOO and SimBA next to ART's ZooAttack (untargeted, L2).
+r"""Score-based black-box attacks: advx ZOO and SimBA next to ART's ZooAttack (untargeted, L2).
 
     python benchmarks/bench_score.py --dataset mnist --n 100 --n-large 25
     python benchmarks/bench_score.py --dataset cifar --n 100 --n-large 25
-    python benchmarks/bench_score.py --dataset cifar --n 50 --budgets 1000 --zoo-resize 16,none --skip-simba
+    python benchmarks/bench_score.py --dataset cifar --n 50 --budgets 1000 \
+        --zoo-resize 16,none --skip-simba
 
 Models (undefended): MNIST -- advx's demo LeNet (``advx.zoo.build("lenet")``) trained here with
 ``advx.training.fit`` on the embedded ``mnist-demo`` train split (4 epochs, batch 64, lr 2e-3,

@@ -139,10 +139,12 @@ def main() -> None:
         [
             "## Square Attack (Linf) vs torchattacks",
             "",
-            f"TRADES SmallCNN, first {args.n} MNIST test images (clean accuracy {clean:.2%}), Linf eps {eps},"
-            f" {q} queries, p_init 0.8, margin loss, 1 restart. {machine()}. Versions: {versions('torchattacks')}.",
+            f"TRADES SmallCNN, first {args.n} MNIST test images (clean accuracy {clean:.2%}),"
+            f" Linf eps {eps}, {q} queries, p_init 0.8, margin loss, 1 restart. {machine()}."
+            f" Versions: {versions('torchattacks')}.",
             "",
-            f"Command: `python benchmarks/bench_square.py --n {args.n} --queries {q} --eps {eps} --threads {args.threads}`",
+            f"Command: `python benchmarks/bench_square.py --n {args.n} --queries {q} --eps {eps}"
+            f" --threads {args.threads}`",
             "",
             table(
                 [

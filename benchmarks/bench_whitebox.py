@@ -59,8 +59,8 @@ def main() -> None:
     advx.PGD(advx.Linf(eps), steps=2)(clf, x[:200], y[:200])
 
     def pair(label, ours, theirs, repeats):
-        t_ours, times_ours, r_ours = [], [], None
-        t_theirs, times_theirs, r_theirs = [], [], None
+        times_ours, r_ours = [], None
+        times_theirs, r_theirs = [], None
         for _ in range(repeats):  # interleaved, so that load drifts hit both alike
             m, ts, r_theirs = median_time(theirs, 1)
             times_theirs += ts
@@ -98,7 +98,9 @@ def main() -> None:
     for early in (True, False):
         t_a, t_t, r, xa = pair(
             "pgd",
-            lambda: advx.PGD(advx.Linf(eps), steps=40, step_size=0.01, early_stop=early)(clf, x, y),
+            lambda early=early: advx.PGD(
+                advx.Linf(eps), steps=40, step_size=0.01, early_stop=early
+            )(clf, x, y),
             lambda: torchattacks.PGD(net, eps=eps, alpha=0.01, steps=40, random_start=True)(x, y),
             args.repeats,
         )
@@ -119,11 +121,11 @@ def main() -> None:
         [
             "## White-box: FGSM, PGD, CW-L2 vs torchattacks (issue 2)",
             "",
-            f"TRADES SmallCNN (`../shared/models/trades_mnist_smallcnn.pt`), first {args.n} MNIST test images,"
-            f" Linf eps {eps}. {machine()}. Versions: {v}.",
+            "TRADES SmallCNN (`../shared/models/trades_mnist_smallcnn.pt`),"
+            f" first {args.n} MNIST test images, Linf eps {eps}. {machine()}. Versions: {v}.",
             "",
-            f"Command: `python benchmarks/bench_whitebox.py --n {args.n} --n-cw {args.n_cw} --cw-steps {args.cw_steps} "
-            f"--repeats {args.repeats} --write`",
+            f"Command: `python benchmarks/bench_whitebox.py --n {args.n} --n-cw {args.n_cw}"
+            f" --cw-steps {args.cw_steps} --repeats {args.repeats} --write`",
             "",
             table(
                 [
@@ -173,7 +175,8 @@ def cw_section(args) -> str:
     theirs = {}
     for lr in (0.01, 0.05):  # torchattacks' default lr is 0.01; both libraries at both rates
         t, _, xt = median_time(
-            lambda: torchattacks.CW(net, c=1, kappa=0, steps=args.cw_steps, lr=lr)(xc, yc), 1
+            lambda lr=lr: torchattacks.CW(net, c=1, kappa=0, steps=args.cw_steps, lr=lr)(xc, yc),
+            1,
         )
         with torch.no_grad():
             ok = net(xt).argmax(1) != yc
@@ -192,7 +195,7 @@ def cw_section(args) -> str:
     ours = {}
     for lr in (0.01, 0.05):
         attack = advx.CW(steps=args.cw_steps // search, search_steps=search, initial_c=1.0, lr=lr)
-        t_a, _, r = median_time(lambda: attack(clf, xc, yc), 1)
+        t_a, _, r = median_time(lambda attack=attack: attack(clf, xc, yc), 1)
         ours[lr] = (t_a, r.success.cpu(), r.distance.cpu())
     for lr, (t, ok, l2) in ours.items():
         cw_rows.append(
@@ -222,12 +225,14 @@ def cw_section(args) -> str:
         [
             "## White-box: CW-L2 vs torchattacks on undefended points (issue 2)",
             "",
-            f"An undefended LeNet (2 epochs of cross-entropy on the full MNIST training set, seed 0), the first {args.n_cw}"
-            f" MNIST test images (the {len(xc)} it classifies correctly), minimum-norm CW-L2 with the same total number of"
-            f" optimization steps ({args.cw_steps}); advx searches c per sample, torchattacks uses one c. {machine()}."
-            f" Versions: {v}.",
+            "An undefended LeNet (2 epochs of cross-entropy on the full MNIST training set,"
+            f" seed 0), the first {args.n_cw} MNIST test images (the {len(xc)} it classifies"
+            " correctly), minimum-norm CW-L2 with the same total number of optimization steps"
+            f" ({args.cw_steps}); advx searches c per sample, torchattacks uses one c."
+            f" {machine()}. Versions: {v}.",
             "",
-            f"Command: `python benchmarks/bench_whitebox.py --n-cw {args.n_cw} --cw-steps {args.cw_steps} --only cw --write`",
+            f"Command: `python benchmarks/bench_whitebox.py --n-cw {args.n_cw}"
+            f" --cw-steps {args.cw_steps} --only cw --write`",
             "",
             table(
                 [
@@ -243,8 +248,9 @@ def cw_section(args) -> str:
                 cw_rows,
             ),
             "",
-            "torchattacks' CW stops early when its summed loss rises between two of ten checkpoints, so its time depends"
-            " on the lr; advx's CW runs its 10 searches of c per sample (early abort per sample within a search).",
+            "torchattacks' CW stops early when its summed loss rises between two of ten"
+            " checkpoints, so its time depends on the lr; advx's CW runs its 10 searches of c"
+            " per sample (early abort per sample within a search).",
         ]
     )
 

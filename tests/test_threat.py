@@ -45,15 +45,15 @@ def test_l1_projection_is_the_exact_nearest_point(eps, seed):
     got = _project_l1_box(v, lo, hi, torch.full((len(x),), eps, dtype=x.dtype))
     for i in range(len(x)):
         a, cap = v[i].abs(), torch.where(v[i] >= 0, hi[i], -lo[i])
-        size = lambda lam: float(torch.minimum((a - lam).clamp(min=0), cap).sum())
+        size = lambda lam, a=a, cap=cap: float(torch.minimum((a - lam).clamp(min=0), cap).sum())
         if size(0.0) <= eps:
             lam = 0.0
         else:
-            l, h = 0.0, float(a.max())
+            left, right = 0.0, float(a.max())
             for _ in range(200):
-                m = (l + h) / 2
-                l, h = (m, h) if size(m) > eps else (l, m)
-            lam = h
+                m = (left + right) / 2
+                left, right = (m, right) if size(m) > eps else (left, m)
+            lam = right
         ref = v[i].sign() * torch.minimum((a - lam).clamp(min=0), cap)
         assert torch.allclose(got[i], ref, atol=1e-9)
         # nothing feasible is nearer: random feasible points are all further from v

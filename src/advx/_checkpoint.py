@@ -200,8 +200,8 @@ def _checked(meta: dict[str, Any], weights: Path) -> tuple[dict[str, Any], Path]
     if want:
         if sha256_file(weights) != want:
             raise InputError(
-                f"checkpoint: {weights.name} does not match the sha256 in its sidecar; the file was "
-                "changed after it was saved"
+                f"checkpoint: {weights.name} does not match the sha256 in its sidecar; the file "
+                "was changed after it was saved"
             )
     return meta, weights
 

@@ -42,7 +42,7 @@ _TOL = 1e-4
 
 
 def check_images(x, bounds: tuple[float, float], *, name: str = "x") -> Tensor:
-    """A floating-point batch (N, ...) inside ``bounds``; returns it (clipped by float slack only)."""
+    """A float batch (N, ...) inside ``bounds``; returns it (clipped by float slack only)."""
     if not isinstance(x, Tensor):
         raise InputError(
             f"{name}: expected a torch.Tensor of shape (N, ...), got {type(x).__name__}"

@@ -22,5 +22,6 @@ def list_command(as_json: bool) -> None:
     for r in rows:
         click.echo(
             f"{r['name']:<14}{r['kind']:<16}{','.join(r['norms']):<14}"
-            f"{'yes' if r['minimum_norm'] else 'no':<10}{'yes' if r['targeted'] else 'no':<10}{r['summary']}"
+            f"{'yes' if r['minimum_norm'] else 'no':<10}"
+            f"{'yes' if r['targeted'] else 'no':<10}{r['summary']}"
         )

@@ -133,9 +133,9 @@ class Tracker:
             over = after > self.budget
             if bool(over.any()):
                 raise BudgetExceeded(
-                    f"{self.label or 'attack'}: the query budget of {self.budget} per sample would be "
-                    f"exceeded for {int(over.sum())} sample(s); raise the model's budget= or give the "
-                    f"attack fewer steps/queries",
+                    f"{self.label or 'attack'}: the query budget of {self.budget} per sample "
+                    f"would be exceeded for {int(over.sum())} sample(s); raise the model's "
+                    f"budget= or give the attack fewer steps/queries",
                     queries=self.queries.clone(),
                 )
         self.queries.index_add_(0, samples, ones)

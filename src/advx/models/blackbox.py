@@ -50,7 +50,8 @@ class BlackBox(Model):
     ) -> None:
         if not callable(fn):
             raise InputError(
-                f"fn: expected a callable that maps a batch of inputs to scores or labels, got {type(fn).__name__}"
+                "fn: expected a callable that maps a batch of inputs to scores or labels, "
+                f"got {type(fn).__name__}"
             )
         if kind not in ("scores", "labels"):
             raise InputError(f"kind: expected 'scores' or 'labels', got {kind!r}")
@@ -65,7 +66,8 @@ class BlackBox(Model):
         self.num_classes = num_classes
 
     def __repr__(self) -> str:
-        return f"BlackBox({getattr(self.fn, '__name__', type(self.fn).__name__)}, kind={self.access!r}, bounds={self.bounds})"
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return f"BlackBox({name}, kind={self.access!r}, bounds={self.bounds})"
 
     @classmethod
     def from_http(
@@ -99,7 +101,7 @@ class BlackBox(Model):
         providers: list[str] | None = None,
         **kwargs: Any,
     ) -> BlackBox:
-        """An ONNX model run with onnxruntime; with ``kind="labels"`` only its argmax is disclosed."""
+        """An ONNX model run by onnxruntime; with ``kind="labels"`` only its argmax is disclosed."""
         from .remote import onnx_fn
 
         return cls(
@@ -145,7 +147,8 @@ class BlackBox(Model):
         out = self._call(x)
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
             raise ModelError(
-                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]}, classes) scores"
+                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; "
+                f"expected ({x.shape[0]}, classes) scores"
             )
         if not torch.is_floating_point(out):
             out = out.to(x.dtype)
@@ -155,7 +158,8 @@ class BlackBox(Model):
             self.num_classes = out.shape[1]
         elif out.shape[1] != self.num_classes:
             raise ModelError(
-                f"the black box returned {out.shape[1]} scores per input; expected {self.num_classes}"
+                f"the black box returned {out.shape[1]} scores per input; "
+                f"expected {self.num_classes}"
             )
         return out.to(x.dtype)
 
@@ -167,7 +171,8 @@ class BlackBox(Model):
             out = out.view(-1)
         if out.dim() != 1 or out.shape[0] != x.shape[0]:
             raise ModelError(
-                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; expected ({x.shape[0]},) labels"
+                f"the black box returned shape {tuple(out.shape)} for {x.shape[0]} inputs; "
+                f"expected ({x.shape[0]},) labels"
             )
         if torch.is_floating_point(out):
             if not bool(torch.isfinite(out).all()) or not bool((out == out.round()).all()):

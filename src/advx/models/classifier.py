@@ -38,7 +38,8 @@ class Classifier(Model):
         bounds: the range of valid inputs (before normalization), usually (0, 1).
         mean, std: per-channel normalization applied inside, so that attacks work in input space.
         output: how to get logits from what ``net`` returns: ``None`` (a tensor, an object with
-            ``.logits``, or a dict with a ``"logits"`` key), a dict key, a tuple index, or a callable.
+            ``.logits``, or a dict with a ``"logits"`` key), a dict key, a tuple index, or a
+            callable.
         num_classes: the number of classes (read from the first output when not given).
         budget: a per-sample limit on forward passes within one attack call.
         batch_size: rows per pass; ``"auto"`` measures the fastest chunk size once per device,
@@ -236,8 +237,9 @@ class Classifier(Model):
                 logits = out["logits"]
             else:
                 raise InputError(
-                    f"the model returned a {type(out).__name__}, not a tensor of logits; tell the "
-                    "Classifier where they are with output= (a dict key, a tuple index or a callable)"
+                    f"the model returned a {type(out).__name__}, not a tensor of logits; tell "
+                    "the Classifier where they are with output= (a dict key, a tuple index or a "
+                    "callable)"
                 )
         elif callable(spec):
             logits = spec(out)
