@@ -298,6 +298,20 @@ def test_a_weak_cascade_is_flagged_as_not_converged(trained_mlp, data):
     assert "not-converged" in [f.code for f in r.findings]
 
 
+def test_a_cascade_without_white_box_stages_is_checked_too(trained_mlp, data):
+    # the convergence check on a model with gradients, after score-based stages only
+    x, y = data
+    r = advx.audit(
+        trained_mlp,
+        x[:20],
+        y[:20],
+        advx.Linf(0.02),
+        suite=[advx.Square(advx.Linf(0.02), queries=5)],
+        eps_curve=None,
+    )
+    assert [s.attack for s in r.cascade] == ["square"] and r.robust_accuracy > 0
+
+
 def test_bad_arguments(trained_mlp, data):
     x, y = data
     with pytest.raises(InputError, match="finite eps"):

@@ -208,10 +208,8 @@ def _after_cascade(
     findings = check_blackbox_gain(full.broken_by, stages, full.clean_correct)
     robust_rows = full.robust.nonzero().view(-1)[: max(1, subset // 4)]
     if robust_rows.numel() and model.access == "gradients":
-        steps = (
-            4 * max((a.params.get("steps", 0) or 0) for a in stages if a.access == "gradients")
-            or 400
-        )
+        white = [a.params.get("steps", 0) or 0 for a in stages if a.access == "gradients"]
+        steps = 4 * max(white, default=0) or 400  # 400 when no stage took gradients
         rd = robust_rows.to(x.device)
         findings += check_convergence(
             model, x[rd], y[rd], threat, robust_rows.to(x.device), steps=steps, seed=seed
