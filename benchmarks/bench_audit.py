@@ -85,8 +85,8 @@ def run_advx(net, x, y, eps, suite, **classifier_kw):
     return {
         "robust": r.robust_accuracy,
         "seconds": seconds,
-        "fwd": r["totals"]["queries"],
-        "bwd": r["totals"]["grads"],
+        "fwd": r.totals.queries,
+        "bwd": r.totals.grads,
         "report": r,
     }
 
@@ -202,8 +202,8 @@ def main() -> None:
     # the extras of a full audit, once: sanity checks and the eps curve
     full = advx.audit(net, x[:m], y[:m], advx.Linf(eps), suite="fast")
     results["extras"] = {
-        "totals": full["totals"]["seconds"],
-        "findings": [f["code"] for f in full.findings],
+        "totals": full.to_dict()["totals"]["seconds"],
+        "findings": [f.code for f in full.findings],
     }
     emit()
     if args.n > m:
@@ -281,13 +281,13 @@ def section(args, what: str, m: int, res: dict) -> str:
                 stages.append(
                     [
                         name,
-                        s["attack"],
-                        s["params"].get("loss", s["params"].get("targeted", "")),
-                        s["broke"],
-                        f"{s['robust_accuracy_after']:.2%}",
-                        s["queries"],
-                        s["grads"],
-                        s["seconds"],
+                        s.attack,
+                        s.params.get("loss", s.params.get("targeted", "")),
+                        s.broke,
+                        f"{s.robust_accuracy_after:.2%}",
+                        s.queries,
+                        s.grads,
+                        s.seconds,
                     ]
                 )
         e = res["extras"]["totals"]

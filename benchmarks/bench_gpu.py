@@ -186,9 +186,9 @@ def main() -> None:
             stages.append(
                 f"- {label}: "
                 + "; ".join(
-                    f"{c['attack']} {c['params'].get('loss', '')} broke {c['broke']}"
-                    f" in {c['seconds']:.1f} s"
-                    + (f" (on {c['gate']['attacked']})" if c.get("gate") else "")
+                    f"{c.attack} {c.params.get('loss', '')} broke {c.broke}"
+                    f" in {c.seconds:.1f} s"
+                    + (f" (on {c.gate.attacked})" if c.gate else "")
                     for c in rep.cascade
                 )
             )
@@ -197,8 +197,8 @@ def main() -> None:
                     "label": label,
                     "robust": rep.robust_accuracy,
                     "seconds": secs,
-                    "fwd": rep["totals"]["queries"],
-                    "bwd": rep["totals"]["grads"],
+                    "fwd": rep.totals.queries,
+                    "bwd": rep.totals.grads,
                 }
             )
             save()

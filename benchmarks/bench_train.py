@@ -69,8 +69,8 @@ def audit(net, suite: str, n: int, seed: int, eps_curve) -> dict:
         "clean": report.clean_accuracy,
         "robust": report.robust_accuracy,
         "reliable": report.reliable,
-        "findings": [f["code"] for f in report.findings],
-        "cascade": [(c["attack"], c["broke"]) for c in report.cascade],
+        "findings": [f.code for f in report.findings],
+        "cascade": [(c.attack, c.broke) for c in report.cascade],
         "seconds": round(time.perf_counter() - t0, 1),
         "report": report,
     }
@@ -350,7 +350,7 @@ def distillation(args) -> None:
         f"{rep.robust_accuracy:.1%}, reliable {rep.reliable}"
     )
     for f in rep.findings:
-        print(f"- {f['severity']} {f['code']}: {f['message']}")
+        print(f"- {f.severity} {f.code}: {f.message}")
     print(f"(training the three models: {train_s:.0f}s)")
 
 

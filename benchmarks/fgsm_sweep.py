@@ -79,7 +79,7 @@ def main() -> None:
                     ],
                     "clean": rep.clean_accuracy,
                     "robust": rep.robust_accuracy,
-                    "cascade": [(c["attack"], c["broke"]) for c in rep.cascade],
+                    "cascade": [(c.attack, c.broke) for c in rep.cascade],
                 }
             ),
             flush=True,

@@ -50,6 +50,27 @@ class _CountBackward(torch.autograd.Function):
         return grad, None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reports_match_their_schema():
+    """Every audit report a test serializes (to_dict, hence save, to_json and the CLI's output)
+    is validated against the published JSON Schema."""
+    import jsonschema
+
+    from advx.audit.report import Report, json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    to_dict = Report.to_dict
+
+    def validated(self: Report) -> dict:
+        doc = to_dict(self)
+        validator.validate(doc)
+        return doc
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Report, "to_dict", validated)
+        yield
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
 

@@ -42,24 +42,22 @@ def report(trained_mlp, data):
 
 def test_cascade_numbers_add_up(report, trained_mlp, data):
     x, y = data
-    d = report.to_dict()
-    s = d["samples"]
-    clean = torch.tensor(s["clean_correct"])
-    robust = torch.tensor(s["robust"])
-    broken = torch.tensor(s["broken_by"])
+    s = report.samples
+    clean = torch.tensor(s.clean_correct)
+    robust = torch.tensor(s.robust)
+    broken = torch.tensor(s.broken_by)
     with torch.no_grad():
         assert torch.equal(clean, trained_mlp(x).argmax(1) == y)
     assert report.clean_accuracy == pytest.approx(float(clean.float().mean()))
     assert report.robust_accuracy == pytest.approx(float(robust.float().mean()))
     assert torch.equal(robust, clean & (broken < 0))
     assert not bool((broken[~clean] >= 0).any())  # misclassified points are never attacked
-    after = [row["robust_accuracy_after"] for row in d["cascade"]]
+    after = [stage.robust_accuracy_after for stage in report.cascade]
     assert after == sorted(after, reverse=True) and after[-1] == report.robust_accuracy
-    assert sum(row["broke"] for row in d["cascade"]) == int((broken >= 0).sum())
-    assert d["totals"]["queries"] == sum(s["queries"]) and d["totals"]["grads"] == sum(s["grads"])
+    assert sum(stage.broke for stage in report.cascade) == int((broken >= 0).sum())
+    assert report.totals.queries == sum(s.queries) and report.totals.grads == sum(s.grads)
     assert 0 < report.robust_accuracy < report.clean_accuracy  # the MLP breaks at 0.1, partly
-    per_class_n = sum(c["n"] for c in d["per_class"])
-    assert per_class_n == len(y)
+    assert sum(c.n for c in report.per_class) == len(y)
 
 
 def test_report_is_versioned_json_with_provenance(report, tmp_path):
@@ -80,9 +78,8 @@ def test_the_cascade_only_attacks_what_is_still_robust(trained_mlp, data):
     r = advx.audit(
         trained_mlp, x, y, advx.Linf(EPS), suite=small_suite(), eps_curve=None, checks=False
     )
-    s = r["samples"]
-    broken = torch.tensor(s["broken_by"])
-    grads = torch.tensor(s["grads"])
+    broken = torch.tensor(r.samples.broken_by)
+    grads = torch.tensor(r.samples.grads)
     # a point FGSM broke never paid for PGD's gradient steps
     assert int(grads[broken == 0].max()) == 1
     assert int(grads[broken == 1].min()) >= 2
@@ -111,7 +108,7 @@ def test_per_sample_results_do_not_depend_on_the_batch_size(trained_mlp, data):
         batch_size=7,
     )
     for key in ("broken_by", "robust", "queries", "grads"):
-        assert a["samples"][key] == b["samples"][key]
+        assert getattr(a.samples, key) == getattr(b.samples, key)
 
 
 class _Interrupting:
@@ -152,7 +149,7 @@ def test_a_killed_audit_resumes_to_the_same_result(
     saved = torch.load(state, weights_only=True)["state"]
     assert int(saved["stage_done"].sum()) > 0 or kill_at == 1  # units before the kill are kept
     resumed = advx.audit(trained_mlp, x, y, advx.Linf(EPS), state=state, **kw)
-    assert resumed["samples"] == whole["samples"]
+    assert resumed.samples == whole.samples
     assert resumed.robust_accuracy == whole.robust_accuracy
 
 
@@ -252,7 +249,7 @@ def test_a_randomized_model_is_flagged(trained_mlp, data):
     r = advx.audit(
         Noisy(trained_mlp), x[:40], y[:40], advx.Linf(EPS), suite=small_suite(), eps_curve=None
     )
-    assert "randomized-model" in [f["code"] for f in r.findings] and not r.reliable
+    assert "randomized-model" in [f.code for f in r.findings] and not r.reliable
 
 
 def test_masked_gradients_are_flagged(trained_mlp, data):
@@ -265,7 +262,7 @@ def test_masked_gradients_are_flagged(trained_mlp, data):
         suite=[advx.PGD(advx.Linf(0.3), steps=10)],
         eps_curve=[0.1, 0.3],
     )
-    codes = {f["code"] for f in r.findings}
+    codes = {f.code for f in r.findings}
     assert "masked-gradients" in codes and "large-eps-not-zero" in codes
     assert not r.reliable
 
@@ -275,7 +272,7 @@ def test_probabilities_are_flagged(trained_mlp, data):
     net = nn.Sequential(trained_mlp, nn.Softmax(dim=1))
     with pytest.warns(UserWarning):
         r = advx.audit(net, x[:30], y[:30], advx.Linf(EPS), suite=small_suite(), eps_curve=None)
-    assert "probability-outputs" in [f["code"] for f in r.findings]
+    assert "probability-outputs" in [f.code for f in r.findings]
 
 
 def test_curve_checks():
@@ -298,7 +295,21 @@ def test_a_weak_cascade_is_flagged_as_not_converged(trained_mlp, data):
         suite=[advx.PGD(advx.Linf(EPS), steps=1, random_start=False)],
         eps_curve=None,
     )
-    assert "not-converged" in [f["code"] for f in r.findings]
+    assert "not-converged" in [f.code for f in r.findings]
+
+
+def test_a_cascade_without_white_box_stages_is_checked_too(trained_mlp, data):
+    # the convergence check on a model with gradients, after score-based stages only
+    x, y = data
+    r = advx.audit(
+        trained_mlp,
+        x[:20],
+        y[:20],
+        advx.Linf(0.02),
+        suite=[advx.Square(advx.Linf(0.02), queries=5)],
+        eps_curve=None,
+    )
+    assert [s.attack for s in r.cascade] == ["square"] and r.robust_accuracy > 0
 
 
 def test_bad_arguments(trained_mlp, data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import subprocess
 import pytest
 
 import advx
+from advx.audit.html import render_comparison
+from advx.audit.report import EpsCurve
 
 pytest.importorskip("jinja2")
 pytest.importorskip("matplotlib")
@@ -40,6 +43,24 @@ def test_the_page_is_self_contained_and_says_what_the_json_says(page):
     assert not re.search(r"""(src|href)=["']https?://""", html)  # nothing fetched from the network
     for section in ("cascade", "per-class", "eps-curve", "provenance"):
         assert f'id="{section}"' in html
+
+
+def test_a_curve_without_a_large_eps_point_renders(page):
+    # a minimum-norm curve has no large-eps point: the page leaves that column out
+    r, _ = page
+    curve = EpsCurve(
+        eps=[0.0, 0.1], robust_accuracy=[0.9, 0.2], n=80, attack="fab", source="minimum-norm"
+    )
+    html = dataclasses.replace(r, eps_curve=curve).to_html()
+    assert "(any input)" not in html and "fab on the first 80 samples (minimum-norm)" in html
+    assert "(any input)" in r.to_html()
+
+
+def test_the_comparison_page_holds_each_report(page):
+    r, _ = page
+    html = render_comparison([("first", r), ("second", r)], title="two")
+    assert html.count('id="cascade"') == 2 and "first" in html and "second" in html
+    assert html.count(f"{100 * r.robust_accuracy:.2f}%") >= 4  # table row and card, twice
 
 
 def _browser() -> str | None:

@@ -8,16 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from click.testing import CliRunner
 
+from advx.audit.report import json_schema
 from advx.cli import cli
 
 FACTORY = """
 import torch
 def make():
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
 """
 # the pgd stage is gated: under torchrun the shards must agree on its margin threshold
 SUITE = '[[attacks]]\nname = "fgsm"\n[[attacks]]\nname = "pgd"\nsteps = 8\nclosest = 0.5\n'
@@ -75,6 +79,14 @@ def test_report_to_stdout_and_html(model_files, tmp_path):
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
 
 
+def test_schema_report_prints_the_published_schema(model_files, tmp_path):
+    code, out, _ = run(["schema", "report"])
+    assert code == 0 and json.loads(out) == json_schema()
+    assert run(["schema", "nope"])[0] == 2
+    run(args(model_files, "--out", str(tmp_path / "r.json")))
+    jsonschema.validate(json.loads((tmp_path / "r.json").read_text()), json.loads(out))
+
+
 def test_bad_suite_and_unwritable_output_fail_before_any_work(model_files, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[attacks]]\nname = "pgd"\nsteps = 0\n')
@@ -121,6 +133,7 @@ def test_torchrun_with_two_processes_writes_the_same_report(model_files, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
+    jsonschema.validate(b, json_schema())  # written in another process: validated here
     assert b["provenance"]["processes"] == 2
     for key in ("clean_accuracy", "robust_accuracy", "samples", "per_class", "findings"):
         assert a[key] == b[key], key

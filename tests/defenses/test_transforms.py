@@ -171,11 +171,11 @@ def test_the_audit_flags_bit_depth_without_bpda(clf, mnist_test):
     masked = advx.audit(
         BitDepth(clf, 1, bpda=False), x, y, advx.Linf(0.3), suite=suite, eps_curve=[0.3]
     )
-    codes = {f["code"] for f in masked.findings}
+    codes = {f.code for f in masked.findings}
     assert codes & {"masked-gradients", "large-eps-not-zero"}, codes
     assert not masked.to_dict()["reliable"]
     fair = advx.audit(BitDepth(clf, 1), x, y, advx.Linf(0.3), suite=suite, eps_curve=None)
-    assert "masked-gradients" not in {f["code"] for f in fair.findings}
+    assert "masked-gradients" not in {f.code for f in fair.findings}
     assert fair.robust_accuracy < masked.robust_accuracy
 
 

@@ -57,10 +57,11 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
             Finding(
                 "randomized-model",
                 "error",
-                f"two passes over the same {x.shape[0]} inputs disagree (largest logit gap {gap:.3g}, "
-                f"{flips} predictions changed): the model is randomized",
-                "attack the expected output instead (EOT: average gradients over many passes) and "
-                "report accuracy over repeated passes; a randomized model defeats one-pass attacks by chance",
+                f"two passes over the same {x.shape[0]} inputs disagree (largest logit gap "
+                f"{gap:.3g}, {flips} predictions changed): the model is randomized",
+                "attack the expected output instead (EOT: average gradients over many passes) "
+                "and report accuracy over repeated passes; a randomized model defeats one-pass "
+                "attacks by chance",
                 {"max_logit_gap": gap, "prediction_flips": flips},
             )
         )
@@ -71,8 +72,8 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
                 "probability-outputs",
                 "warning",
                 "the model returns probabilities (rows are >= 0 and sum to 1), not logits",
-                "return logits (or pass output= to the Classifier): softmax saturates and hides the "
-                "gradients that attacks follow, which overstates robustness",
+                "return logits (or pass output= to the Classifier): softmax saturates and hides "
+                "the gradients that attacks follow, which overstates robustness",
             )
         )
     if model.access == "gradients":
@@ -88,8 +89,8 @@ def check_model(model, x: Tensor, y: Tensor) -> list[Finding]:
                     "error" if share > 0.1 else "warning",
                     f"{share:.0%} of the inputs have an all-zero or non-finite loss gradient",
                     "gradient-based attacks cannot move these points: suspect gradient masking "
-                    "(non-differentiable preprocessing, saturated softmax, quantization); attack through "
-                    "such parts with BPDA and check the black-box stages",
+                    "(non-differentiable preprocessing, saturated softmax, quantization); attack "
+                    "through such parts with BPDA and check the black-box stages",
                     {"share": share},
                 )
             )
@@ -107,7 +108,7 @@ def check_blackbox_gain(
     broken_by: Tensor, stages: list[attacks.Attack], clean_correct: Tensor
 ) -> list[Finding]:
     """A score- or label-based stage that breaks points every white-box stage missed."""
-    out = []
+    out: list[Finding] = []
     white = [k for k, a in enumerate(stages) if a.access == "gradients"]
     if not white:
         return out
@@ -122,10 +123,11 @@ def check_blackbox_gain(
                 Finding(
                     "blackbox-beats-whitebox",
                     "error" if gained > 2 and share > _BLACKBOX_GAIN_ERROR else "warning",
-                    f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks could not "
-                    f"({share:.1%} of the {reached} points left to it)",
-                    "a gradient-free attack should not beat gradient-based ones: suspect gradient masking; "
-                    "treat the white-box numbers with suspicion and check the gradients (BPDA, EOT)",
+                    f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks "
+                    f"could not ({share:.1%} of the {reached} points left to it)",
+                    "a gradient-free attack should not beat gradient-based ones: suspect "
+                    "gradient masking; treat the white-box numbers with suspicion and check the "
+                    "gradients (BPDA, EOT)",
                     {"attack": a.name, "points": gained, "share": round(share, 4)},
                 )
             )
@@ -157,9 +159,10 @@ def check_curve(
             Finding(
                 "accuracy-rises-with-eps",
                 "error",
-                f"robust accuracy rises from eps {a:g} to {b:g}: a larger budget contains the smaller one",
-                "the attack is not finding what it should (too few steps, a bad step size, randomness, "
-                "or masked gradients); add restarts and steps until the curve falls",
+                f"robust accuracy rises from eps {a:g} to {b:g}: a larger budget contains the "
+                "smaller one",
+                "the attack is not finding what it should (too few steps, a bad step size, "
+                "randomness, or masked gradients); add restarts and steps until the curve falls",
                 {"pairs": rises},
             )
         )
@@ -168,10 +171,10 @@ def check_curve(
             Finding(
                 "large-eps-not-zero",
                 "error",
-                f"at eps {large:g}, where any input can be turned into any other, {acc_large:.0%} of the "
-                "points still resist the attack",
-                "no classifier can resist an unlimited perturbation: the gradients are masked or the "
-                "model is broken; do not trust the robust accuracy",
+                f"at eps {large:g}, where any input can be turned into any other, {acc_large:.0%} "
+                "of the points still resist the attack",
+                "no classifier can resist an unlimited perturbation: the gradients are masked or "
+                "the model is broken; do not trust the robust accuracy",
                 {"eps": large, "robust_accuracy": acc_large},
             )
         )
@@ -193,9 +196,10 @@ def check_convergence(
             Finding(
                 "not-converged",
                 "warning",
-                f"{name} with {steps} steps broke {share:.1%} of {x.shape[0]} points the cascade left robust",
-                "more steps still help a lot: raise steps and restarts (or use the standard suite) "
-                "before trusting the number",
+                f"{name} with {steps} steps broke {share:.1%} of {x.shape[0]} points the cascade "
+                "left robust",
+                "more steps still help a lot: raise steps and restarts (or use the standard "
+                "suite) before trusting the number",
                 {
                     "attack": name,
                     "steps": steps,

@@ -1,4 +1,4 @@
-"""Render an audit report (the JSON document) as one self-contained HTML page.
+"""Render an audit report as one self-contained HTML page.
 
 Plots are PNGs made with matplotlib and embedded as data URIs; the page loads nothing from the
 network. Needs ``pip install 'advx[report]'`` (jinja2 and matplotlib).
@@ -7,11 +7,11 @@ network. Needs ``pip install 'advx[report]'`` (jinja2 and matplotlib).
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 import torch
 
 from ..errors import InputError
+from .report import Report
 
 __all__ = ["render_html", "render_comparison"]
 
@@ -34,7 +34,7 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _plots(d: dict[str, Any]) -> dict[str, str]:
+def _plots(r: Report) -> dict[str, str | None]:
     from .. import viz
 
     plots: dict[str, str | None] = {
@@ -43,63 +43,59 @@ def _plots(d: dict[str, Any]) -> dict[str, str]:
         "per_class": None,
         "examples": None,
     }
-    eps = d["threat"]["eps"]
-    curve = d.get("eps_curve")
+    curve = r.eps_curve
     if curve:
-        series = {curve.get("attack", "attack"): (curve["eps"], curve["robust_accuracy"])}
         png = viz.line_plot(
-            series,
-            xlabel=f"{d['threat']['norm']} eps",
+            {curve.attack: (curve.eps, curve.robust_accuracy)},
+            xlabel=f"{r.threat.norm} eps",
             ylabel="robust accuracy",
-            title=f"Robust accuracy against eps (first {curve['n']} samples)",
-            marker=(eps, d["robust_accuracy"], f"{d['suite']['name']} suite"),
+            title=f"Robust accuracy against eps (first {curve.n} samples)",
+            marker=(r.threat.eps, r.robust_accuracy, f"{r.suite.name} suite"),
         )
         plots["curve"] = _uri(png)
-    labels = ["clean"] + [f"{r['stage'] + 1}. {r['attack']}" for r in d["cascade"]]
-    values = [d["clean_accuracy"]] + [r["robust_accuracy_after"] for r in d["cascade"]]
+    labels = ["clean"] + [f"{s.stage + 1}. {s.attack}" for s in r.cascade]
+    values = [r.clean_accuracy] + [s.robust_accuracy_after for s in r.cascade]
     plots["cascade"] = _uri(
         viz.bar_plot(
             labels, {"accuracy": values}, ylabel="accuracy", title="Accuracy through the cascade"
         )
     )
-    if d["per_class"]:
-        cls = [str(r["class"]) for r in d["per_class"]]
+    if r.per_class:
         plots["per_class"] = _uri(
             viz.bar_plot(
-                cls,
+                [str(c.label) for c in r.per_class],
                 {
-                    "clean": [r["clean_accuracy"] for r in d["per_class"]],
-                    "robust": [r["robust_accuracy"] for r in d["per_class"]],
+                    "clean": [c.clean_accuracy for c in r.per_class],
+                    "robust": [c.robust_accuracy for c in r.per_class],
                 },
                 ylabel="accuracy",
                 title="Per class",
             )
         )
-    if d["examples"]:
-        ex = d["examples"]
-        x = torch.tensor([e["clean"] for e in ex], dtype=torch.float32) / 255
-        xa = torch.tensor([e["adversarial"] for e in ex], dtype=torch.float32) / 255
+    if r.examples:
+        ex = r.examples
+        x = torch.tensor([e.clean for e in ex], dtype=torch.float32) / 255
+        xa = torch.tensor([e.adversarial for e in ex], dtype=torch.float32) / 255
         captions = [
-            f"{e['label']} -> {e['adversarial_label']} ({e['attack']}, {e['distance']:.3g})"
-            for e in ex
+            f"{e.label} -> {e.adversarial_label} ({e.attack}, {e.distance:.3g})" for e in ex
         ]
         plots["examples"] = _uri(
             viz.example_grid(
-                x, [("adversarial", xa, captions)], row_labels=[f"#{e['index']}" for e in ex]
+                x, [("adversarial", xa, captions)], row_labels=[f"#{e.index}" for e in ex]
             )
         )
     return plots
 
 
-def render_html(d: dict[str, Any]) -> str:
+def render_html(report: Report) -> str:
     """The report page: summary, findings, plots, cascade, per class, provenance."""
-    return _env().get_template("report.html.j2").render(r=d, plots=_plots(d))
+    return _env().get_template("report.html.j2").render(r=report, plots=_plots(report))
 
 
 def render_comparison(
-    reports: list[tuple[str, dict[str, Any]]], title: str = "advx: audits compared"
+    reports: list[tuple[str, Report]], title: str = "advx: audits compared"
 ) -> str:
     """One page comparing several audits (e.g. a standard, an adversarially trained and a
     distilled model), with each one's plots."""
-    entries = [{"name": name, "r": d, "plots": _plots(d)} for name, d in reports]
+    entries = [{"name": name, "r": r, "plots": _plots(r)} for name, r in reports]
     return _env().get_template("compare.html.j2").render(entries=entries, title=title)

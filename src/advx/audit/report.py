@@ -1,71 +1,227 @@
-"""The audit report: one versioned JSON document, and the HTML page rendered from it."""
+"""The audit report as typed data: one versioned JSON document, its JSON Schema, its HTML page.
+
+``Report`` and the dataclasses it is made of mirror the JSON document field for field
+(``report.schema.json`` in this package describes it; ``advx schema report`` prints it).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_open
+from ..errors import InputError
+from ._codec import decode, encode
+from .checks import Finding
 
-__all__ = ["Report", "SCHEMA"]
+__all__ = [
+    "SCHEMA",
+    "Report",
+    "ModelInfo",
+    "DataInfo",
+    "ThreatInfo",
+    "SuiteInfo",
+    "Gate",
+    "Stage",
+    "ClassRow",
+    "EpsCurve",
+    "Samples",
+    "Seconds",
+    "Totals",
+    "Example",
+    "Provenance",
+    "json_schema",
+]
 
 SCHEMA = "advx-report/1"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    name: str  # repr of the audited model
+    sha256: str  # Model.fingerprint(): weights and input space
+    weights: str | None = None  # the weights file, when the caller names it
+    weights_sha256: str | None = None
+    name_given: str | None = None  # how the caller named the model (e.g. the CLI's --model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataInfo:
+    name: str | None
+    n: int
+    sha256: str  # of the inputs and labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThreatInfo:
+    norm: str
+    eps: float
+    bounds: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteInfo:
+    name: str
+    attacks: list[dict[str, Any]]  # each {"name": ..., **parameters as given}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gate:
+    """A stage that ran only on the samples still robust closest to the decision boundary."""
+
+    closest: float  # the share of those samples it ran on
+    margin_at_most: float  # their logit margin was at most this
+    attacked: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    stage: int
+    attack: str
+    params: dict[str, Any]  # every parameter, defaults included
+    broke: int
+    robust_accuracy_after: float
+    queries: int  # forward passes, all samples together
+    grads: int  # backward passes
+    seconds: float
+    gate: Gate | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassRow:
+    label: int = field(metadata={"json": "class"})
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpsCurve:
+    eps: list[float]
+    robust_accuracy: list[float]
+    n: int  # on the first n samples
+    attack: str
+    source: str  # "runs" (one attack per eps) or "minimum-norm" (one run's distances)
+    large_eps: float | None = None  # an eps that allows any input, where accuracy must be ~0
+    robust_accuracy_large_eps: float | None = None
+    check: bool = True  # whether the curve-shape sanity checks apply to it
+
+
+@dataclass(frozen=True, kw_only=True)
+class Samples:
+    """Per sample, in the order of the audited batch."""
+
+    label: list[int]
+    clean_pred: list[int]
+    clean_correct: list[bool]
+    robust: list[bool]
+    broken_by: list[int]  # the stage that broke it, -1 for none
+    distance: list[float | None]  # of its adversarial example, None when not broken
+    queries: list[int]
+    grads: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seconds:
+    cascade: float
+    checks: float
+    eps_curve: float
+    total: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Totals:
+    queries: int
+    grads: int
+    queries_per_robust_point: float
+    grads_per_robust_point: float
+    seconds: Seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Example:
+    """A broken sample, its images as 8-bit nested lists (C, H, W) for the report's grid."""
+
+    index: int
+    label: int
+    adversarial_label: int
+    attack: str
+    distance: float
+    clean: list[Any]
+    adversarial: list[Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    advx: str
+    torch: str
+    python: str
+    platform: str
+    threads: int
+    device: str | None = None
+    seed: int | None = None
+    processes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"rest": True})  # the caller's
+
+    def rows(self) -> list[tuple[str, Any]]:
+        """(key, value) in the document's order, the caller's keys included."""
+        return list(encode(self).items())
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report:
     """An audit's outcome. ``to_dict()`` is the JSON document (schema ``advx-report/1``)."""
 
-    def __init__(self, data: dict[str, Any]) -> None:
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"not an {SCHEMA} document (schema={data.get('schema')!r})")
-        self._data = data
-
-    # ---- the numbers people ask for ------------------------------------------------------
-    @property
-    def clean_accuracy(self) -> float:
-        return self._data["clean_accuracy"]
-
-    @property
-    def robust_accuracy(self) -> float:
-        return self._data["robust_accuracy"]
-
-    @property
-    def findings(self) -> list[dict[str, Any]]:
-        return self._data["findings"]
-
-    @property
-    def reliable(self) -> bool:
-        """False when a sanity check found a reason not to trust the robust accuracy."""
-        return not any(f["severity"] == "error" for f in self.findings)
-
-    @property
-    def cascade(self) -> list[dict[str, Any]]:
-        return self._data["cascade"]
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+    schema: str = SCHEMA
+    created: str
+    model: ModelInfo
+    data: DataInfo
+    threat: ThreatInfo
+    suite: SuiteInfo
+    clean_accuracy: float
+    robust_accuracy: float
+    reliable: bool  # False when a sanity check found a reason not to trust robust_accuracy
+    cascade: list[Stage]
+    per_class: list[ClassRow]
+    eps_curve: EpsCurve | None
+    samples: Samples
+    totals: Totals
+    findings: list[Finding]
+    examples: list[Example]
+    provenance: Provenance
 
     def __repr__(self) -> str:
-        d = self._data
         flags = (
             ""
             if self.reliable
             else ", UNRELIABLE: "
-            + ", ".join(f["code"] for f in self.findings if f["severity"] == "error")
+            + ", ".join(f.code for f in self.findings if f.severity == "error")
         )
         return (
-            f"Report({d['threat']['norm']} eps={d['threat']['eps']}, suite={d['suite']['name']}, n={d['data']['n']}: "
-            f"clean {self.clean_accuracy:.2%}, robust {self.robust_accuracy:.2%}{flags})"
+            f"Report({self.threat.norm} eps={self.threat.eps}, suite={self.suite.name}, "
+            f"n={self.data.n}: clean {self.clean_accuracy:.2%}, "
+            f"robust {self.robust_accuracy:.2%}{flags})"
         )
 
     # ---- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self._data))  # a deep copy of plain JSON types
+        """The JSON document, as fresh plain JSON types."""
+        return encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "report") -> Report:
+        """The report a JSON document describes; an error names what does not fit."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{where}: not an {SCHEMA} document (schema: {found!r})")
+        return decode(cls, data, where)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self._data, indent=indent)
+        return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -76,12 +232,17 @@ class Report:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
-        return cls(json.loads(Path(path).read_text()))
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"report: cannot read {path} as JSON ({e})") from None
+        return cls.from_dict(data, where=str(path))
 
     def to_html(self) -> str:
         from .html import render_html
 
-        return render_html(self._data)
+        return render_html(self)
 
     def save_html(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -92,22 +253,24 @@ class Report:
 
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal."""
-        d = self._data
+        t = self.threat
         lines = [
-            f"clean accuracy  {self.clean_accuracy:.2%}   robust accuracy  {self.robust_accuracy:.2%}   "
-            f"({d['data']['n']} samples, {d['threat']['norm']} eps {d['threat']['eps']}, suite {d['suite']['name']})"
+            f"clean accuracy  {self.clean_accuracy:.2%}   "
+            f"robust accuracy  {self.robust_accuracy:.2%}   "
+            f"({self.data.n} samples, {t.norm} eps {t.eps}, suite {self.suite.name})"
         ]
-        for row in d["cascade"]:
+        for s in self.cascade:
+            gate = f"; on the {s.gate.attacked} closest to the boundary" if s.gate else ""
             lines.append(
-                f"  after {row['attack']:<28} {row['robust_accuracy_after']:.2%}   "
-                f"(broke {row['broke']}, {row['queries']:,} fwd / {row['grads']:,} bwd, {row['seconds']:.1f}s"
-                + (
-                    f"; on the {row['gate']['attacked']} closest to the boundary"
-                    if row.get("gate")
-                    else ""
-                )
-                + ")"
+                f"  after {s.attack:<28} {s.robust_accuracy_after:.2%}   "
+                f"(broke {s.broke}, {s.queries:,} fwd / {s.grads:,} bwd, {s.seconds:.1f}s{gate})"
             )
         for f in self.findings:
-            lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
+            lines.append(f"  [{f.severity}] {f.code}: {f.message}")
         return lines
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the report document (``report.schema.json``, shipped with advx)."""
+    text = resources.files("advx.audit").joinpath("report.schema.json").read_text()
+    return json.loads(text)

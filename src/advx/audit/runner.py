@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,79 +39,66 @@ class CascadeState:
 
     n: int
     stages: int
-    clean_done: bool = False
-    clean_correct: Tensor | None = None  # bool (N,)
-    clean_pred: Tensor | None = None  # long (N,)
-    broken_by: Tensor = field(default=None)  # long (N,), -1: not broken
-    stage_done: Tensor = field(default=None)  # bool (K, N)
-    distance: Tensor = field(default=None)  # float (N,), nan where not broken
-    queries: Tensor = field(default=None)  # long (K + 1, N); row 0 is the clean pass
-    grads: Tensor = field(default=None)  # long (K + 1, N)
-    seconds: Tensor = field(default=None)  # float (K + 1,)
-    x_adv: Tensor | None = None  # (N, ...) adversarial examples of the broken samples, else x
+    clean_done: bool
+    clean_correct: Tensor  # bool (N,), valid once clean_done
+    clean_pred: Tensor  # long (N,), valid once clean_done
+    broken_by: Tensor  # long (N,), -1: not broken
+    stage_done: Tensor  # bool (K, N)
+    distance: Tensor  # float64 (N,), nan where not broken
+    queries: Tensor  # long (K + 1, N); row 0 is the clean pass
+    grads: Tensor  # long (K + 1, N)
+    seconds: Tensor  # float64 (K + 1,)
+    x_adv: Tensor  # (N, ...) adversarial examples of the broken samples, else x; (0,) before
     # logit margin (true class minus the best other) at the best point each stage found on each
     # sample it did not break; +inf where not measured. Only measured for gated suites.
-    margin: Tensor = field(default=None)  # float64 (K, N)
-    gate: Tensor = field(
-        default=None
-    )  # float64 (K,): each gated stage's margin threshold, nan if none
+    margin: Tensor  # float64 (K, N)
+    gate: Tensor  # float64 (K,): each gated stage's margin threshold, nan if none
 
-    def __post_init__(self) -> None:
-        n, k = self.n, self.stages
-        if self.margin is None:
-            self.margin = torch.full((k, n), float("inf"), dtype=torch.float64)
-            self.gate = torch.full((k,), float("nan"), dtype=torch.float64)
-        if self.broken_by is None:
-            self.broken_by = torch.full((n,), -1, dtype=torch.long)
-            self.stage_done = torch.zeros(k, n, dtype=torch.bool)
-            self.distance = torch.full((n,), float("nan"), dtype=torch.float64)
-            self.queries = torch.zeros(k + 1, n, dtype=torch.long)
-            self.grads = torch.zeros(k + 1, n, dtype=torch.long)
-            self.seconds = torch.zeros(k + 1, dtype=torch.float64)
+    @classmethod
+    def empty(cls, n: int, stages: int) -> CascadeState:
+        """The state before any pass: nothing classified, nothing broken."""
+        k = stages
+        return cls(
+            n=n,
+            stages=k,
+            clean_done=False,
+            clean_correct=torch.zeros(n, dtype=torch.bool),
+            clean_pred=torch.zeros(n, dtype=torch.long),
+            broken_by=torch.full((n,), -1, dtype=torch.long),
+            stage_done=torch.zeros(k, n, dtype=torch.bool),
+            distance=torch.full((n,), float("nan"), dtype=torch.float64),
+            queries=torch.zeros(k + 1, n, dtype=torch.long),
+            grads=torch.zeros(k + 1, n, dtype=torch.long),
+            seconds=torch.zeros(k + 1, dtype=torch.float64),
+            x_adv=torch.zeros(0),
+            margin=torch.full((k, n), float("inf"), dtype=torch.float64),
+            gate=torch.full((k,), float("nan"), dtype=torch.float64),
+        )
 
     @property
     def robust(self) -> Tensor:
         return self.clean_correct & (self.broken_by < 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            k: getattr(self, k)
-            for k in (
-                "n",
-                "stages",
-                "clean_done",
-                "clean_correct",
-                "clean_pred",
-                "broken_by",
-                "stage_done",
-                "distance",
-                "queries",
-                "grads",
-                "seconds",
-                "x_adv",
-                "margin",
-                "gate",
-            )
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CascadeState:
-        return cls(**d)
+        return replace(cls.empty(d["n"], d["stages"]), **d)
 
-    def select(self, rows: Tensor) -> CascadeState:
-        """The state of some samples (for merging shards)."""
-        out = CascadeState(n=rows.numel(), stages=self.stages, clean_done=self.clean_done)
-        out.clean_correct, out.clean_pred = self.clean_correct[rows], self.clean_pred[rows]
-        out.broken_by, out.stage_done = self.broken_by[rows], self.stage_done[:, rows]
-        out.distance, out.queries, out.grads = (
-            self.distance[rows],
-            self.queries[:, rows],
-            self.grads[:, rows],
-        )
-        out.seconds = self.seconds.clone()
-        out.x_adv = None if self.x_adv is None else self.x_adv[rows]
-        out.margin, out.gate = self.margin[:, rows], self.gate.clone()
-        return out
+
+# The per-sample fields of a CascadeState, and the axis that indexes the samples in each.
+_SAMPLE_AXIS = {
+    "clean_correct": 0,
+    "clean_pred": 0,
+    "broken_by": 0,
+    "stage_done": 1,
+    "distance": 0,
+    "queries": 1,
+    "grads": 1,
+    "x_adv": 0,
+    "margin": 1,
+}
 
 
 # ---- state file ----------------------------------------------------------------------------
@@ -124,11 +111,13 @@ def _load_state(
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(
-            f"resume: cannot read the state file {path} ({type(e).__name__}); delete it to start afresh"
+            f"resume: cannot read the state file {path} ({type(e).__name__}); delete it to start "
+            "afresh"
         ) from None
     if not isinstance(blob, dict) or blob.get("version") != _STATE_VERSION:
         raise InputError(
-            f"resume: {path} is not an advx audit state file (or from another version); delete it to start afresh"
+            f"resume: {path} is not an advx audit state file (or from another version); delete it "
+            "to start afresh"
         )
     old = blob["fingerprint"]
     differ = [k for k in fingerprint if old.get(k) != fingerprint[k]]
@@ -140,8 +129,8 @@ def _load_state(
             f"{k}: {_short(old.get(k))} in the file, {_short(fingerprint[k])} now" for k in differ
         )
         raise InputError(
-            f"resume: {path} was written for a different {', '.join(differ)} ({what}); "
-            "pass another --resume path or delete the file to start afresh"
+            f"resume: {path} was written for a different {', '.join(differ)} ({what}); pass "
+            "another --resume path or delete the file to start afresh"
         )
     return CascadeState.from_dict(blob["state"])
 
@@ -192,10 +181,11 @@ def run_cascade(
     if state is not None:
         log.info("resuming from %s", path)
     else:
-        state = CascadeState(n=n, stages=len(attacks))
+        state = CascadeState.empty(n, len(attacks))
     if state.n != n or state.stages != len(attacks):
         raise InputError(
-            f"resume: the state file holds {state.n} samples and {state.stages} stages, this run has {n} and {len(attacks)}"
+            f"resume: the state file holds {state.n} samples and {state.stages} stages, this run "
+            f"has {n} and {len(attacks)}"
         )
 
     def save() -> None:
@@ -242,7 +232,8 @@ def run_cascade(
     has_scores = ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]
     if any(c is not None for c in closest) and not has_scores:
         log.warning(
-            "the suite gates stages by logit margin, but the model gives labels only: every stage runs on all samples"
+            "the suite gates stages by logit margin, but the model gives labels only: every stage "
+            "runs on all samples"
         )
         closest = [None] * len(attacks)
 
@@ -252,13 +243,14 @@ def run_cascade(
         for k, attack in enumerate(attacks):
             track = any(c is not None for c in closest[k + 1 :])  # a later stage needs the margins
             todo = state.clean_correct & (state.broken_by < 0) & ~state.stage_done[k]
-            if closest[k] is not None:
+            share = closest[k]
+            if share is not None:
                 # From what the finished earlier stages measured on the samples still robust when
                 # this stage began: the same on a resumed run, and on every shard (a collective,
                 # so every process computes it, with work left or not).
                 alive = state.clean_correct & ((state.broken_by < 0) | (state.broken_by >= k))
                 reached = state.margin[:k].amin(dim=0) if k else state.margin[0]
-                state.gate[k] = _threshold(reached[alive], closest[k])
+                state.gate[k] = _threshold(reached[alive], share)
                 todo &= reached <= state.gate[k]
             todo = todo.nonzero().view(-1)
             skipped = int((state.clean_correct & ~state.stage_done[k]).sum()) - todo.numel()
@@ -282,7 +274,7 @@ def run_cascade(
                 state.stage_done[k, rows] = True
                 save()
                 progress.update(rows.numel())
-            if closest[k] is not None:  # the gated-out samples are done with this stage too
+            if share is not None:  # the gated-out samples are done with this stage too
                 state.stage_done[k] |= state.clean_correct & (state.broken_by < 0)
             # samples broken by an earlier stage count as done for this one
             state.stage_done[k] |= (
@@ -322,24 +314,16 @@ def gather_states(state: CascadeState, group: Group, n: int) -> CascadeState | N
     parts = group.gather(state.to_dict())
     if parts is None:
         return None
-    merged = CascadeState(n=n, stages=state.stages, clean_done=True)
-    first = CascadeState.from_dict(parts[0])
-    merged.clean_correct = torch.zeros(n, dtype=torch.bool)
-    merged.clean_pred = torch.zeros(n, dtype=torch.long)
-    merged.x_adv = torch.zeros((n, *first.x_adv.shape[1:]), dtype=first.x_adv.dtype)
-    merged.seconds = torch.zeros_like(first.seconds)
-    for r, blob in enumerate(parts):
-        part = CascadeState.from_dict(blob)
+    shards = [CascadeState.from_dict(blob) for blob in parts]
+    merged = CascadeState.empty(n, state.stages)
+    merged.clean_done = True
+    x_adv = shards[0].x_adv
+    merged.x_adv = torch.zeros((n, *x_adv.shape[1:]), dtype=x_adv.dtype)
+    merged.seconds = torch.zeros_like(shards[0].seconds)
+    for r, part in enumerate(shards):
         rows = Group(r, group.world).shard(n)
-        merged.clean_correct[rows], merged.clean_pred[rows] = part.clean_correct, part.clean_pred
-        merged.broken_by[rows], merged.stage_done[:, rows] = part.broken_by, part.stage_done
-        merged.distance[rows], merged.queries[:, rows], merged.grads[:, rows] = (
-            part.distance,
-            part.queries,
-            part.grads,
-        )
-        merged.x_adv[rows] = part.x_adv
-        merged.margin[:, rows] = part.margin
+        for name, axis in _SAMPLE_AXIS.items():
+            getattr(merged, name).index_copy_(axis, rows, getattr(part, name))
         merged.gate = part.gate  # the same on every shard (computed from all of their margins)
         merged.seconds = torch.maximum(merged.seconds, part.seconds)  # wall time: the slowest shard
     return merged

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ class Suite:
                 or not 0 < closest <= 1
             ):
                 raise InputError(
-                    f"suite {self.name!r}: closest = {closest!r} for {name}; expected a fraction in "
-                    "(0, 1] of the samples still robust (those with the smallest logit margins)"
+                    f"suite {self.name!r}: closest = {closest!r} for {name}; expected a fraction "
+                    "in (0, 1] of the samples still robust (those with the smallest logit margins)"
                 )
             cls = attacks.get(name)
             if threat.norm not in cls.norms:
@@ -96,7 +97,7 @@ SUITES: dict[str, Suite] = {
 }
 
 
-def load_suite(suite: str | Path | Suite | list, threat: ThreatModel | None = None) -> Suite:
+def load_suite(suite: str | Path | Suite | Sequence, threat: ThreatModel | None = None) -> Suite:
     """A built-in name, a path to a TOML file, a Suite, or a list of specs / attack objects."""
     if isinstance(suite, Suite):
         out = suite
@@ -117,7 +118,7 @@ def load_suite(suite: str | Path | Suite | list, threat: ThreatModel | None = No
     elif str(suite) in SUITES:
         out = SUITES[str(suite)]
     else:
-        out = _from_toml(Path(suite))
+        out = _from_toml(Path(str(suite)))
     if threat is not None:
         out.build(threat)  # every name and parameter checked now, before any work
     return out
@@ -126,7 +127,8 @@ def load_suite(suite: str | Path | Suite | list, threat: ThreatModel | None = No
 def _from_toml(path: Path) -> Suite:
     if not path.exists():
         raise InputError(
-            f"suite: {str(path)!r} is neither a built-in suite ({', '.join(SUITES)}) nor a TOML file"
+            f"suite: {str(path)!r} is neither a built-in suite ({', '.join(SUITES)}) nor a TOML "
+            "file"
         )
     if sys.version_info >= (3, 11):
         import tomllib

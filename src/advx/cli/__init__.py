@@ -41,7 +41,7 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, listing, train  # noqa: F401 - each module adds its command to `cli`
+    from . import attack, audit, demo, listing, schema, train  # noqa: F401 - each adds its command
 
 
 _register_commands()

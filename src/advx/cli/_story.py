@@ -160,12 +160,12 @@ def _story(
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     """Steps 2-5: audit the standard model, harden one with FGSM-RS, distill one; compare."""
-    from ..audit import audit
+    from ..audit import Report, audit
     from ..audit.html import render_comparison
 
     threat = Linf(STORY_EPS)
     models: list[dict[str, Any]] = []
-    reports: list[tuple[str, dict[str, Any]]] = []
+    reports: list[tuple[str, Report]] = []
     files: dict[str, str] = {}
 
     def prove(key: str, title: str, model_net, seconds: float) -> None:
@@ -173,18 +173,18 @@ def _story(
         report = audit(Classifier(model_net.eval()), x, y, threat, suite="fast", seed=seed)
         report.save(out / f"audit-{key}.json")
         files[f"audit-{key}"] = str(out / f"audit-{key}.json")
-        reports.append((title, report.to_dict()))
+        reports.append((title, report))
         models.append(
             {
                 "model": title,
                 "clean_accuracy": report.clean_accuracy,
                 "robust_accuracy": report.robust_accuracy,
                 "reliable": report.reliable,
-                "findings": [f["code"] for f in report.findings],
+                "findings": [f.code for f in report.findings],
                 "training_seconds": round(seconds, 2),
             }
         )
-        flags = ", ".join(f["code"] for f in report.findings) or "none"
+        flags = ", ".join(f.code for f in report.findings) or "none"
         echo(
             f"  clean {report.clean_accuracy:.1%}, robust {report.robust_accuracy:.1%}, sanity-check findings: {flags}"
         )

@@ -61,7 +61,10 @@ from ._common import (
     "--fail-under",
     type=click.FloatRange(0, 1),
     default=None,
-    help="Exit 1 when robust accuracy is below this, or when a sanity check says it cannot be trusted.",
+    help=(
+        "Exit 1 when robust accuracy is below this, or when a sanity check says it cannot be "
+        "trusted."
+    ),
 )
 @click.option(
     "--resume",
@@ -185,12 +188,13 @@ def audit_command(
         if rank == 0:
             if state is not None:
                 info(
-                    f"interrupted: the per-sample state is saved in {state}; run the same command with "
-                    f"--resume {state} to continue where it stopped"
+                    f"interrupted: the per-sample state is saved in {state}; run the same command "
+                    f"with --resume {state} to continue where it stopped"
                 )
             else:
                 info(
-                    "interrupted: nothing saved; pass --resume FILE (or --out) to make the audit resumable"
+                    "interrupted: nothing saved; pass --resume FILE (or --out) to make the audit "
+                    "resumable"
                 )
         sys.exit(130)
     finally:
@@ -213,12 +217,14 @@ def audit_command(
     if fail_under is not None:
         if report.robust_accuracy < fail_under:
             info(
-                f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under {fail_under:.2%}"
+                f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under "
+                f"{fail_under:.2%}"
             )
             sys.exit(1)
         if not report.reliable:
             info(
-                "FAIL: a sanity check found that the robust accuracy cannot be trusted (see the findings)"
+                "FAIL: a sanity check found that the robust accuracy cannot be trusted (see the "
+                "findings)"
             )
             sys.exit(1)
         info(f"PASS: robust accuracy {report.robust_accuracy:.2%} >= {fail_under:.2%}")

@@ -263,7 +263,7 @@ def train_command(
             "clean_accuracy": report.clean_accuracy,
             "robust_accuracy": report.robust_accuracy,
             "reliable": report.reliable,
-            "findings": [f["code"] for f in report.findings],
+            "findings": [f.code for f in report.findings],
             "files": files,
         }
     emit_json(summary)
