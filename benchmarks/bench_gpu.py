@@ -187,8 +187,7 @@ def main() -> None:
                 f"- {label}: "
                 + "; ".join(
                     f"{c.attack} {c.params.get('loss', '')} broke {c.broke}"
-                    f" in {c.seconds:.1f} s"
-                    + (f" (on {c.gate.attacked})" if c.gate else "")
+                    f" in {c.seconds:.1f} s" + (f" (on {c.gate.attacked})" if c.gate else "")
                     for c in rep.cascade
                 )
             )
