@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import advx
-from advx.attacks import Attack, HopSkipJump
+from advx.attacks import Attack, HopSkipJump, Problem, RunOutput
 from advx.errors import AccessError
 from advx.models import Classifier
 
@@ -47,8 +47,8 @@ def test_a_score_based_attack_is_refused_on_a_label_only_model(trained_mlp, batc
     class _NeedsScores(Attack):
         access = "scores"
 
-        def _run(self, p):
-            return p.x
+        def _run(self, p: Problem) -> RunOutput:
+            return RunOutput(p.x)
 
     x, y = batch
     with pytest.raises(AccessError, match="labels"):

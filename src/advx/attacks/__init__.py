@@ -10,7 +10,8 @@ import pkgutil
 
 from ._base import Attack, Problem
 from ._registry import create, get, info, list_attacks, register
-from ._result import AttackResult
+from ._repeat import Repeated
+from ._result import AttackResult, RunOutput
 
 # Import every attack module so that it registers: adding an attack is adding one file.
 for _m in pkgutil.iter_modules(__path__):
@@ -29,6 +30,8 @@ __all__ = [
     "Attack",
     "AttackResult",
     "Problem",
+    "Repeated",
+    "RunOutput",
     "create",
     "get",
     "info",
