@@ -176,10 +176,11 @@ def test_a_finite_eps_counts_only_points_inside_it(trained_mlp, batch):
 
 def test_samples_without_a_starting_point_fail():
     # a constant model: nothing is ever adversarial
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    linear = torch.nn.Linear(4, 2)
+    net = torch.nn.Sequential(torch.nn.Flatten(), linear)
     with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].bias.copy_(torch.tensor([3.0, 0.0]))
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([3.0, 0.0]))
     x = torch.rand(3, 4)
     r = HopSkipJump(advx.L2(math.inf), max_queries=500)(
         labels_only(net), x, torch.zeros(3, dtype=torch.long)

@@ -27,9 +27,10 @@ class Repeated(Attack):
     (repetition 0 from ``seed`` itself, so that it is the attack as it is) and runs only on the
     samples no earlier repetition broke. A sample keeps the first repetition's success, else
     the point with the highest loss when the attack reports one (else the first repetition's).
-    A minimum-norm attack keeps the closest success instead and, with an infinite eps, runs
-    every repetition on every sample. The result's ``trace["repetition"]`` says which
-    repetition each sample's point comes from (-1: none was kept, the clean input).
+    A minimum-norm attack with an infinite eps instead runs every repetition on every sample
+    and keeps the closest success (with a finite eps any success inside it is as good). The
+    result's ``trace["repetition"]`` says which repetition each sample's point comes from (-1:
+    none was kept, the clean input).
     """
 
     attack: Attack
@@ -72,8 +73,8 @@ class Repeated(Attack):
 
     def _run(self, p: Problem) -> RunOutput:
         inner = self.attack
-        closest = inner.minimum_norm
-        best = Best.closest(p.x, p.threat.eps_tensor(p.x)) if closest else Best.highest(p.x)
+        closest = inner.minimum_norm and p.threat.unbounded
+        best = Best.closest(p.x) if closest else Best.highest(p.x)
         kept = torch.full((len(p),), -1, dtype=torch.long, device=p.x.device)
 
         def run(rows: Tensor, r: int) -> None:
