@@ -211,7 +211,8 @@ def test_apgd_t_targets_are_the_most_likely_classes_per_sample(trained_mlp, digi
     sweep = APGD(threat, loss="dlr-targeted", targets=1, steps=15)(trained_mlp, x, y)
     aimed = APGD(threat, loss="dlr-targeted", steps=15)(trained_mlp, x, y, target=runner_up)
     # the same loss on the same class from the same start: the same points until success; only
-    # the success criterion differs (any wrong class vs the target), so APGD-T wins at least as often
+    # the success criterion differs (any wrong class vs the target), so APGD-T wins at least as
+    # often
     assert bool((sweep.success | ~aimed.success).all())
     assert 0.3 < sweep.success_rate < 1.0
 

@@ -63,7 +63,7 @@ def test_targets(trained_mlp, batch, pgd):
 
 def test_threat_and_hyper_parameters_are_checked_at_construction():
     with pytest.raises(InputError, match="ThreatModel"):
-        advx.PGD(0.3)
+        advx.PGD(0.3)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="steps"):
         advx.PGD(advx.Linf(0.3), steps=0)
     with pytest.raises(InputError, match="loss"):

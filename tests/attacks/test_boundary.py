@@ -4,6 +4,7 @@ model, the paper's step-size adaptation, targeted runs and budgets."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_step_adaptation_is_what_makes_progress():
     # adversarial; the success rates shrink the step until the walk moves
     net, x, y, w = _linear_problem(d=40, n=8, seed=2)
     exact = (x @ w + net.b.detach()).abs() / w.norm()
-    big = {"spherical_step": 0.2, "source_step": 0.95}
+    big: dict[str, Any] = {"spherical_step": 0.2, "source_step": 0.95}
     start = Boundary(steps=1, **big)(labels_only(net), x, y)
     assert bool((start.distance < 19 * exact).all())
     stuck = Boundary(steps=600, step_adaptation=1.0, **big)(labels_only(net), x, y)

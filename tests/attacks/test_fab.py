@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_projection_is_exact_with_the_box(norm):
 
 def test_fab_t_with_a_finite_eps_succeeds_only_inside_the_ball(trained_mlp, batch):
     x, y = batch
-    kw = dict(steps=15, targets=3, targeted=True)
+    kw: dict[str, Any] = dict(steps=15, targets=3, targeted=True)
     free = FAB(advx.Linf(math.inf), **kw, early_stop=False)(trained_mlp, x, y)
     assert bool(free.success.all())
     eps = float(free.distance.median())
@@ -134,7 +135,7 @@ def test_fab_t_with_a_finite_eps_succeeds_only_inside_the_ball(trained_mlp, batc
 
 def test_early_stop_spends_fewer_passes_for_the_same_successes(trained_mlp, batch):
     x, y = batch
-    kw = dict(steps=15, targets=3, targeted=True)
+    kw: dict[str, Any] = dict(steps=15, targets=3, targeted=True)
     on = FAB(advx.Linf(0.1), **kw, early_stop=True)(trained_mlp, x, y)
     off = FAB(advx.Linf(0.1), **kw, early_stop=False)(trained_mlp, x, y)
     assert torch.equal(on.success, off.success)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import advx
-from advx.attacks import Attack, HopSkipJump
+from advx.attacks import Attack, HopSkipJump, Problem, RunOutput
 from advx.errors import AccessError
 from advx.models import Classifier
 
@@ -47,8 +47,8 @@ def test_a_score_based_attack_is_refused_on_a_label_only_model(trained_mlp, batc
     class _NeedsScores(Attack):
         access = "scores"
 
-        def _run(self, p):
-            return p.x
+        def _run(self, p: Problem) -> RunOutput:
+            return RunOutput(p.x)
 
     x, y = batch
     with pytest.raises(AccessError, match="labels"):
@@ -176,10 +176,11 @@ def test_a_finite_eps_counts_only_points_inside_it(trained_mlp, batch):
 
 def test_samples_without_a_starting_point_fail():
     # a constant model: nothing is ever adversarial
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    linear = torch.nn.Linear(4, 2)
+    net = torch.nn.Sequential(torch.nn.Flatten(), linear)
     with torch.no_grad():
-        net[1].weight.zero_()
-        net[1].bias.copy_(torch.tensor([3.0, 0.0]))
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([3.0, 0.0]))
     x = torch.rand(3, 4)
     r = HopSkipJump(advx.L2(math.inf), max_queries=500)(
         labels_only(net), x, torch.zeros(3, dtype=torch.long)

@@ -1,24 +1,28 @@
 """One invariant harness, run over every registered attack, norm and mode (STYLE.md, Do 8).
 
 An attack that does nothing, returns noise, leaks outside its threat model, lies about its
-success or its query counts, depends on the batch it sits in, or touches the caller's state
-fails here. New attacks enter automatically through the registry; they only need a line in
-FAST (cheap settings for a 32-sample batch).
+success or its query counts, depends on the batch it sits in, ignores its seed, mishandles a
+per-sample eps with zeros in it or breaks in float64, or touches the caller's state fails here.
+New attacks enter automatically through the registry; they only need a line in FAST (cheap
+settings for a 32-sample batch), and a line in DETERMINISTIC if they draw no random numbers.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import advx
 from advx import attacks
 from advx._rng import SampleRNG
-from advx.models import Classifier
+from advx.attacks import Problem, RunOutput
+from advx.models import Access, Classifier
 
 from ..conftest import CountingNet
 
@@ -35,15 +39,32 @@ FAST: dict[str, dict] = {
     "zoo": {"max_queries": 2000},
     "simba": {"max_queries": 500},
 }
+# Attacks that draw no random numbers with the FAST settings: their result must not change
+# with the seed. Every other attack must change its result with it.
+DETERMINISTIC = {"fgsm", "cw", "fab", "deepfool", "ddn", "fmn"}
+# Settings for the seed test where FAST makes the random draws irrelevant: ZOO's 128 coordinates
+# per step cover all 64 of its first resolution, so its draws only reorder them.
+SEEDED: dict[str, dict] = {"zoo": {"coordinates": 16}}
+# Known bugs the harness finds in code other work is rewriting; strict: the fix must remove them.
+KNOWN: dict[tuple[str, str], str] = {
+    ("test_per_sample_eps_with_zeros", "zoo"): (
+        "ZOO with per-sample eps mixing finite and inf never attacks the inf samples: "
+        "`done = best_d <= eps` holds for inf <= inf"
+    ),
+}
 # Budgets at which the MLP is clearly breakable and uniform noise clearly is not.
 EPS = {"linf": 0.2, "l2": 2.5, "l1": 20.0}
 N = 32
+# The samples of the smaller runs (another seed, per-sample eps, float64, part of the batch).
+PART = tuple(range(5, 17))
 pytestmark = pytest.mark.filterwarnings("ignore:the model was in training mode")
 
 
-def _cases():
+def _cases(test: str = ""):
     for name in attacks.list_attacks():
         cls = attacks.get(name)
+        known = KNOWN.get((test, name))
+        marks = [pytest.mark.xfail(reason=known, strict=True)] if known else []
         for norm in cls.norms:
             for targeted in (False, True) if cls.supports_targeted else (False,):
                 yield pytest.param(
@@ -51,24 +72,31 @@ def _cases():
                     norm,
                     targeted,
                     id=f"{name}-{norm}-{'targeted' if targeted else 'untargeted'}",
+                    marks=marks,
                 )
 
 
 CASES = list(_cases())
+TARGETED = [case for case in CASES if case.values[2]]
 
 
 def test_every_registered_attack_has_harness_settings():
     assert set(attacks.list_attacks()) <= set(FAST), "add cheap settings for the new attack to FAST"
 
 
-def _threat(name: str, norm: str, eps: float | None = None):
+def _threat(name: str, norm: str, eps: float | tuple[float | None, ...] | None = None):
+    """The attack's threat: EPS (inf for a minimum-norm attack), a given eps, or one eps per
+    sample (a tuple; None in it stands for the default eps)."""
     cls = attacks.get(name)
+    default = math.inf if cls.minimum_norm else EPS[norm]
     if eps is None:
-        eps = math.inf if cls.minimum_norm else EPS[norm]
+        return advx.ThreatModel(norm, default)
+    if isinstance(eps, tuple):
+        return advx.ThreatModel(norm, torch.tensor([default if e is None else e for e in eps]))
     return advx.ThreatModel(norm, eps)
 
 
-def _model(net, access: str):
+def _model(net, access: Access):
     clf = Classifier(CountingNet(net))
     if access == "gradients":
         return clf
@@ -76,7 +104,9 @@ def _model(net, access: str):
 
 
 def _counting(model) -> CountingNet:
-    return model.net if isinstance(model, Classifier) else model.classifier.net
+    net = model.net if isinstance(model, Classifier) else model.classifier.net
+    assert isinstance(net, CountingNet)
+    return net
 
 
 @functools.cache
@@ -85,9 +115,11 @@ def _run(
     name: str,
     norm: str,
     targeted: bool,
-    eps: float | None = None,
+    eps: float | tuple[float | None, ...] | None = None,
     seed: int = 0,
     rows: tuple | None = None,
+    dtype: torch.dtype = torch.float32,
+    tweak: tuple[tuple[str, object], ...] = (),
 ):
     """Run an attack once per configuration; the tests below read the cached outcome."""
 
@@ -99,8 +131,12 @@ def _run(
     else:
         idx = torch.arange(len(x))
     cls = attacks.get(name)
+    if dtype != torch.float32:
+        net, x = _converted(net, dtype), x.to(dtype)
     model = _model(net, cls.access)
-    attack = attacks.create(name, _threat(name, norm, eps), seed=seed, **FAST[name])
+    attack = attacks.create(
+        name, _threat(name, norm, eps), seed=seed, **{**FAST[name], **dict(tweak)}
+    )
     # warm-up on the same batch: the classifier measures its chunk sizes once per input shape, and
     # those timing passes are not the attack's
     attack(model, x, y, target=target, index=idx)
@@ -123,6 +159,11 @@ def _run(
         ),
     }
     return x, y, target, result, side
+
+
+@functools.cache
+def _converted(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    return copy.deepcopy(net).to(dtype)
 
 
 @functools.cache
@@ -200,14 +241,14 @@ def test_beats_uniform_noise_at_the_same_eps(net, name, norm, targeted):
 
 @dataclass(kw_only=True, eq=False)
 class _DoesNothing(attacks.Attack):
-    def _run(self, p):
-        return p.x
+    def _run(self, p: Problem) -> RunOutput:
+        return RunOutput(p.x)
 
 
 @dataclass(kw_only=True, eq=False)
 class _UniformNoise(attacks.Attack):
-    def _run(self, p):
-        return p.threat.random_init(p.x, p.rng, 0)
+    def _run(self, p: Problem) -> RunOutput:
+        return RunOutput(p.threat.random_init(p.x, p.rng, 0))
 
 
 @pytest.mark.parametrize("fake", [_DoesNothing, _UniformNoise])
@@ -218,10 +259,8 @@ def test_the_harness_fails_an_attack_that_does_nothing(net, fake):
         check_beats_noise(net, x, y, None, r)
 
 
-@pytest.mark.parametrize("name,norm,targeted", CASES)
+@pytest.mark.parametrize("name,norm,targeted", TARGETED)
 def test_targeted_reaches_the_target(net, name, norm, targeted):
-    if not targeted:
-        pytest.skip("untargeted case")
     x, y, target, r, _ = _run(net, name, norm, targeted)
     with torch.no_grad():
         pred = net(r.x_adv[r.success]).argmax(1)
@@ -249,7 +288,7 @@ def test_callers_state_is_left_alone(net, name, norm, targeted):
 
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
-def test_same_seed_same_bits_and_other_seed_may_differ(net, name, norm, targeted):
+def test_same_seed_same_bits(net, name, norm, targeted):
     _, _, _, r, _ = _run(net, name, norm, targeted)
     _, _, _, again, _ = _run(net, name, norm, targeted, None, 0, tuple(range(N)))
     assert torch.equal(r.x_adv, again.x_adv)
@@ -257,19 +296,63 @@ def test_same_seed_same_bits_and_other_seed_may_differ(net, name, norm, targeted
 
 
 @pytest.mark.parametrize("name,norm,targeted", CASES)
+def test_another_seed_changes_a_randomized_attack(net, name, norm, targeted):
+    tweak = tuple(SEEDED.get(name, {}).items())
+    _, _, _, seed0, _ = _run(net, name, norm, targeted, None, 0, PART, torch.float32, tweak)
+    _, _, _, seed1, _ = _run(net, name, norm, targeted, None, 1, PART, torch.float32, tweak)
+    if name in DETERMINISTIC:
+        assert torch.equal(seed1.x_adv, seed0.x_adv), f"{name} is listed as deterministic"
+        assert torch.equal(seed1.queries, seed0.queries)
+    else:
+        assert not torch.equal(seed1.x_adv, seed0.x_adv), (
+            f"{name} gave the same bits with seed 1 as with seed 0: it ignores its seed (or it "
+            "draws no random numbers: then list it in DETERMINISTIC)"
+        )
+        assert seed1.params["seed"] == 1
+
+
+@pytest.mark.parametrize("name,norm,targeted", CASES)
 def test_result_does_not_depend_on_the_batch(net, name, norm, targeted):
     _, _, _, r, _ = _run(net, name, norm, targeted)
-    rows = tuple(range(5, 17))
-    _, _, _, part, _ = _run(net, name, norm, targeted, None, 0, rows)
-    idx = torch.tensor(rows)
+    _, _, _, part, _ = _run(net, name, norm, targeted, None, 0, PART)
+    idx = torch.tensor(PART)
     assert torch.equal(part.success, r.success[idx])
     assert torch.equal(part.queries, r.queries[idx])
     assert torch.allclose(part.x_adv, r.x_adv[idx], atol=1e-5)
 
 
+@pytest.mark.parametrize("name,norm,targeted", list(_cases("test_per_sample_eps_with_zeros")))
+def test_per_sample_eps_with_zeros(net, name, norm, targeted):
+    """Samples with eps 0 come back unchanged and unbroken; the others are attacked exactly as
+    with the same eps for the whole batch."""
+    zero = torch.arange(len(PART)) % 3 == 0
+    eps = tuple(0.0 if z else None for z in zero.tolist())
+    x, _, _, r, side = _run(net, name, norm, targeted, eps, 0, PART)
+    _, _, _, whole, _ = _run(net, name, norm, targeted, None, 0, PART)
+    assert torch.equal(r.x_adv[zero], x[zero])
+    assert not bool(r.success[zero].any())
+    assert bool((r.distance[zero] == 0).all())
+    assert torch.equal(r.success[~zero], whole.success[~zero])
+    assert bool(r.success[~zero].any()), f"{name} attacked none of the samples with eps > 0"
+    assert torch.equal(r.queries[~zero], whole.queries[~zero])
+    assert torch.allclose(r.x_adv[~zero], whole.x_adv[~zero], atol=1e-5)
+    assert int(r.queries.sum()) == side["forward_rows"]
+
+
 @pytest.mark.parametrize("name,norm,targeted", CASES)
-def test_eps_zero_returns_the_input(net, name, norm, targeted):
-    x, y, target, r, _ = _run(net, name, norm, targeted, 0.0)
-    assert torch.equal(r.x_adv, x)
-    assert not bool(r.success.any())
-    assert int(r.grads.sum()) == 0  # nothing to search: no passes beyond the clean check
+def test_float64(net, name, norm, targeted):
+    """In float64 the result stays float64, inside the threat model, with a true success flag,
+    exact pass counts, and about the float32 result."""
+    x, y, target, r, side = _run(net, name, norm, targeted, None, 0, PART, torch.float64)
+    assert x.dtype == torch.float64 and r.x_adv.dtype == torch.float64
+    assert r.distance.dtype == torch.float64
+    assert bool(r.threat.contains(r.x_adv, x).all())
+    assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
+    with torch.no_grad():
+        pred = _converted(net, torch.float64)(r.x_adv).argmax(1)
+    assert torch.equal(pred == target if targeted else pred != y, r.success)
+    assert int(r.queries.sum()) == side["forward_rows"]
+    assert int(r.grads.sum()) == side["backward_rows"]
+    _, _, _, single, _ = _run(net, name, norm, targeted, None, 0, PART)
+    agree = (r.success == single.success).float().mean()
+    assert agree >= 0.75, f"{name} in float64 agrees with float32 on {agree:.0%} of the samples"

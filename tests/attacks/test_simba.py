@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -113,7 +114,6 @@ def test_a_hard_budget_of_the_model_is_respected(trained_mlp, batch):
 def test_success_grows_with_the_budget(trained_mlp, batch, basis):
     x, y = batch
     box = Classifier(trained_mlp).as_blackbox("scores")
-    target = random_targets(y, 10, seed=2)
     budgets = (15, 100, 250) if basis == "dct" else (60, 200, 600)
     rates = [
         SimBA(advx.L2(2.5), basis=basis, max_queries=q)(box, x, y).success_rate for q in budgets
@@ -169,7 +169,7 @@ def test_strided_order_reaches_higher_frequencies(trained_mlp, batch):
     x, y = batch
     _, box = _box(trained_mlp, bounds=(-100.0, 100.0))
     target = random_targets(y, 10, seed=2)
-    kw = dict(basis="dct", step=0.3, freq_dims=4, max_queries=300)
+    kw: dict[str, Any] = dict(basis="dct", step=0.3, freq_dims=4, max_queries=300)
     rand = SimBA(advx.L2(1e4), order="random", **kw)(box, x[:8], y[:8], target=target[:8])
     strided = SimBA(advx.L2(1e4), order="strided", **kw)(box, x[:8], y[:8], target=target[:8])
     high = lambda r: float(dct2(r.x_adv - x[:8])[:, :, 4:, :].abs().sum())

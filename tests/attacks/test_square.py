@@ -93,7 +93,7 @@ def test_label_only_black_box_is_refused_before_any_query(trained_mlp, batch):
     assert counter.forward_rows == 0
 
 
-# ---- (5) inside the threat model -------------------------------------------------------------------
+# ---- (5) inside the threat model -----------------------------------------------------------------
 def test_linf_result_is_a_vertex_of_the_ball(trained_mlp, batch):
     """Linf Square only ever moves a pixel to x - eps or x + eps (clipped): every attacked pixel
     sits at one of the two."""
@@ -123,7 +123,7 @@ def test_per_sample_eps_is_respected(trained_mlp, batch):
     assert int(r.queries[0]) == 1  # eps 0: nothing to search after the clean check
 
 
-# ---- the paper's pieces -------------------------------------------------------------------------------
+# ---- the paper's pieces --------------------------------------------------------------------------
 def test_p_schedule_is_the_authors_rescaled_to_the_budget():
     p = 0.8
     assert p_schedule(p, 0, 10000) == p and p_schedule(p, 10, 10000) == p
@@ -195,7 +195,8 @@ def _box(changed: torch.Tensor) -> tuple[int, int]:
 
 def test_linf_replay_windows_schedule_and_acceptance():
     """Replay the search from the logged queries: each candidate is the current point with one
-    square (of the scheduled side) set to x +- eps, and it becomes current iff its loss is higher."""
+    square (of the scheduled side) set to x +- eps, and it becomes current iff its loss is
+    higher."""
     c, h, w, queries, eps = 2, 12, 12, 150, 0.05
     x = torch.rand(1, c, h, w, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
     fn = _Logged(c * h * w)

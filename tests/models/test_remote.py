@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from advx.errors import AccessError, ModelError
 
 from .._server import free_port, serve
 
-pytest.importorskip("httpx")
+httpx = pytest.importorskip("httpx")
 starlette = pytest.importorskip("starlette")
 
 
@@ -147,6 +148,65 @@ def test_retries_with_backoff_get_through_a_passing_failure(server, batch, train
     view = advx.models.ModelView(box, advx.models.Tracker(len(x), x.device))
     with torch.no_grad():
         assert torch.allclose(view.logits(x), trained_mlp(x), atol=1e-5)
+
+
+def _failing_app(net, state):
+    """Answers 503 to the first ``state["fail"]`` requests, then the scores; records when each
+    request came (``state["times"]``)."""
+    import time
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    async def scores(request):
+        state["times"].append(time.monotonic())
+        if len(state["times"]) <= state["fail"]:
+            return PlainTextResponse("busy", status_code=503)
+        doc = await request.json()
+        with torch.no_grad():
+            out = net(torch.tensor(doc["inputs"], dtype=torch.float32))
+        return JSONResponse({"scores": out.tolist()})
+
+    return Starlette(routes=[Route("/scores", scores, methods=["POST"])])
+
+
+def _check_default_backoff(times: list[float]) -> None:
+    """Three retries, 0.5 s before the first, doubling (0.5, 1, 2 s)."""
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) == 3
+    for gap, want in zip(gaps, (0.5, 1.0, 2.0)):
+        assert want - 0.01 <= gap <= want + 0.45, f"waited {gaps}, expected 0.5, 1, 2 s"
+
+
+def test_from_http_defaults_three_retries_half_a_second_backoff_ten_second_timeout(
+    trained_mlp, batch
+):
+    x = batch[0][:2]
+    state: dict[str, Any] = {"fail": 3, "times": []}
+    with serve(_failing_app(trained_mlp, state)) as url:
+        box = advx.BlackBox.from_http(f"{url}/scores")  # every retry setting at its default
+        assert box.fn.client.timeout == httpx.Timeout(10.0)  # type: ignore[attr-defined]
+        view = advx.models.ModelView(box, advx.models.Tracker(len(x), x.device))
+        with torch.no_grad():  # fails three times, gets through on the last retry
+            assert torch.allclose(view.logits(x), trained_mlp(x), atol=1e-5)
+        _check_default_backoff(state["times"])
+        state.update(fail=10**9, times=[])  # down for good: four attempts, no fifth
+        with pytest.raises(ModelError, match="failed after 4 attempt"):
+            box.fn(x)
+        assert len(state["times"]) == 4
+
+
+def test_http_fn_defaults_are_the_same(trained_mlp, batch):
+    from advx.models.remote import http_fn
+
+    state: dict[str, Any] = {"fail": 10**9, "times": []}
+    with serve(_failing_app(trained_mlp, state)) as url:
+        fn = http_fn(f"{url}/scores")
+        assert fn.client.timeout == httpx.Timeout(10.0)  # type: ignore[attr-defined]
+        with pytest.raises(ModelError, match="failed after 4 attempt"):
+            fn(batch[0][:2])
+        _check_default_backoff(state["times"])
 
 
 def test_partial_results_and_spent_queries_are_kept(trained_mlp, batch):

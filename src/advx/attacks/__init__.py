@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import TYPE_CHECKING
 
 from ._base import Attack, Problem
 from ._registry import create, get, info, list_attacks, register
-from ._result import AttackResult
+from ._repeat import Repeated
+from ._result import AttackResult, RunOutput
 
 # Import every attack module so that it registers: adding an attack is adding one file.
 for _m in pkgutil.iter_modules(__path__):
@@ -22,6 +24,18 @@ from ._registry import _REGISTRY  # noqa: E402
 globals().update({cls.__name__: cls for cls in _REGISTRY.values()})
 list = list_attacks
 
+if TYPE_CHECKING:  # the names the registry puts here at import, spelled out for type checkers
+    from .apgd import APGD as APGD
+    from .boundary import Boundary as Boundary
+    from .cw import CW as CW
+    from .fab import FAB as FAB
+    from .fgsm import FGSM as FGSM
+    from .hopskipjump import HopSkipJump as HopSkipJump
+    from .pgd import PGD as PGD
+    from .simba import SimBA as SimBA
+    from .square import Square as Square
+    from .zoo import ZOO as ZOO
+
 from ._targets import random_targets  # noqa: E402
 from .worstcase import WorstCase  # noqa: E402
 
@@ -29,6 +43,8 @@ __all__ = [
     "Attack",
     "AttackResult",
     "Problem",
+    "Repeated",
+    "RunOutput",
     "create",
     "get",
     "info",

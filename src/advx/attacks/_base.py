@@ -17,22 +17,25 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._progress import progress
 from .._rng import SampleRNG
 from .._tensor import flat
 from .._validate import check_classes, check_images, check_index, check_labels, check_target
 from ..errors import AccessError, InputError, QueryError
-from ..models._base import ACCESS_RANK, Access, ModelView, Tracker
+from ..models._base import ACCESS_RANK, Access, Model, ModelView, Tracker
 from ..models.classifier import as_model
 from ..threat import NORMS, ThreatModel
-from ._result import AttackResult
+from ._result import AttackResult, RunOutput
 
-__all__ = ["Attack", "Problem"]
+if TYPE_CHECKING:
+    from ._repeat import Repeated
+
+__all__ = ["Attack", "Problem", "RunOutput"]
 
 
 @dataclass(eq=False)
@@ -134,11 +137,27 @@ class Attack(abc.ABC):
         """The hyper-parameters, as given (JSON-friendly where they are)."""
         return {name: getattr(self, name) for name in self.param_names()}
 
+    def with_seed(self, seed: int) -> Attack:
+        """The same attack drawing its random numbers from ``seed``."""
+        return dataclasses.replace(self, seed=seed)
+
+    def repeat(self, times: int) -> Repeated:
+        """This attack run ``times`` times, the best result kept per sample.
+
+        Repetition r draws from its own per-sample streams (seed ``derive_seed(seed, r)``;
+        repetition 0 is this attack as it is) and runs only on the samples no earlier one broke
+        (a minimum-norm attack with an infinite eps: on every sample, keeping the closest
+        success). The passes of every repetition are charged to their samples.
+        """
+        from ._repeat import Repeated
+
+        return Repeated(self, times)
+
     # ---- the shared work ---------------------------------------------------------------------
     @final
     def __call__(
         self,
-        model,
+        model: Model | nn.Module,
         x: Tensor,
         y: Tensor,
         *,
@@ -151,8 +170,9 @@ class Attack(abc.ABC):
         model = as_model(model)
         if ACCESS_RANK[model.access] < ACCESS_RANK[self.access]:
             raise AccessError(
-                f"{self.name or type(self).__name__} needs {self.access} but the model gives only "
-                f"{model.access}; choose an attack from advx.attacks.list_attacks(access='{model.access}')"
+                f"{self.name or type(self).__name__} needs {self.access} but the model gives "
+                f"only {model.access}; choose an attack from "
+                f"advx.attacks.list_attacks(access='{model.access}')"
             )
         if target is not None and not self.supports_targeted:
             raise InputError(f"target: {type(self).__name__} is untargeted only")
@@ -189,11 +209,13 @@ class Attack(abc.ABC):
                 if todo.numel() and not threat.is_zero:
                     sub = root.select(todo)
                     out = self._run(sub)
-                    xs, ok, extra = (
-                        (*out, None, None)[:3] if isinstance(out, tuple) else (out, None, None)
-                    )
-                    x_adv[todo], success[todo] = self._finish(sub, xs, ok)
-                    trace = _batch_trace(extra, todo, n)
+                    if not isinstance(out, RunOutput):
+                        raise TypeError(
+                            f"{self.name or type(self).__name__}: _run must return a RunOutput, "
+                            f"got {type(out).__name__}"
+                        )
+                    x_adv[todo], success[todo] = self._finish(sub, out.x_adv, out.success)
+                    trace = _batch_trace(out.trace, todo, n)
             except QueryError as e:
                 # keep what is known (the clean check's verdicts) and what was spent
                 e.partial = self._result(x, x_adv, success, threat, tracker, target, start)
@@ -206,7 +228,8 @@ class Attack(abc.ABC):
         or whose point the projection moved."""
         if x_adv.shape != p.x.shape:
             raise RuntimeError(
-                f"{self.name}: _run returned shape {tuple(x_adv.shape)}, expected {tuple(p.x.shape)}"
+                f"{self.name}: _run returned shape {tuple(x_adv.shape)}, "
+                f"expected {tuple(p.x.shape)}"
             )
         x_adv = x_adv.to(p.x.dtype)
         projected = p.threat.project(x_adv, p.x)
@@ -240,12 +263,21 @@ class Attack(abc.ABC):
                 f"threat: its bounds {threat.bounds} differ from the model's {tuple(bounds)}; "
                 "declare the bounds once, on the Classifier"
             )
-        if threat.per_sample and threat.eps.numel() != n:
-            raise InputError(f"threat: {threat.eps.numel()} per-sample eps values for {n} samples")
+        eps = threat.eps
+        if isinstance(eps, Tensor) and eps.numel() != n:
+            raise InputError(f"threat: {eps.numel()} per-sample eps values for {n} samples")
         return threat.with_bounds(bounds)
 
     def _result(
-        self, x, x_adv, success, threat, tracker, target, start, trace=None
+        self,
+        x: Tensor,
+        x_adv: Tensor,
+        success: Tensor,
+        threat: ThreatModel,
+        tracker: Tracker,
+        target: Tensor | None,
+        start: float,
+        trace: dict[str, Any] | None = None,
     ) -> AttackResult:
         return AttackResult(
             x_adv=x_adv,
@@ -262,22 +294,18 @@ class Attack(abc.ABC):
         )
 
     @abc.abstractmethod
-    def _run(self, p: Problem) -> Tensor | tuple[Tensor, Tensor]:
-        """Attack the samples of ``p`` (none of them adversarial yet).
-
-        Return the adversarial candidates (N, ...) -- the base projects them -- and, when the
-        attack already knows it, a bool (N,) of which are adversarial (saves a final pass).
-        A third element, a dict, goes to ``AttackResult.trace``: its tensors are per sample (one
-        row per sample of ``p``) and are spread over the whole batch; other values pass as given.
-        """
+    def _run(self, p: Problem) -> RunOutput:
+        """Attack the samples of ``p`` (none of them adversarial yet) and return a
+        :class:`RunOutput`: the candidates (the base projects them), which are adversarial
+        when the attack knows it, its loss at them when it has one, and a trace."""
 
 
-def _batch_trace(extra: dict[str, Any] | None, rows: Tensor, n: int) -> dict[str, Any]:
+def _batch_trace(extra: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
     """``_run``'s trace for the whole batch: each per-sample tensor gets its rows back in a
     tensor of n rows; the samples the clean check already found adversarial were not attacked
     and hold NaN (floats), -1 (integers) or False."""
     out: dict[str, Any] = {}
-    for key, value in (extra or {}).items():
+    for key, value in extra.items():
         if isinstance(value, Tensor):
             fill = (
                 math.nan

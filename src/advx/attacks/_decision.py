@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._rng import SampleRNG
 from .._tensor import flat, per_sample
 from ._base import Problem
+from ._best import Best
+from ._result import RunOutput
 
 # Keys of the random draws (first element of every p.rng key), so that streams never collide.
 KEY_NOISE, KEY_POOL = 0x1D01, 0x1D02
@@ -44,7 +47,7 @@ _CHECKPOINTS = (
 )
 
 
-def sample_generators(rng, *key: int, device: torch.device) -> list[torch.Generator]:
+def sample_generators(rng: SampleRNG, *key: int, device: torch.device) -> list[torch.Generator]:
     """One torch generator per sample, seeded from the sample's own stream of ``rng``.
 
     For the millions of Gaussian draws of the decision-based attacks: the hash RNG costs about
@@ -69,7 +72,8 @@ def draw(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """``kind`` ("normal" or "uniform") draws of ``shape`` from each generator: (len(gens), *shape)."""
+    """``kind`` ("normal" or "uniform") draws of ``shape`` from each generator:
+    (len(gens), *shape)."""
     fn = torch.randn if kind == "normal" else torch.rand
     if not gens:
         return torch.zeros(0, *shape, dtype=dtype, device=device)
@@ -99,12 +103,22 @@ class Search:
         if remaining is not None:
             limit = torch.minimum(limit, remaining.to(dev).clamp(min=0))
         self.limit = limit
-        self.best = p.x.clone()
-        self.best_d = torch.full((n,), math.inf, dtype=p.x.dtype, device=dev)
+        # the closest adversarial point; with a finite eps a sample is done once inside it
+        self.kept = Best.closest(p.x, p.threat.eps_tensor(p.x))
         self.marks = checkpoints(max_queries)
         self._marks = torch.tensor(self.marks, dtype=torch.long, device=dev)
         self.trace = torch.full((n, len(self.marks)), math.inf, dtype=p.x.dtype, device=dev)
         self.dim = flat(p.x).shape[1]
+
+    @property
+    def best(self) -> Tensor:
+        """The closest adversarial point per sample, (N, ...) (the input while none)."""
+        return self.kept.x
+
+    @property
+    def best_d(self) -> Tensor:
+        """Its distance, (N,) (inf while none)."""
+        return self.kept.score
 
     # ---- budget ----------------------------------------------------------------------------
     def used(self) -> Tensor:
@@ -116,8 +130,7 @@ class Search:
 
     def searching(self) -> Tensor:
         """bool (N,): samples that may go on (budget left, nothing inside a finite eps yet)."""
-        eps = self.p.threat.eps_tensor(self.p.x)
-        return (self.left() > 0) & ~(torch.isfinite(eps) & (self.best_d <= eps))
+        return (self.left() > 0) & ~self.kept.done()
 
     def affordable(self, owner: Tensor, active: Tensor) -> Tensor:
         """``active`` rows (one query each, ``owner`` their sample) whose sample can pay for all of
@@ -137,28 +150,27 @@ class Search:
         return self.p.threat.distance(x, self.p.x[owner])
 
     def offer(self, owner: Tensor, x: Tensor, d: Tensor) -> None:
-        """Adversarial points (one per distinct sample in ``owner``) that may beat the best."""
-        better = d < self.best_d[owner]
-        if bool(better.any()):
-            rows = owner[better]
-            self.best[rows] = x[better]
-            self.best_d[rows] = d[better]
-            self.record(rows)
+        """Adversarial points (one per distinct sample in ``owner``) that may beat the best;
+        the trace records the improvements (no host sync)."""
+        taken = self.kept.offer(owner, x, d)
+        self.record(owner, taken)
 
-    def record(self, rows: Tensor) -> None:
-        """The best distance now holds at every checkpoint at or above the queries spent so far
-        (a later improvement overwrites the checkpoints it reaches)."""
+    def record(self, rows: Tensor, taken: Tensor) -> None:
+        """Where ``taken``, the best distance of sample ``rows`` now holds at every checkpoint at
+        or above the queries spent so far (a later improvement overwrites those it reaches)."""
         reached = self._marks.view(1, -1) >= self.used()[rows].view(-1, 1)  # (R, K)
-        self.trace[rows] = torch.where(reached, self.best_d[rows].view(-1, 1), self.trace[rows])
+        reached &= taken.view(-1, 1)
+        old = self.trace.index_select(0, rows)
+        new = torch.where(reached, self.best_d.index_select(0, rows).view(-1, 1), old)
+        self.trace.index_copy_(0, rows, new)
 
-    def result(self) -> tuple[Tensor, Tensor, dict]:
-        """(x_adv, success, trace) for ``_run``: samples with nothing inside the threat get the
-        clean input back (no rescoring pass needed), so the budget holds exactly."""
-        eps = self.p.threat.eps_tensor(self.p.x)
-        ok = torch.isfinite(self.best_d) & (self.best_d <= eps)
-        x_adv = torch.where(per_sample(ok, self.p.x) > 0, self.best, self.p.x)
+    def result(self) -> RunOutput:
+        """``_run``'s result: samples with nothing inside the threat get the clean input back
+        (no rescoring pass needed), so the budget holds exactly."""
+        ok = self.kept.success
+        x_adv = torch.where(_rows(ok, self.p.x), self.best, self.p.x)
         trace = {"checkpoints": list(self.marks), "distance": self.trace}
-        return x_adv, ok, trace
+        return RunOutput(x_adv, ok, trace=trace)
 
     # ---- starting points -------------------------------------------------------------------
     def start_points(self, init: str) -> tuple[Tensor, Tensor]:
@@ -168,11 +180,11 @@ class Search:
         return self._noise()
 
     def _noise(self) -> tuple[Tensor, Tensor]:
-        """Noise in the bounds, tried until adversarial: uniform first (UNIFORM_TRIES), then (on images) smooth
-        noise -- uniform on a coarse grid, upsampled, and raised to a random power or cut at a
-        random level. Uniform noise falls into one or two classes on most models; smooth noise
-        with random contrast reaches the others, which targeted attacks need (Brunner et al.,
-        2019, use such low-frequency noise to guide the Boundary attack)."""
+        """Noise in the bounds, tried until adversarial: uniform first (UNIFORM_TRIES), then (on
+        images) smooth noise -- uniform on a coarse grid, upsampled, and raised to a random power
+        or cut at a random level. Uniform noise falls into one or two classes on most models;
+        smooth noise with random contrast reaches the others, which targeted attacks need
+        (Brunner et al., 2019, use such low-frequency noise to guide the Boundary attack)."""
         p = self.p
         lo, hi = p.threat.bounds
         x0 = p.x.clone()
@@ -187,7 +199,7 @@ class Search:
             found[rows[adv]] = True
         return x0, found
 
-    def _noise_draw(self, rng, r: int) -> Tensor:
+    def _noise_draw(self, rng: SampleRNG, r: int) -> Tensor:
         """Try r of the noise, in [0, 1], shape (R, *input shape)."""
         x = self.p.x
         shape = tuple(x.shape[1:])
@@ -280,5 +292,10 @@ class Search:
             lo[rows] = torch.where(adv, lo[rows], mid)
         out = at(hi, torch.arange(len(owner), device=x.device))
         # a row that never moved returns x_adv itself: at(hi) may differ from it by rounding
-        out = torch.where(per_sample(hi < hi0, out) > 0, out, x_adv)
+        out = torch.where(_rows(hi < hi0, out), out, x_adv)
         return out, self.distance(out, owner)
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-sample bool (N,) broadcast against ``like`` (N, ...): (N,) -> (N, 1, ..., 1)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))

@@ -7,12 +7,17 @@ adversarial.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["ce", "margin", "dlr", "dlr_targeted", "other_max", "LOSSES", "get_loss"]
+__all__ = ["ce", "margin", "dlr", "dlr_targeted", "other_max", "LOSSES", "LossFn", "get_loss"]
+
+# (logits (N, C), labels (N,), ...) -> one value per sample (N,)
+LossFn = Callable[..., Tensor]
 
 
 def other_max(logits: Tensor, labels: Tensor) -> Tensor:
@@ -39,15 +44,17 @@ def _sorted_logits(logits: Tensor, need: int, who: str) -> Tensor:
     """Logits sorted in decreasing order, (N, C); DLR's scale needs at least ``need`` classes."""
     if logits.shape[1] < need:
         raise InputError(
-            f"loss: {who} needs at least {need} classes, the model gives {logits.shape[1]}; use ce or margin"
+            f"loss: {who} needs at least {need} classes, the model gives {logits.shape[1]}; "
+            "use ce or margin"
         )
     return logits.sort(dim=1, descending=True).values
 
 
 def dlr(logits: Tensor, labels: Tensor, targeted: bool = False) -> Tensor:
-    """Difference of logits ratio (Croce & Hein, 2020): ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``
-    with ``z_pi`` the sorted logits. Unchanged by shifting the logits and by scaling them by a
-    positive factor, so a model's logit scale cannot hide a gradient. Targeted: :func:`dlr_targeted`."""
+    """Difference of logits ratio (Croce & Hein, 2020):
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)`` with ``z_pi`` the sorted logits. Unchanged by
+    shifting the logits and by scaling them by a positive factor, so a model's logit scale cannot
+    hide a gradient. Targeted: :func:`dlr_targeted`."""
     if targeted:
         return dlr_targeted(logits, labels)
     z = _sorted_logits(logits, 3, "dlr")
@@ -70,10 +77,10 @@ def dlr_targeted(logits: Tensor, labels: Tensor, targeted: bool = True) -> Tenso
     return (gap if targeted else -gap) / scale
 
 
-LOSSES = {"ce": ce, "margin": margin, "dlr": dlr, "dlr_targeted": dlr_targeted}
+LOSSES: dict[str, LossFn] = {"ce": ce, "margin": margin, "dlr": dlr, "dlr_targeted": dlr_targeted}
 
 
-def get_loss(name: str):
+def get_loss(name: str) -> LossFn:
     try:
         return LOSSES[name]
     except KeyError:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "create", "list_attacks", "get", "info"]
 
 _REGISTRY: dict[str, type[Attack]] = {}
-A = TypeVar("A", bound=type)
+A = TypeVar("A", bound="type[Attack]")
 
 
 def register(name: str) -> Callable[[A], A]:

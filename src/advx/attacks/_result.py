@@ -12,7 +12,28 @@ from torch import Tensor
 
 from ..threat import ThreatModel
 
-__all__ = ["AttackResult"]
+__all__ = ["AttackResult", "RunOutput"]
+
+
+@dataclass(frozen=True, eq=False)
+class RunOutput:
+    """What an attack's ``_run`` returns, for the samples of its problem (N rows).
+
+    Attributes:
+        x_adv: the candidates (N, ...); the base class projects them onto the threat model.
+        success: bool (N,) when the attack already knows which are adversarial (saves a pass);
+            None to let the base class score them.
+        loss: (N,) the attack's loss at ``x_adv`` (larger is better for the attacker), when it
+            has one: :meth:`Attack.repeat` keeps, for a sample no repetition broke, the point
+            with the highest loss (without it, the first repetition's).
+        trace: goes to ``AttackResult.trace``: its tensors are per sample (first dimension N)
+            and are spread over the whole batch; other values pass as given.
+    """
+
+    x_adv: Tensor
+    success: Tensor | None = None
+    loss: Tensor | None = None
+    trace: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,7 +137,7 @@ def concat_results(results: list[AttackResult]) -> AttackResult:
     cat = lambda name: torch.cat([getattr(r, name) for r in results])
     threat = first.threat
     if threat.per_sample:
-        threat = threat.with_eps(torch.cat([r.threat.eps for r in results]))
+        threat = threat.with_eps(torch.cat([_eps_of(r) for r in results]))
     return dataclasses.replace(
         first,
         x_adv=cat("x_adv"),
@@ -129,6 +150,12 @@ def concat_results(results: list[AttackResult]) -> AttackResult:
         seconds=sum(r.seconds for r in results),
         trace=_concat_traces(results),
     )
+
+
+def _eps_of(r: AttackResult) -> Tensor:
+    """The per-sample eps of a result, (N,) (a scalar eps repeated)."""
+    eps = r.threat.eps
+    return eps if isinstance(eps, Tensor) else torch.full((len(r),), float(eps))
 
 
 def _concat_traces(results: list[AttackResult]) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from torch import Tensor
 from .._tensor import flat, per_sample
 from .._validate import one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem
-from ._losses import LOSSES
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
+from ._losses import LOSSES, LossFn
 from ._registry import register
 
 __all__ = ["APGD", "checkpoints"]
@@ -88,17 +89,16 @@ class APGD(Attack):
         ):
             raise InputError(f"APGD: rho must be a number in [0, 1], got {self.rho!r}")
 
-    def _run(self, p: Problem):
-        n = len(p)
-        best = p.x.clone()
-        best_loss = torch.full((n,), float("-inf"), device=p.x.device, dtype=p.x.dtype)
-        found = torch.zeros(n, dtype=torch.bool, device=p.x.device)
-        loss_fn = LOSSES[self.loss.replace("-", "_")]
+    def _run(self, p: Problem) -> RunOutput:
+        best = Best.highest(p.x)  # over all runs: the first adversarial point, else highest loss
+        loss_fn: LossFn = LOSSES[self.loss.replace("-", "_")]
         apgd_t = self.loss == "dlr-targeted" and not p.targeted
+        ranked: Tensor | None = None  # APGD-T: per sample, the classes to target in turn
         if apgd_t:
             if p.num_classes < 4:
                 raise InputError(
-                    f"APGD: loss='dlr-targeted' needs at least 4 classes, the model gives {p.num_classes}"
+                    "APGD: loss='dlr-targeted' needs at least 4 classes, the model gives "
+                    f"{p.num_classes}"
                 )
             # classes other than the true one, most likely first (on the clean input)
             clean = p.model.logits(p.x)
@@ -111,27 +111,25 @@ class APGD(Attack):
             runs = 1
             loss_fn = partial(loss_fn, targeted=p.targeted)
 
-        for k in range(runs):
-            for restart in range(self.restarts):
-                rows = (~found).nonzero().view(-1)
-                if rows.numel() == 0:
-                    return best, found
-                q = p.select(rows)
-                labels = ranked[rows, k] if apgd_t else q.labels
-                desc = f"{p.name} target {k + 1}/{runs}" if apgd_t else p.name
-                if self.restarts > 1:
-                    desc += f" restart {restart + 1}/{self.restarts}"
-                xr, lr, adv = self._descend(q, labels, loss_fn, (restart, k), desc)
-                # per sample: the first adversarial point, else the highest loss over all runs
-                better = adv | (lr > best_loss[rows])
-                best[rows[better]] = xr[better]
-                best_loss[rows[better]] = lr[better]
-                found[rows[adv]] = True
-        return best, found
+        def run(rows: Tensor, i: int) -> None:
+            """Run i: target k (APGD-T), restart r, on the samples ``rows`` still unbroken."""
+            k, restart = divmod(i, self.restarts)
+            q = p.select(rows)
+            labels = q.labels if ranked is None else ranked[rows, k]
+            desc = f"{p.name} target {k + 1}/{runs}" if apgd_t else p.name
+            if self.restarts > 1:
+                desc += f" restart {restart + 1}/{self.restarts}"
+            out = self._descend(q, labels, loss_fn, (restart, k), desc)
+            best.offer(rows, out.x, out.score, out.found)
 
-    def _descend(self, q: Problem, labels: Tensor, loss_fn, key: tuple[int, int], desc: str):
+        best.rounds(runs * self.restarts, run)  # targets in turn, restarts within each
+        return best.output()
+
+    def _descend(
+        self, q: Problem, labels: Tensor, loss_fn: LossFn, key: tuple[int, int], desc: str
+    ) -> Best:
         """One APGD run from a random start. Returns, per sample, the point to keep (the first
-        adversarial one, else the one with the highest loss), its loss and whether it is adversarial."""
+        adversarial one, else the one with the highest loss)."""
         n, dev, dtype = len(q), q.x.device, q.x.dtype
         l1 = q.threat.norm == "l1"
         if l1:
@@ -147,45 +145,42 @@ class APGD(Attack):
                 w: w - v for v, w in zip(marks, marks[1:])
             }  # checkpoint -> steps since the last one
             x0 = q.threat.random_init(q.x, q.rng, *key)
-        out_x, out_loss = x0.clone(), torch.full((n,), float("-inf"), device=dev, dtype=dtype)
-        out_adv = torch.zeros(n, dtype=torch.bool, device=dev)
+        out = Best.highest(x0)
         eps = q.threat.eps_tensor(q.x)
         lowest = torch.full((n,), float("-inf"), device=dev, dtype=dtype)
-        # per-sample state of the samples still running; `act` are their positions in q
+        # per-sample state of the samples still running; `act` are their positions in q.
+        # best_x / best_loss: the highest loss, adversarial or not (the checkpoints restart
+        # from it); `out` keeps the first adversarial point instead, for the result.
         s = {
             "x": x0,
             "prev": x0,
             "eta": eps if l1 else 2 * eps,
             "eps": eps,
-            "ups": torch.zeros(
-                n, dtype=torch.long, device=dev
-            ),  # steps that raised the loss since the last checkpoint
+            # steps that raised the loss since the last checkpoint
+            "ups": torch.zeros(n, dtype=torch.long, device=dev),
             "loss_prev": lowest,
             "best_x": x0.clone(),
             "best_loss": lowest.clone(),
             "best_grad": torch.zeros_like(x0),
-            "reduced": torch.zeros(
-                n, dtype=torch.bool, device=dev
-            ),  # step size cut at the last checkpoint
+            # step size cut at the last checkpoint
+            "reduced": torch.zeros(n, dtype=torch.bool, device=dev),
             "best_at_mark": lowest.clone(),  # best loss at the last checkpoint
             "act": torch.arange(n, device=dev),
             "labels": labels,
         }
         if l1:
             d = x0[0].numel()
-            s["frac"] = torch.full(
-                (n,), 0.2, device=dev, dtype=dtype
-            )  # share of coordinates a step moves
+            # share of coordinates a step moves
+            s["frac"] = torch.full((n,), 0.2, device=dev, dtype=dtype)
             s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
         qa = q
 
-        def record(x, loss, adv):
-            """Keep the best point and the first adversarial one; return the rows to keep running."""
-            act, better = s["act"], loss > s["best_loss"]
+        def record(x: Tensor, loss: Tensor, adv: Tensor) -> Tensor | None:
+            """Keep the best point and the first adversarial one; return the rows to keep
+            running (None: all of them)."""
+            better = loss > s["best_loss"]
             s["best_x"][better], s["best_loss"][better] = x[better], loss[better]
-            first = adv & ~out_adv[act]
-            out_x[act[first]], out_loss[act[first]] = x[first], loss[first]
-            out_adv[act[first]] = True
+            out.offer(s["act"], x, loss, adv)
             return (~adv).nonzero().view(-1) if self.early_stop and bool(adv.any()) else None
 
         for t in q.progress(self.steps, desc):
@@ -216,7 +211,8 @@ class APGD(Attack):
                     x + eta * _sparse_sign(s["grad"], x, s["frac"], qa.threat.bounds), qa.x
                 )
             else:
-                # z = P(x + eta s(grad)); x' = P(x + a (z - x) + (1 - a) (x - x_prev)); no momentum on the first step
+                # z = P(x + eta s(grad)); x' = P(x + a (z - x) + (1 - a) (x - x_prev));
+                # no momentum on the first step
                 z = qa.threat.project(x + eta * qa.threat.steepest_ascent(s["grad"]), qa.x)
                 a = 1.0 if t == 0 else MOMENTUM
                 x_next = qa.threat.project(x + a * (z - x) + (1 - a) * (x - s["prev"]), qa.x)
@@ -225,12 +221,9 @@ class APGD(Attack):
             logits = qa.model.logits(s["x"])  # the last step's point
             record(s["x"], loss_fn(logits, s["labels"]), qa.is_adversarial(logits))
 
-        act = s["act"]
-        rest = ~out_adv[act]
-        out_x[act[rest]], out_loss[act[rest]] = s["best_x"][rest], s["best_loss"][rest]
-        return out_x, out_loss, out_adv
+        return out
 
-    def _checkpoint(self, s: dict, window: int) -> Tensor:
+    def _checkpoint(self, s: dict[str, Tensor], window: int) -> Tensor:
         """Halve the step where too few of the last ``window`` steps raised the loss, or where
         neither the step size nor the best loss changed since the last checkpoint."""
         halve = (s["ups"] < self.rho * window) | (
@@ -242,7 +235,7 @@ class APGD(Attack):
         return halve
 
     @staticmethod
-    def _l1_checkpoint(s: dict, x_clean: Tensor) -> Tensor:
+    def _l1_checkpoint(s: dict[str, Tensor], x_clean: Tensor) -> Tensor:
         """APGD-L1: steps move about 1/1.5 of the coordinates the best point changed; where that
         count fell by more than 5%, reset the step to eps and restart from the best point, else
         shrink the step by 1.5 (never below eps / 10)."""
@@ -260,7 +253,8 @@ class APGD(Attack):
 
 def _sparse_sign(grad: Tensor, x: Tensor, frac: Tensor, bounds: tuple[float, float]) -> Tensor:
     """The sign of the gradient on each sample's ``frac`` share of its largest coordinates, scaled
-    to L1 norm 1; coordinates at a bound and pushed further out are skipped (the box undoes them)."""
+    to L1 norm 1; coordinates at a bound and pushed further out are skipped (the box undoes
+    them)."""
     lo, hi = bounds
     g, xf = flat(grad), flat(x)  # (N, D)
     a = g.abs().masked_fill(((xf <= lo) & (g < 0)) | ((xf >= hi) & (g > 0)), 0.0)

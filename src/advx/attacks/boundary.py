@@ -12,7 +12,7 @@ from .._tensor import flat
 from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
 from ._decision import Search, draw, sample_generators
 from ._registry import register
 
@@ -104,7 +104,7 @@ class Boundary(Attack):
             raise InputError(f"Boundary: step_adaptation must be >= 1, got {self.step_adaptation}")
         one_of(self.init, ("noise", "pool"), name="init", who="Boundary")
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         s = Search(p, self.max_queries)
         n, dev, dtype = len(p), p.x.device, p.x.dtype
         lo, hi = p.threat.bounds

@@ -12,7 +12,7 @@ from .._tensor import flat
 from .._validate import nonneg_float, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
 from ._losses import margin
 from ._registry import register
 
@@ -117,4 +117,4 @@ class CW(Attack):
             c_hi = torch.where(hit, torch.minimum(c_hi, c), c_hi)
             c_lo = torch.where(hit, c_lo, torch.maximum(c_lo, c))
             c = torch.where(torch.isinf(c_hi), c * 10, (c_lo + c_hi) / 2)
-        return best, torch.isfinite(best_d) & (best_d <= p.threat.eps_tensor(x))
+        return RunOutput(best, torch.isfinite(best_d) & (best_d <= p.threat.eps_tensor(x)))

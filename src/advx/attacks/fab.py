@@ -11,7 +11,8 @@ from torch import Tensor
 from .._tensor import flat, per_sample
 from .._validate import nonneg_float, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
 from ._losses import other_max
 from ._registry import register
 
@@ -138,16 +139,15 @@ class FAB(Attack):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"FAB: {name} must be True or False, got {getattr(self, name)!r}")
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         n, x = len(p), p.x
         eps = p.threat.eps_tensor(x)
         scale = eps if self.eps_init is None else torch.full_like(eps, float(self.eps_init))
-        s = _Search(
-            x.clone(),
-            torch.full((n,), math.inf, device=x.device, dtype=x.dtype),
-            torch.full((n,), math.inf, device=x.device, dtype=x.dtype),
-            eps,
-        )
+        # the closest adversarial point; with a finite eps a sample is done once inside it
+        best = Best.closest(x, eps)
+        # the linearized distance to the boundary at x_orig: a fallback restart scale
+        lin_d = torch.full((n,), math.inf, device=x.device, dtype=x.dtype)
+        plans: list[Tensor | None]
         if p.targeted:
             plans = [p.target]
         elif self.targeted:
@@ -156,29 +156,30 @@ class FAB(Attack):
             plans = [order[:, k] for k in range(min(self.targets, p.num_classes - 1))]
         else:
             plans = [None]
-        everyone = torch.arange(n, device=x.device)
-        for k, target in enumerate(plans):
-            for r in range(self.restarts):
-                rows = everyone[~s.done(everyone)] if self.early_stop else everyone
-                if rows.numel() == 0:
-                    break
-                q = p.select(rows)
-                start = None
-                if r > 0:
-                    # the paper's restart ball: half the best distance so far, at most half eps
-                    radius = torch.minimum(s.best_d[rows], scale[rows])
-                    radius = torch.where(torch.isfinite(radius), radius, s.lin_d[rows])
-                    radius = torch.where(
-                        torch.isfinite(radius), radius / 2, torch.zeros_like(radius)
-                    )
-                    start = q.threat.with_eps(radius).random_init(q.x, q.rng, k, r)
-                self._single(s, q, rows, None if target is None else target[rows], start, k, r)
-        return s.best, torch.isfinite(s.best_d) & (s.best_d <= eps)
+
+        def run(rows: Tensor, i: int) -> None:
+            """Run i: target k, restart r, on the samples ``rows``."""
+            k, r = divmod(i, self.restarts)
+            target = plans[k]
+            q = p.select(rows)
+            start = None
+            if r > 0:
+                # the paper's restart ball: half the best distance so far, at most half eps
+                radius = torch.minimum(best.score[rows], scale[rows])
+                radius = torch.where(torch.isfinite(radius), radius, lin_d[rows])
+                radius = torch.where(torch.isfinite(radius), radius / 2, torch.zeros_like(radius))
+                start = q.threat.with_eps(radius).random_init(q.x, q.rng, k, r)
+            target = None if target is None else target[rows]
+            self._single(best, lin_d, q, rows, target, start, k, r)
+
+        # targets in turn, restarts within each; without early_stop every run sees every sample
+        best.rounds(len(plans) * self.restarts, run, everyone=not self.early_stop)
+        return best.output()
 
     def _gap(self, q: Problem, xa: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The linear function (value (m,), gradient (m, D)) whose zero set is the boundary to
         step onto, and the logits at ``xa``."""
-        if q.targeted:  # the caller's target against whichever class beats it now
+        if q.target is not None:  # the caller's target against whichever class beats it now
             value, grad, logits = q.model.value_and_grad(xa, _target_gap, q.target)
             return value, flat(grad), logits
         if target is not None:  # FAB-T: the boundary between the target and the true class
@@ -190,16 +191,14 @@ class FAB(Attack):
         m, c = len(q), q.num_classes
         classes = torch.arange(c, device=xa.device).expand(m, c)
         others = classes[classes != q.y.view(-1, 1)].view(m, c - 1)  # (m*(C-1),) -> (m, C-1)
-        best_dist = best_value = best_grad = logits = None
-        for j in range(c - 1):
-            value, grad, out = q.model.value_and_grad(xa, _pair_gap, others[:, j], q.y)
+        best_value, grad, logits = q.model.value_and_grad(xa, _pair_gap, others[:, 0], q.y)
+        best_grad = flat(grad)  # (m, ...) -> (m, D)
+        # the distance to the linearized boundary
+        best_dist = best_value.abs() / q.threat.dual_norm(best_grad).clamp(min=1e-12)
+        for j in range(1, c - 1):
+            value, grad, _ = q.model.value_and_grad(xa, _pair_gap, others[:, j], q.y)
             grad = flat(grad)  # (m, ...) -> (m, D)
-            dist = value.abs() / q.threat.dual_norm(grad).clamp(
-                min=1e-12
-            )  # to the linearized boundary
-            if best_dist is None:
-                best_dist, best_value, best_grad, logits = dist, value, grad, out
-                continue
+            dist = value.abs() / q.threat.dual_norm(grad).clamp(min=1e-12)
             closer = dist < best_dist
             best_dist = torch.where(closer, dist, best_dist)
             best_value = torch.where(closer, value, best_value)
@@ -208,7 +207,8 @@ class FAB(Attack):
 
     def _single(
         self,
-        s: _Search,
+        best: Best,
+        lin_d: Tensor,
         q: Problem,
         rows: Tensor,
         target: Tensor | None,
@@ -223,26 +223,25 @@ class FAB(Attack):
         desc = f"{q.name} target {k + 1} restart {r + 1}" if (k or self.restarts > 1) else None
         for t in q.progress(self.steps, desc):
             f, w, logits = self._gap(q, xa, target)
-            s.keep(q, rows, xa, q.is_adversarial(logits))  # the current point, checked for free
+            # the current point, checked for free
+            best.offer(rows, xa, q.threat.distance(xa, q.x), q.is_adversarial(logits))
             x0f, xf = flat(q.x), flat(xa)  # (m, ...) -> (m, D)
             # project the current and the clean point onto the hyperplane f + <w, z - xa> = 0
             d1 = project_hyperplane(norm, w, -f, lo - xf, hi - xf)
             d2 = project_hyperplane(norm, w, -f - (w * (x0f - xf)).sum(dim=1), lo - x0f, hi - x0f)
             n1, n2 = _norm(q, d1), _norm(q, d2)
-            if (
-                t == 0 and start is None
-            ):  # the linearized distance at x_orig: a fallback restart scale
-                s.lin_d[rows] = torch.minimum(s.lin_d[rows], n2)
+            if t == 0 and start is None:  # the linearized distance at x_orig
+                lin_d[rows] = torch.minimum(lin_d[rows], n2)
             alpha = (n1 / (n1 + n2).clamp(min=1e-12)).clamp(max=self.alpha_max).view(-1, 1)
             step = (1 - alpha) * (xf + self.eta * d1) + alpha * (x0f + self.eta * d2)
             xa = step.view_as(q.x).clamp(lo, hi)
             adv = q.is_adversarial(q.model.logits(xa))
-            s.keep(q, rows, xa, adv)
+            best.offer(rows, xa, q.threat.distance(xa, q.x), adv)
             # from an adversarial point, backtrack towards x_orig: the next step starts closer
             b = per_sample(torch.where(adv, self.beta, 1.0).to(xa.dtype), xa)
             xa = b * xa + (1 - b) * q.x
             if self.early_stop:
-                go = (~s.done(rows)).nonzero().view(-1)
+                go = (~best.done(rows)).nonzero().view(-1)
                 if go.numel() < rows.numel():
                     if go.numel() == 0:
                         break
@@ -253,24 +252,3 @@ class FAB(Attack):
 def _norm(q: Problem, d: Tensor) -> Tensor:
     """Per-sample size of a flat perturbation (m, D) in the threat's norm."""
     return q.threat.distance(d, torch.zeros_like(d))
-
-
-@dataclass(eq=False)
-class _Search:
-    """Per-sample state shared by the runs: the closest adversarial point and its distance, the
-    linearized distance at x_orig (a fallback restart scale) and the budget."""
-
-    best: Tensor
-    best_d: Tensor
-    lin_d: Tensor
-    eps: Tensor
-
-    def done(self, rows: Tensor) -> Tensor:
-        """Samples with an adversarial point inside a finite ball (never when eps is inf)."""
-        return torch.isfinite(self.eps[rows]) & (self.best_d[rows] <= self.eps[rows])
-
-    def keep(self, q: Problem, rows: Tensor, xa: Tensor, adv: Tensor) -> None:
-        d = q.threat.distance(xa, q.x)
-        better = adv & (d < self.best_d[rows])
-        self.best[rows[better]] = xa[better]
-        self.best_d[rows[better]] = d[better]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .._validate import one_of
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
 from ._losses import LOSSES, get_loss
 from ._registry import register
 
@@ -26,7 +26,7 @@ class FGSM(Attack):
     def _check(self) -> None:
         one_of(self.loss, tuple(LOSSES), name="loss", who="FGSM")
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)
         _, grad, _ = p.model.value_and_grad(p.x, loss_fn, p.labels)
-        return p.threat.maximize_linear(grad, p.x)
+        return RunOutput(p.threat.maximize_linear(grad, p.x))

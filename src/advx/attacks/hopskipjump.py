@@ -1,4 +1,4 @@
-"""HopSkipJumpAttack (Chen, Jordan & Wainwright, IEEE S&P 2020): a label-only minimum-norm attack."""
+"""HopSkipJumpAttack (Chen, Jordan & Wainwright, IEEE S&P 2020): label-only, minimum-norm."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .._tensor import flat, per_sample
 from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
 from ._decision import Search, draw, sample_generators
 from ._registry import register
 
@@ -69,7 +69,7 @@ class HopSkipJump(Attack):
         )
         one_of(self.init, ("noise", "pool"), name="init", who="HopSkipJump")
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         s = Search(p, self.max_queries)
         theta = s.theta(self.gamma)
         x0, found = s.start_points(self.init)

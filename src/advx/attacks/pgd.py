@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import Tensor
 
 from .._tensor import per_sample
 from .._validate import nonneg_float, one_of, positive_int
-from ._base import Attack, Problem, step_size_default
+from ._base import Attack, Problem, RunOutput, step_size_default
+from ._best import Best
 from ._losses import LOSSES, get_loss
 from ._registry import register
 
@@ -38,7 +40,7 @@ class PGD(Attack):
         if self.step_size is not None:
             nonneg_float(self.step_size, name="step_size", who="PGD")
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)
         n = len(p)
         step = (
@@ -46,38 +48,26 @@ class PGD(Attack):
             if self.step_size is None
             else torch.full((n,), float(self.step_size), device=p.x.device, dtype=p.x.dtype)
         )
-        best = p.x.clone()
-        best_loss = torch.full((n,), float("-inf"), device=p.x.device, dtype=p.x.dtype)
-        found = torch.zeros(n, dtype=torch.bool, device=p.x.device)
+        best = Best.highest(p.x)  # the first adversarial point, else the highest loss
 
-        def keep(rows, xa, loss, adv):
-            """Per sample: the first adversarial point, else the one with the highest loss."""
-            better = ~found[rows] & (adv | (loss > best_loss[rows]))
-            best[rows[better]] = xa[better]
-            best_loss[rows[better]] = loss[better]
-            found[rows[adv]] = True
-
-        for restart in range(self.restarts):
-            rows = (~found).nonzero().view(-1)
-            if rows.numel() == 0:
-                break
+        def restart(rows: Tensor, r: int) -> None:
+            """One run from a random start (keyed by r) on the samples ``rows``."""
             q = p.select(rows)
-            xa = q.threat.random_init(q.x, q.rng, restart) if self.random_start else q.x.clone()
-            for _ in p.progress(
-                self.steps,
-                f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None,
-            ):
+            xa = q.threat.random_init(q.x, q.rng, r) if self.random_start else q.x.clone()
+            desc = f"{p.name} restart {r + 1}/{self.restarts}" if self.restarts > 1 else None
+            for _ in p.progress(self.steps, desc):
                 loss, grad, logits = q.model.value_and_grad(xa, loss_fn, q.labels)
                 adv = q.is_adversarial(logits)
-                keep(rows, xa, loss, adv)
+                best.offer(rows, xa, loss, adv)
                 if self.early_stop and bool(adv.any()):
                     go = (~adv).nonzero().view(-1)
                     rows, xa, grad, q = rows[go], xa[go], grad[go], q.select(go)
                     if rows.numel() == 0:
-                        break
+                        return
                 direction = q.threat.steepest_ascent(grad, x_adv=xa)
                 xa = q.threat.project(xa + per_sample(step[rows], xa) * direction, q.x)
-            else:
-                logits = q.model.logits(xa)  # the last step's point
-                keep(rows, xa, loss_fn(logits, q.labels), q.is_adversarial(logits))
-        return best, found
+            logits = q.model.logits(xa)  # the last step's point
+            best.offer(rows, xa, loss_fn(logits, q.labels), q.is_adversarial(logits))
+
+        best.rounds(self.restarts, restart)  # each restart only on the samples still unbroken
+        return best.output()

@@ -19,13 +19,16 @@ from torch import Tensor
 from .._tensor import flat
 from .._validate import nonneg_float, one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
 from ._registry import register
 
 __all__ = ["SimBA", "dct_matrix", "dct2", "idct2"]
 
 
-def dct_matrix(n: int, *, dtype=torch.float32, device=None) -> Tensor:
+def dct_matrix(
+    n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """The orthonormal DCT-II matrix (n, n): row k is the k-th cosine, so ``M @ v`` is the DCT
     of v and ``M.T @ c`` its inverse."""
     k = torch.arange(n, dtype=torch.float64, device=device).view(-1, 1)
@@ -90,7 +93,8 @@ class SimBA(Attack):
         if x.dim() != 4:
             if self.basis == "dct":
                 raise InputError(
-                    f"SimBA: the DCT basis needs images (N, C, H, W), got shape {tuple(x.shape)}; use basis='pixel'"
+                    "SimBA: the DCT basis needs images (N, C, H, W), got shape "
+                    f"{tuple(x.shape)}; use basis='pixel'"
                 )
             d = x[0].numel()
             return torch.arange(d, device=x.device), torch.zeros(
@@ -120,6 +124,7 @@ class SimBA(Attack):
         q = like.new_zeros(r, like[0].numel())
         if self.basis == "pixel":
             return q.scatter_(1, coords.view(-1, 1), 1.0).view(r, *like.shape[1:])
+        assert mats is not None  # the DCT basis comes with its matrices
         mh, mw = mats
         hgt, wid = mh.shape[0], mw.shape[0]
         c, rest = torch.div(coords, hgt * wid, rounding_mode="floor"), coords % (hgt * wid)
@@ -133,7 +138,7 @@ class SimBA(Attack):
         return q
 
     # ---- the attack --------------------------------------------------------------------------
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         x0, n, labels = p.x, len(p), p.labels
         dev = x0.device
         linf = p.threat.norm == "linf"
@@ -152,51 +157,51 @@ class SimBA(Attack):
                 return -lp, pred == labels[rows]
             return lp, pred != labels[rows]
 
-        x_adv = x0.clone()
-        found = torch.zeros(n, dtype=torch.bool, device=dev)
-        cur = torch.full((n,), math.inf, device=dev, dtype=x0.dtype)
+        # the walk's current point is its best: it moves only to a point of lower score. The
+        # tracker's loss is minus that score (larger is better); -inf: not queried yet
+        best = Best.highest(x0)
         start = (budget >= 1).nonzero().view(-1)
         if start.numel():
-            cur[start], found[start] = query(start, x0[start])  # found: a randomized model may flip
+            score, adv = query(start, x0[start])  # adv: a randomized model may flip
+            best.offer(start, x0[start], -score, adv)
         coords, band = self._grid(x0)
-        mats = None
+        mats: tuple[Tensor, Tensor] | None = None
         if self.basis == "dct":
             mats = (
                 dct_matrix(x0.shape[2], dtype=x0.dtype, device=dev),
                 dct_matrix(x0.shape[3], dtype=x0.dtype, device=dev),
             )
         m = coords.numel()
-        order = None
-        idle = torch.zeros(
-            n, dtype=torch.long, device=dev
-        )  # directions in a row that moved nothing
-        active = torch.isfinite(cur) & ~found & (budget >= 1)
+        order = coords.new_empty((n, m))  # drawn at t = 0
+        # directions in a row that moved nothing
+        idle = torch.zeros(n, dtype=torch.long, device=dev)
+        active = torch.isfinite(best.score) & ~best.found & (budget >= 1)
         t = 0
         while bool(active.any()):
             if t % m == 0:  # a new pass: a fresh per-sample permutation of the directions
                 u = p.rng.uniform(t // m, shape=(m,), dtype=torch.float64).to(dev)
-                order = (band.to(u.dtype) + u).argsort(
-                    dim=1
-                )  # (N, M): bands in turn, random within
+                # (N, M): the bands in turn, a random order within each
+                order = (band.to(u.dtype) + u).argsort(dim=1)
             moved = torch.zeros(n, dtype=torch.bool, device=dev)
             for sign in (1.0, -1.0):
                 rows = (active & (budget >= 1)).nonzero().view(-1)
                 if rows.numel() == 0:
                     break
                 q = self._directions(coords[order[rows, t % m]], x0, linf, mats)
-                cand = p.threat.select(rows).project(x_adv[rows] + sign * self.step * q, x0[rows])
-                changed = flat(cand - x_adv[rows]).abs().amax(dim=1) > 0
+                cur = best.x[rows]
+                cand = p.threat.select(rows).project(cur + sign * self.step * q, x0[rows])
+                changed = flat(cand - cur).abs().amax(dim=1) > 0
                 rows, cand = rows[changed], cand[changed]
                 if rows.numel() == 0:
                     continue
                 new, adv = query(rows, cand)
-                better = new < cur[rows]
-                take = rows[better]
-                x_adv[take], cur[take], found[take] = cand[better], new[better], adv[better]
+                # only a lower score moves the walk, even to an adversarial point
+                better = -new > best.score[rows]
+                best.offer(rows, cand, -new, adv & better)
                 moved[rows] = True
-                active[take] = False  # the other sign is tried only where this one failed
+                active[rows[better]] = False  # the other sign is tried only where this one failed
             # a sample that went a whole pass without a query (its ball is a point) is done
             idle = torch.where(moved, 0, idle + 1)
-            active = ~found & (budget >= 1) & (idle < m)
+            active = ~best.found & (budget >= 1) & (idle < m)
             t += 1
-        return x_adv, found
+        return best.output()

@@ -27,7 +27,8 @@ from torch import Tensor
 from .._tensor import flat, per_sample
 from .._validate import one_of, positive_int
 from ..errors import InputError
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
 from ._losses import get_loss
 from ._registry import register
 
@@ -134,47 +135,38 @@ class Square(Attack):
             raise InputError(f"Square: p_init must be a number in (0, 1], got {self.p_init!r}")
         if self.queries + 1 < 2 * self.restarts:
             raise InputError(
-                f"Square: {self.restarts} restarts need queries >= {2 * self.restarts - 1} (each restart "
-                f"spends one pass on its starting point and at least one on a candidate), got {self.queries}"
+                f"Square: {self.restarts} restarts need queries >= {2 * self.restarts - 1} "
+                "(each restart spends one pass on its starting point and at least one on a "
+                f"candidate), got {self.queries}"
             )
 
-    def _run(self, p: Problem):
+    def _run(self, p: Problem) -> RunOutput:
         if p.x.dim() != 4:
             raise InputError(
                 f"Square: expected images of shape (N, C, H, W), got shape {tuple(p.x.shape)}"
             )
-        n = len(p)
-        dev = p.x.device
-        best = p.x.clone()
-        best_loss = torch.full((n,), float("-inf"), device=dev, dtype=p.x.dtype)
-        found = torch.zeros(n, dtype=torch.bool, device=dev)
+        # across restarts, per sample: the adversarial point, else the one with the highest
+        # attacker's loss (the paper's lowest)
+        best = Best.highest(p.x)
         # samples that cannot move (eps 0) or whose model budget ran out are done
         done = p.threat.eps_tensor(p.x) <= 0
         total = self.queries + 1  # passes of the search: initial points and candidates
         shares = [
             total // self.restarts + (r < total % self.restarts) for r in range(self.restarts)
         ]
-        for restart, share in enumerate(shares):
-            rows = (~found & ~done).nonzero().view(-1)
-            if rows.numel() == 0:
-                break
-            self._search(p, rows, restart, share, best, best_loss, found, done)
-        return best, found
+        best.rounds(
+            self.restarts,
+            lambda rows, r: self._search(p, rows, r, shares[r], best, done),
+            skip=done,
+        )
+        return best.output()
 
     # ---- one restart ---------------------------------------------------------------------------
     def _search(
-        self,
-        p: Problem,
-        rows: Tensor,
-        restart: int,
-        share: int,
-        best: Tensor,
-        best_loss: Tensor,
-        found: Tensor,
-        done: Tensor,
+        self, p: Problem, rows: Tensor, restart: int, share: int, best: Best, done: Tensor
     ) -> None:
         """Run one restart on ``rows``, with ``share`` passes per sample; update the shared
-        per-sample state (best point and loss, found, done) in place."""
+        per-sample state (``best``, ``done``) in place."""
         loss_fn = partial(get_loss(self.loss), targeted=p.targeted)
         linf = p.threat.norm == "linf"
 
@@ -185,14 +177,6 @@ class Square(Attack):
                 if left is None
                 else left >= 1
             )
-
-        def keep(rows: Tensor, xa: Tensor, loss: Tensor, adv: Tensor) -> None:
-            """Across restarts, per sample: the adversarial point, else the one with the highest
-            attacker's loss (the paper's lowest)."""
-            better = adv | (loss > best_loss[rows])
-            best[rows[better]] = xa[better]
-            best_loss[rows[better]] = loss[better]
-            found[rows[adv]] = True
 
         q = p.select(rows)
         ok = affordable(q)
@@ -205,7 +189,7 @@ class Square(Attack):
         x_cur = self._linf_init(q, restart, eps) if linf else self._l2_init(q, restart, eps)
         logits = q.model.logits(x_cur)
         cur_loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
-        keep(rows, x_cur, cur_loss, adv)
+        best.offer(rows, x_cur, cur_loss, adv)
 
         iterations = share - 1
         desc = f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None
@@ -234,7 +218,7 @@ class Square(Attack):
             better = adv | (loss > cur_loss)
             x_cur = torch.where(better.view(-1, 1, 1, 1), cand, x_cur)
             cur_loss = torch.where(better, loss, cur_loss)
-            keep(rows, cand, loss, adv)
+            best.offer(rows, cand, loss, adv)
 
     # ---- Linf --------------------------------------------------------------------------------
     def _linf_init(self, q: Problem, restart: int, eps: Tensor) -> Tensor:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from .._rng import derive_seed
 from ..errors import InputError
 from ..models._base import ACCESS_RANK
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
 
 
 @dataclass(eq=False, init=False)
@@ -42,41 +45,39 @@ class WorstCase(Attack):
         self.attacks = attacks
         self.threat = first
         self.seed = seed
-        # the cascade needs the most any stage needs
-        self.access = max((a.access for a in attacks), key=ACCESS_RANK.__getitem__)
-        self.supports_targeted = all(a.supports_targeted for a in attacks)
-        self.minimum_norm = all(a.minimum_norm for a in attacks)
-        self.name = "worstcase(" + ",".join(a.name for a in attacks) + ")"
+        # what the registry keeps on an attack's class, the cascade takes from its stages: it
+        # needs the most any stage needs
+        described = {
+            "access": max((a.access for a in attacks), key=ACCESS_RANK.__getitem__),
+            "supports_targeted": all(a.supports_targeted for a in attacks),
+            "minimum_norm": all(a.minimum_norm for a in attacks),
+            "name": "worstcase(" + ",".join(a.name for a in attacks) + ")",
+        }
+        for key, value in described.items():
+            setattr(self, key, value)
         self.__post_init__()
 
     @property
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         return {"attacks": [{"name": a.name, **a.params} for a in self.attacks], "seed": self.seed}
 
-    def _run(self, p: Problem):
-        x_adv = p.x.clone()
-        found = torch.zeros(len(p), dtype=torch.bool, device=p.x.device)
+    def with_seed(self, seed: int) -> WorstCase:
+        return WorstCase(self.attacks, seed=seed)
+
+    def _run(self, p: Problem) -> RunOutput:
+        best = Best.highest(p.x)  # the first stage's success; no loss to compare
         stage = torch.full((len(p),), -1, dtype=torch.long, device=p.x.device)
-        for k, attack in enumerate(self.attacks):
-            rows = (~found).nonzero().view(-1)
-            if rows.numel() == 0:
-                break
+
+        def run(rows: Tensor, k: int) -> None:
             q = p.select(rows)
-            seeded = _reseeded(attack, derive_seed(self.seed, k))
-            r = seeded(q.model.model, q.x, q.y, target=q.target, index=q.rng.index)
+            attack = self.attacks[k]
+            # a nested cascade keeps its own seed (it always has: stage streams stay as they were)
+            if not isinstance(attack, WorstCase):
+                attack = attack.with_seed(derive_seed(self.seed, k))
+            r = attack(q.model.model, q.x, q.y, target=q.target, index=q.rng.index)
             q.model.add_counts(r.queries, r.grads)
-            hit = r.success
-            x_adv[rows[hit]] = r.x_adv[hit]
-            found[rows[hit]] = True
-            stage[rows[hit]] = k
-        return x_adv, found, {"stage": stage}
+            hit = best.offer(rows, r.x_adv, None, r.success)
+            stage.index_copy_(0, rows, torch.where(hit, k, stage.index_select(0, rows)))
 
-
-def _reseeded(attack: Attack, seed: int) -> Attack:
-    import dataclasses
-
-    return (
-        dataclasses.replace(attack, seed=seed)
-        if dataclasses.is_dataclass(attack) and not isinstance(attack, WorstCase)
-        else attack
-    )
+        best.rounds(len(self.attacks), run)  # each stage on the samples no earlier one broke
+        return RunOutput(best.x, best.success, trace={"stage": stage})

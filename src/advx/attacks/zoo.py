@@ -31,7 +31,7 @@ from .._tensor import flat
 from .._validate import nonneg_float, positive_int
 from ..errors import InputError
 from ..threat import L2, ThreatModel
-from ._base import Attack, Problem
+from ._base import Attack, Problem, RunOutput
 from ._losses import margin
 from ._registry import register
 
@@ -229,7 +229,7 @@ class ZOO(Attack):
             c = torch.where(ran, torch.where(torch.isinf(c_hi), c * 10, (c_lo + c_hi) / 2), c)
             lr = torch.where(ran, lr / 2, lr)
         found = torch.isfinite(best_d)
-        return best, found & (best_d <= eps) if bounded else found
+        return RunOutput(best, found & (best_d <= eps) if bounded else found)
 
     def _step(
         self,
