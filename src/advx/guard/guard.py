@@ -1,0 +1,178 @@
+"""The Guard: validate, predict, score, decide — per input, never failing the batch.
+
+>>> guard = advx.guard.Guard(model, detectors=[FeatureSqueezing(model)])
+>>> guard.calibrate(x_clean, y_clean, fpr=0.05)
+>>> decisions = guard(x)                  # one Decision per input
+>>> decisions[0].action, decisions[0].label, decisions[0].reasons
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..defenses.detectors import Detector
+from ..errors import InputError
+from ..models._base import Model
+from ..models.classifier import as_model
+from .decision import ACTIONS, Action, Decision, Decisions
+from .policy import Policy
+from .validate import MAX_ROWS, check_rows
+
+__all__ = ["Guard"]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _strictest(actions: Sequence[Action]) -> Action:
+    return max(actions, key=ACTIONS.index)
+
+
+class Guard:
+    """Protects ``model``: every input gets a :class:`Decision`.
+
+    ``detectors``: :class:`~advx.defenses.Detector` objects (a mapping names them; a list is
+    named after each class). ``fallback``: a model answering when a rule says ``"fallback"``
+    (without one, such inputs are abstained on). ``policy``: thresholds and actions; without
+    one, the guard validates and abstains below 0.5 confidence. ``input_shape``: the shape of
+    one input, e.g. ``(1, 28, 28)``; ``None`` takes the first input's. ``version``: the model
+    version in every decision (default: the first 12 digits of the model's fingerprint).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        detectors: Mapping[str, Detector] | Sequence[Detector] = (),
+        fallback: Any = None,
+        policy: Policy | None = None,
+        input_shape: Sequence[int] | None = None,
+        version: str | None = None,
+        max_rows: int = MAX_ROWS,
+    ) -> None:
+        self.model: Model = as_model(model)
+        if isinstance(detectors, Mapping):
+            named = dict(detectors)
+        else:
+            named = {}
+            for d in detectors:
+                name = _snake(type(d).__name__)
+                if name in named:
+                    raise InputError(
+                        f"Guard: two detectors named {name!r}; pass a mapping to name them"
+                    )
+                named[name] = d
+        for name, d in named.items():
+            if not isinstance(d, Detector):
+                raise InputError(
+                    f"Guard: detectors[{name!r}] must be an advx.defenses.Detector, "
+                    f"got {type(d).__name__}"
+                )
+        self.detectors: dict[str, Detector] = named
+        self.fallback: Model | None = None if fallback is None else as_model(fallback)
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
+        self.version = version or self.model.fingerprint()[:12]
+        self.max_rows = int(max_rows)
+        self.policy = Policy()
+        if policy is not None:
+            self.use(policy)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.model.bounds
+
+    def use(self, policy: Policy) -> Guard:
+        """Adopt ``policy``; refuses one calibrated for another model or naming unknown
+        detectors. Returns the guard."""
+        fp = policy.model_fingerprint
+        if fp is not None and fp != self.model.fingerprint():
+            raise InputError(
+                f"policy: calibrated for model {fp[:12]}, but this model is "
+                f"{self.model.fingerprint()[:12]}; recalibrate it for this model "
+                "(guard.calibrate or advx guard calibrate)"
+            )
+        unknown = sorted(set(policy.thresholds) - set(self.detectors))
+        if unknown:
+            raise InputError(
+                f"policy: thresholds for detectors this guard does not have: {unknown}; "
+                f"it has {sorted(self.detectors)}"
+            )
+        self.policy = policy
+        return self
+
+    def score(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Softmax probabilities ``(N, C)`` and each detector's scores ``(N,)`` for valid ``x``."""
+        with torch.no_grad():
+            probs = F.softmax(self.model.scores(x).float(), dim=1)
+            scores = {name: d.score(x).float() for name, d in self.detectors.items()}
+        return probs, scores
+
+    def __call__(self, x: Any) -> Decisions:
+        """One :class:`Decision` per row of ``x`` (a tensor, an array or a list of rows)."""
+        try:
+            good, index, bad = check_rows(
+                x, shape=self.input_shape, bounds=self.bounds, max_rows=self.max_rows
+            )
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        n = len(index) + len(bad)
+        out: list[Decision | None] = [None] * n
+        ph, version = self.policy.hash, self.version
+        for i, why in bad.items():
+            out[i] = Decision(
+                "reject", None, None, None, {}, (f"invalid input: {why}",), version, ph
+            )
+        if good is not None:
+            good = good.to(getattr(self.model, "device", "cpu"))
+            for j, d in zip(index, self._decide(good), strict=True):
+                out[j] = d
+        return Decisions([d for d in out if d is not None])
+
+    def _decide(self, x: Tensor) -> list[Decision]:
+        pol = self.policy
+        probs, scores = self.score(x)
+        conf, pred = probs.max(dim=1)
+        fb_labels = None
+        decisions = []
+        for i in range(x.shape[0]):
+            c = float(conf[i])
+            row = {name: float(s[i]) for name, s in scores.items()}
+            actions: list[Action] = ["accept"]
+            reasons: list[str] = []
+            for name, t in pol.thresholds.items():
+                if row[name] > t:
+                    actions.append(pol.on_detect)
+                    reasons.append(f"{name} {row[name]:.4g} > {t:.4g}")
+            if c < pol.min_confidence:
+                actions.append(pol.on_low_confidence)
+                reasons.append(f"confidence {c:.4g} < {pol.min_confidence:.4g}")
+            action = _strictest(actions)
+            label: int | None = int(pred[i]) if action == "accept" else None
+            if action == "fallback":
+                if self.fallback is None:
+                    action = "abstain"
+                    reasons.append("no fallback model configured")
+                else:
+                    if fb_labels is None:
+                        with torch.no_grad():
+                            fb_labels = self.fallback.labels(x)
+                    label = int(fb_labels[i])
+            row["confidence"] = c
+            decisions.append(
+                Decision(
+                    action, label, int(pred[i]), c, row, tuple(reasons), self.version, pol.hash
+                )
+            )
+        return decisions
+
+    def __repr__(self) -> str:
+        return (
+            f"Guard({self.model!r}, detectors={sorted(self.detectors)}, policy={self.policy.hash})"
+        )
