@@ -35,7 +35,8 @@ def _attack_names() -> list[str]:
     "--blackbox",
     default=None,
     metavar="URL|FILE.onnx|pkg.module:fn",
-    help="Attack a model you can only query (instead of --model): an HTTP endpoint, an ONNX file or a callable.",
+    help="Attack a model you can only query (instead of --model): an HTTP endpoint, "
+    "an ONNX file or a callable.",
 )
 @click.option(
     "--kind",
