@@ -15,6 +15,7 @@ import os
 import struct
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ __all__ = [
 
 DEMO_SPLITS = {"test": (0, 1000), "train": (1000, 5000), "all": (0, 5000)}
 NAMES = ("mnist-demo",)
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, Any] = {
     0x08: np.uint8,
     0x09: np.int8,
     0x0B: np.dtype(">i2"),

@@ -72,7 +72,8 @@ def describe(net: nn.Module) -> dict[str, Any] | None:
     built-in architectures; None for any other module (pass ``model_spec=`` to ``fit`` then)."""
     for name, cls in _BUILTIN_CLASSES.items():
         if type(net) is cls:
-            return {"spec": name, "kwargs": dict(net.config)}
+            config: dict[str, Any] = net.config  # type: ignore[assignment]
+            return {"spec": name, "kwargs": dict(config)}
     return None
 
 
