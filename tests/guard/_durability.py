@@ -232,7 +232,8 @@ def _integrity(store) -> str:
         indexes = (
             conn.execute(
                 sa.text(
-                    "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = CAST(:t AS regclass)"
+                    "SELECT indexrelid::regclass::text FROM pg_index "
+                    "WHERE indrelid = CAST(:t AS regclass)"
                 ),
                 {"t": "review_items"},
             )
