@@ -191,3 +191,42 @@ def test_one_click_in_a_real_browser_labels_the_item(filled, tmp_path):
     assert store.get(1)["status"] == "queued"
     if os.environ.get("ADVX_REVIEW_SCREENSHOT"):
         shutil.copy(tmp_path / "review.png", os.environ["ADVX_REVIEW_SCREENSHOT"])
+
+
+def test_review_serve_starts_the_page(filled, tmp_path):
+    """`advx review serve` as a user runs it: a process that serves the page for the store."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .._server import free_port
+
+    url, _, _ = filled
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advx", "review", "serve", "--store", url, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "advx review serve did not answer in 90 s"
+                time.sleep(0.1)
+        assert page.status_code == 200 and 'id="item-1"' in page.text
+        r = httpx.post(f"http://127.0.0.1:{port}/items/1/label", data={"label": "4"})
+        assert r.status_code == 303
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    with Store(url) as store:
+        assert store.get(1)["label"] == 4
