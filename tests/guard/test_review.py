@@ -140,12 +140,29 @@ def test_the_page_and_its_api(filled):
         bad = httpx.post(base + "/api/items/1/label", json={"label": 12})
         assert bad.status_code == 400 and bad.json()["field"] == "label"
         assert httpx.post(base + "/api/items/77/label", json={"label": 1}).status_code == 404
-        assert httpx.post(base + "/api/items/1/label", content=b"{").status_code == 400
+        as_json = {"content-type": "application/json"}
+        assert (
+            httpx.post(base + "/api/items/1/label", content=b"{", headers=as_json).status_code
+            == 400
+        )
         assert httpx.post(base + "/items/1/label", data={"label": "x"}).status_code == 400
         ok = httpx.post(base + "/api/items/1/label", json={"label": int(y[0]), "by": "bob"})
         assert ok.status_code == 200 and ok.json()["labelled_by"] == "bob"
         assert [i["id"] for i in httpx.get(base + "/api/items").json()] == [2, 3, 4]
         assert httpx.get(base + "/api/items?status=nope").status_code == 400
+        # another site's page cannot label for the reviewer
+        evil = {"Origin": "http://evil.example"}
+        forged = httpx.post(base + "/items/2/label", data={"label": "1"}, headers=evil)
+        assert forged.status_code == 403 and forged.json()["field"] == "origin"
+        plain = httpx.post(
+            base + "/api/items/2/label",
+            content=b'{"label": 1}',
+            headers={"content-type": "text/plain"},
+        )
+        assert plain.status_code == 415
+        assert store.get(2)["status"] == "queued"
+        same = httpx.post(base + "/items/2/label", data={"label": "1"}, headers={"Origin": base})
+        assert same.status_code == 303 and store.get(2)["label"] == 1
 
 
 def test_png_of_an_image_and_of_what_is_not_one():
@@ -223,6 +240,8 @@ def test_review_serve_starts_the_page(filled, tmp_path):
                 assert time.monotonic() < deadline, "advx review serve did not answer in 90 s"
                 time.sleep(0.1)
         assert page.status_code == 200 and 'id="item-1"' in page.text
+        rebound = httpx.get(f"http://127.0.0.1:{port}/", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400
         r = httpx.post(f"http://127.0.0.1:{port}/items/1/label", data={"label": "4"})
         assert r.status_code == 303
     finally:

@@ -182,7 +182,10 @@ def serve_command(
     from ..guard.review_page import review_app
 
     store = _open(store_url, classes)
-    app = review_app(store, by=by or _reviewer())
+    # on a loopback address, only requests addressed to it: no DNS rebinding onto the page
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if loopback else None
+    app = review_app(store, by=by or _reviewer(), allowed_hosts=hosts)
     import uvicorn
 
     click.echo(f"advx review: {store.masked_url} on http://{host}:{port}/", err=True)

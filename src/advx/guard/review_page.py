@@ -18,8 +18,9 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -29,12 +30,20 @@ from .store import STATUSES, Store
 __all__ = ["review_app", "to_png"]
 
 
-def review_app(store: Store, *, by: str, limit: int = 50) -> Any:
-    """The review page's ASGI app; labels are recorded as given by ``by``."""
+def review_app(
+    store: Store, *, by: str, limit: int = 50, allowed_hosts: Sequence[str] | None = None
+) -> Any:
+    """The review page's ASGI app; labels are recorded as given by ``by``.
+
+    ``allowed_hosts`` (e.g. ``["127.0.0.1", "localhost"]``) refuses requests for any other
+    ``Host``, which stops a DNS-rebinding page from reaching a reviewer's local server.
+    """
     try:
         import jinja2
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
         from starlette.requests import Request
         from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
         from starlette.routing import Route
@@ -91,7 +100,20 @@ def review_app(store: Store, *, by: str, limit: int = 50) -> Any:
         )
         return HTMLResponse(html)
 
+    def _cross_site(request: Request) -> Response | None:
+        """A label post from another site's page (the browser says where it came from) is
+        refused: labels become training data, a forged one is a poisoning attack."""
+        source = request.headers.get("origin") or request.headers.get("referer")
+        if source is None:
+            return None  # not a browser (curl, a script): nothing to forge with
+        if urlsplit(source).netloc != request.headers.get("host", ""):
+            return _error(403, "origin", f"labels are posted from the review page, not {source}")
+        return None
+
     async def form_label(request: Request) -> Response:
+        refused = _cross_site(request)
+        if refused is not None:
+            return refused
         body = (await request.body()).decode("utf-8", "replace")
         form = {k: v[0] for k, v in parse_qs(body).items()}
         if "label" not in form:
@@ -114,6 +136,13 @@ def review_app(store: Store, *, by: str, limit: int = 50) -> Any:
             return _error(400, field, str(e))
 
     async def api_label(request: Request) -> Response:
+        refused = _cross_site(request)
+        if refused is not None:
+            return refused
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            # a cross-site form can post text/plain that parses as JSON; JSON cannot be sent
+            # cross-site without the browser asking first
+            return _error(415, "content-type", "send the label as application/json")
         try:
             body = await request.json()
         except ValueError:
@@ -131,7 +160,10 @@ def review_app(store: Store, *, by: str, limit: int = 50) -> Any:
             Route("/items/{id}/label", form_label, methods=["POST"]),
             Route("/api/items", api_items),
             Route("/api/items/{id}/label", api_label, methods=["POST"]),
-        ]
+        ],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))]
+        if allowed_hosts
+        else [],
     )
 
 
