@@ -73,6 +73,21 @@ def test_migrates_an_empty_database_and_reopens_it(tmp_path):
         assert again.count() == 1
 
 
+def test_the_schema_revision_is_recorded(store):
+    assert store.revision == SCHEMA_REVISION
+
+
+def test_a_database_from_a_newer_advx_is_refused_with_the_reason(tmp_path):
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    engine.dispose()
+    with pytest.raises(InputError, match="newer advx"):
+        Store(url)
+
+
 def test_several_processes_may_open_a_fresh_database_at_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'guard.db'}"
     errors: list[BaseException] = []

@@ -138,6 +138,7 @@ class Store:
     def _upgrade(self) -> None:
         from alembic import command
         from alembic.config import Config
+        from alembic.util import CommandError
 
         cfg = Config()
         cfg.set_main_option("script_location", str(_migrations()))
@@ -146,7 +147,14 @@ class Store:
                 # one migrator at a time; the others wait, then find the schema current
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7283401)"))
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            try:
+                command.upgrade(cfg, "head")
+            except CommandError as e:
+                # e.g. a database a newer advx migrated: its revision is unknown here
+                raise InputError(
+                    f"store: cannot bring {self.masked_url} to schema revision "
+                    f"{SCHEMA_REVISION}: {e}; is it from a newer advx? (pip install -U advx)"
+                ) from None
 
     @property
     def revision(self) -> str | None:
