@@ -4,8 +4,8 @@ The server binaries are found in ``$ADVX_PG_BIN``, else the newest
 ``/usr/lib/postgresql/<version>/bin`` (Debian's ``postgresql`` package), else ``pg_config
 --bindir``, else on ``PATH``. PostgreSQL refuses to run as root: when the tests run as root, the
 server runs as the ``postgres`` user (which Debian's package creates). Only a missing binary (or
-no ``postgres`` user to run it as root) skips, with the reason; a server that is there and does
-not start fails the test.
+no ``postgres`` user to run it as root) skips, with the reason, and not even that where
+``ADVX_REQUIRE_SERVERS=1`` (CI); a server that is there and does not start fails the test.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ from pathlib import Path
 import pytest
 
 from ._server import free_port
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with the reason, unless ADVX_REQUIRE_SERVERS=1 (CI sets it): there a missing
+    server is a failure, not a skip."""
+    if os.environ.get("ADVX_REQUIRE_SERVERS") == "1":
+        pytest.fail(f"{reason} (ADVX_REQUIRE_SERVERS=1: CI must run this test)")
+    pytest.skip(reason)
 
 
 def pg_bin() -> Path | None:
@@ -51,7 +59,7 @@ def postgres_server(*, dbname: str = "advx") -> Iterator[str]:
     """Start a throw-away PostgreSQL server; yields a ``postgresql://`` URL to ``dbname``."""
     bindir = pg_bin()
     if bindir is None:
-        pytest.skip(
+        skip_or_fail(
             "PostgreSQL server binaries not found (install Debian's postgresql package or set "
             "ADVX_PG_BIN to the folder holding initdb and postgres)"
         )
@@ -60,7 +68,7 @@ def postgres_server(*, dbname: str = "advx") -> Iterator[str]:
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+            skip_or_fail("running as root and there is no 'postgres' user to run PostgreSQL as")
         run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     root = Path(tempfile.mkdtemp(prefix="advx-pg-"))
     if run_as:

@@ -17,6 +17,7 @@ from advx.data import load
 from advx.guard.review_page import review_app, to_png
 from advx.guard.store import Store
 
+from .._postgres import skip_or_fail
 from .._server import serve
 
 CHROMIUM = os.environ.get("ADVX_CHROMIUM", "/usr/bin/chromium")
@@ -180,9 +181,12 @@ def test_png_of_an_image_and_of_what_is_not_one():
 
 def test_one_click_in_a_real_browser_labels_the_item(filled, tmp_path):
     """Chromium opens the page, clicks item 2's label button; the database has the label."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (advx[test])")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_or_fail("needs playwright (pip install 'advx[test]')")
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's chromium or set ADVX_CHROMIUM)")
+        skip_or_fail(f"no Chromium at {CHROMIUM} (install Debian's chromium or set ADVX_CHROMIUM)")
     url, _, y = filled
     with Store(url) as store, serve(review_app(store, by="ann")) as base:
         with sync_api.sync_playwright() as p:
