@@ -230,6 +230,11 @@ def test_bad_urls_and_arguments_are_input_errors(tmp_path):
         Store("no scheme here")
     with pytest.raises(InputError, match="no database driver"):
         Store("nosuchdb://x/y")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="cannot make the folder"):
+        Store(f"sqlite:///{tmp_path / 'file' / 'guard.db'}")
+    with pytest.raises(InputError, match="cannot open the database sqlite"):
+        Store(f"sqlite:///{tmp_path}")  # a folder, not a database file
     with pytest.raises(InputError, match="classes"):
         Store(f"sqlite:///{tmp_path / 'g.db'}", classes=1)
     with Store(f"sqlite:///{tmp_path / 'g.db'}") as s:

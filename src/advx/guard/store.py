@@ -393,7 +393,13 @@ def _engine(url: URL) -> Engine:
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(url.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(
+                    f"store: cannot make the folder {folder} for {mask_url(url)}: {e.strerror}"
+                ) from None
         else:
             # one connection for the whole process, or each would see its own empty database
             kwargs["poolclass"] = sa.pool.StaticPool
