@@ -46,6 +46,25 @@ app = Starlette(routes=[Route("/put", put, methods=["POST"]), Route("/health", h
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
 
+# The guard's own HTTP service (advx.guard.service) with the store as its review queue and a
+# policy under which every input is held for review (no answer is ever confident enough)
+SERVICE = """
+import sys
+import torch
+import uvicorn
+
+from advx.guard import Guard, Policy
+from advx.guard.service import create_app
+from advx.guard.store import Store
+
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+guard = Guard(net, policy=Policy(min_confidence=1.0), input_shape=(1, 28, 28), version="v1")
+store = Store(sys.argv[1], classes=10)
+app = create_app(guard, review=store, alerts=store)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
 
 @dataclass
 class KillResult:
@@ -75,12 +94,12 @@ def _input(client: int, n: int, j: int) -> np.ndarray:
     return np.random.default_rng(seed).random((1, 28, 28), dtype=np.float32)
 
 
-def start_writer(url: str, *, cwd: Path) -> tuple[subprocess.Popen, str]:
+def start_writer(url: str, *, cwd: Path, service: bool = False) -> tuple[subprocess.Popen, str]:
     """The writer process (its own Python) on a free port; waits until it answers."""
     import httpx
 
     script = cwd / "writer.py"
-    script.write_text(WRITER)
+    script.write_text(SERVICE if service else WRITER)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
@@ -114,14 +133,22 @@ def kill_test(
     per_request: int = 2,
     kill_after: int = 200,
     max_s: float = 60.0,
+    service: bool = False,
 ) -> KillResult:
     """Run the writer and ``clients`` concurrent clients; SIGKILL the writer once ``kill_after``
-    items were acknowledged; check the store. The clients are still sending when it dies."""
+    items were acknowledged; check the store. The clients are still sending when it dies.
+
+    ``service``: the writer is the guard's HTTP service (``POST /predict``, one input per
+    request, its ``X-Request-Id`` the item's id); an answer whose decision is not ``accept``
+    acknowledges that the input is in the review queue.
+    """
     import httpx
 
     from advx.guard.store import Store
 
-    proc, base = start_writer(url, cwd=cwd)
+    if service:
+        per_request = 1
+    proc, base = start_writer(url, cwd=cwd, service=service)
     acked: dict[str, str] = {}  # request_id -> sha256 of the float32 bytes
     sent: set[str] = set()
     lock = threading.Lock()
@@ -155,11 +182,21 @@ def kill_test(
                 with lock:
                     sent.update(ids)
                 try:
-                    r = http.post("/put", json={"items": items})
+                    if service:
+                        r = http.post(
+                            "/predict",
+                            json={"inputs": [xs[0].tolist()]},
+                            headers={"X-Request-Id": ids[0], "X-Client-Id": f"client-{k}"},
+                        )
+                    else:
+                        r = http.post("/put", json={"items": items})
                 except httpx.HTTPError:
                     return  # the writer is gone: what it did not acknowledge may or may not be in
                 if r.status_code != 200:
                     errors.append(f"{r.status_code}: {r.text[:200]}")
+                    return
+                if service and r.json()["decisions"][0]["action"] == "accept":
+                    errors.append(f"accepted, so not queued: {r.text[:200]}")
                     return
                 with lock:
                     for x, rid in zip(xs, ids):
