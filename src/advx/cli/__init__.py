@@ -41,7 +41,16 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, guard, listing, schema, train  # noqa: F401 - each adds its command
+    from . import (  # noqa: F401 - each adds its command
+        attack,
+        audit,
+        demo,
+        guard,
+        guard_calibrate,
+        listing,
+        schema,
+        train,
+    )
 
 
 _register_commands()

@@ -83,7 +83,7 @@ class CalibrationReport:
         lo, hi = f["interval"]
         out = [
             f"calibrated on {self.n} clean inputs; policy {self.policy.hash}",
-            f"false-positive rate (clean inputs not accepted by any detector rule): target "
+            f"false-positive rate (clean inputs flagged by any rule): target "
             f"{f['target']:.4g}, measured {f['measured']:.4f} ({f['flagged']}/{f['n']}), "
             f"{f['level']:.0%} interval [{lo:.4f}, {hi:.4f}]",
         ]
@@ -272,12 +272,12 @@ def calibrate(
     accepted_share = 1.0 - fpr_report["measured"]
     if risk is not None:
         assert risk_part is not None
+        d_pass = ~_flags(
+            {k: s[detect_part] for k, s in scores.items()}, thresholds, detect_part.numel()
+        )
         floors = _floors(
-            conf[detect_part][
-                ~_flags(
-                    {k: s[detect_part] for k, s in scores.items()}, thresholds, detect_part.numel()
-                )
-            ],
+            conf[detect_part][d_pass],
+            wrong[detect_part][d_pass],
             n_scale=risk_part.numel() / max(1, detect_part.numel()),
             alpha=float(risk),
             delta=float(delta),
@@ -365,21 +365,53 @@ def calibrate(
     )
 
 
-def _floors(conf_d: Tensor, *, n_scale: float, alpha: float, delta: float) -> list[float]:
-    """The fixed sequence of confidence floors, strictest first, from the detector split only:
-    up to MAX_FLOORS of its accepted inputs' confidences, starting where the risk split can be
-    expected to accept enough inputs for a test to reject even with no error (m with
-    (1 - alpha)^m <= delta), and ending at 0 (accept everything)."""
-    m_min = math.ceil(math.log(delta) / math.log1p(-alpha))
-    c = torch.sort(conf_d, descending=True).values
+def _critical(m: int, alpha: float, delta: float) -> int:
+    """The most errors among m accepted inputs with which "risk > alpha" is still rejected at
+    level delta (-1: none, m is too small)."""
+    lo, hi = -1, m  # binom_cdf(k, m, alpha) increases with k: find the last k with it <= delta
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if binom_cdf(mid, m, alpha) <= delta:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _floors(
+    conf_d: Tensor, wrong_d: Tensor, *, n_scale: float, alpha: float, delta: float
+) -> list[float]:
+    """The fixed sequence of confidence floors, strictest first, chosen on the detector split
+    only (so it is fixed before the risk split is looked at, as fixed-sequence testing needs):
+    up to MAX_FLOORS of its accepted inputs' confidences, ending at 0 (accept everything).
+
+    Where it starts matters: a floor so strict that it accepts a handful of inputs cannot be
+    certified and would end the sequence at once. So it starts at the strictest floor whose test
+    the detector split predicts to pass with probability >= 0.9 (from its own error rate, with
+    one error added for caution, and its count scaled to the risk split), else at the floor
+    with the best predicted power."""
+    order = torch.argsort(conf_d, descending=True)
+    c, w = conf_d[order], wrong_d[order]
     if c.numel() == 0:
         return [0.0]
-    # the floor accepting the top j inputs of the detector split is c[j - 1]
-    start = min(c.numel(), max(1, math.ceil(m_min / max(n_scale, 1e-12))))
-    ranks = torch.linspace(start, c.numel(), min(MAX_FLOORS, c.numel() - start + 1))
-    floors = [float(c[int(round(float(r))) - 1]) for r in ranks]
+    errs = torch.cumsum(w.long(), dim=0)
+    ranks = torch.linspace(1, c.numel(), min(MAX_FLOORS, c.numel())).round().long().unique()
+    start, best = int(ranks[-1]), -1.0
+    for j in ranks.tolist():
+        m = max(1, round(j * n_scale))
+        r = (int(errs[j - 1]) + 1) / (j + 1)
+        crit = _critical(m, alpha, delta)
+        power = binom_cdf(crit, m, r) if crit >= 0 else 0.0
+        if power >= 0.9:
+            start = j
+            break
+        if power > best:
+            start, best = j, power
     out: list[float] = []
-    for f in floors + [0.0]:
-        if not out or f < out[-1]:
+    for j in ranks.tolist():
+        f = float(c[j - 1])
+        if j >= start and (not out or f < out[-1]):
             out.append(f)
+    if not out or out[-1] > 0.0:
+        out.append(0.0)
     return out

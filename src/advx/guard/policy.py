@@ -64,8 +64,12 @@ class Policy:
 
     @property
     def hash(self) -> str:
-        """sha256 of the policy's canonical JSON, first 16 hex digits."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        """sha256 of the policy's canonical JSON, first 16 hex digits. Canonical: keys sorted,
+        ``None`` values left out (as the file leaves them out), so a saved and loaded policy
+        keeps its hash."""
+        blob = json.dumps(
+            _canonical(self.to_dict()), sort_keys=True, separators=(",", ":"), default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ---- the file ----------------------------------------------------------------------------
@@ -73,10 +77,10 @@ class Policy:
         """Write the policy as TOML, atomically (a reader never sees half a file)."""
         doc: dict[str, Any] = {"advx_policy": FORMAT, "hash": self.hash}
         doc.update(self.to_dict())
-        text = "# advx guard policy: thresholds, guarantees, the model they were calibrated for\n"
-        text += dumps_toml(doc)
         with atomic_open(path, "w") as f:
-            f.write(text)
+            f.write("# advx guard policy: thresholds, guarantees, the model they fit\n")
+            # a value TOML cannot hold fails here, half-written: the old file stays whole
+            f.write(dumps_toml(doc))
         return Path(path)
 
     @classmethod
@@ -161,6 +165,14 @@ _TYPE_WORDS = {
     "detectors": "a table of detector specs",
     "detectors.": "a table with a 'kind'",
 }
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj if v is not None]
+    return obj
 
 
 def _is_number(v: Any) -> bool:
