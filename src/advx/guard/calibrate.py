@@ -118,13 +118,15 @@ def _split(n: int, parts: list[float], seed: int) -> list[Tensor]:
     return [perm[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def _conformal_k(n: int, fpr: float, who: str) -> int:
+def _conformal_k(n: int, fpr: float, who: str, part: str = "") -> int:
     """The rank of the split-conformal threshold: flag what is above the k-th smallest of n."""
     k = math.ceil((n + 1) * (1 - fpr))
     if k > n:
         raise InputError(
-            f"{who}: {n} clean inputs cannot pin a false-positive rate of {fpr:g}; give at least "
-            f"{math.ceil((1 - fpr) / fpr)} for this part (ideally hundreds)"
+            f"{who}: {n} clean inputs{' (' + part + ')' if part else ''} cannot pin a "
+            f"false-positive rate of {fpr:g}; give at least {math.ceil((1 - fpr) / fpr)} for "
+            "this part (ideally hundreds). The data is split: with a risk target half of it "
+            "tests the risk, and with several rules half of the rest fits their thresholds"
         )
     return k
 
@@ -136,19 +138,25 @@ def _union_thresholds(
     ``test``: each rule's clean scores on the two halves. Returns the thresholds and, on
     ``test``, which inputs the union flags."""
     levels = torch.linspace(0, 1, GRID, dtype=torch.float64)
+    # beyond level 1 (the largest clean score of the fitting half) the thresholds go on rising
+    # linearly, up to 4 score ranges above it: any family fixed by the fitting half keeps the
+    # conformal argument, and a test score above every fitted one must not end the search
+    beyond = torch.linspace(0, 4, GRID, dtype=torch.float64)[1:]
     n_test = next(iter(test.values())).numel()
     first_ok = torch.zeros(n_test, dtype=torch.long)
     table: dict[str, Tensor] = {}
     for name, s in fit.items():
         t = torch.quantile(s.double(), levels)  # (G,), nondecreasing in the level
+        spread = float(t[-1] - t[0]) or 1.0
+        t = torch.cat([t, t[-1] + beyond * spread])  # (2G - 1,)
         t = torch.cummax(t, dim=0).values  # guard against interpolation round-off
         table[name] = t
         # the first level whose threshold is >= the score: from there on this rule is quiet
         g = torch.searchsorted(t, test[name].double().contiguous(), side="left")  # (n_test,)
         first_ok = torch.maximum(first_ok, g)
-    k = _conformal_k(n_test, fpr, "calibrate")
+    k = _conformal_k(n_test, fpr, "calibrate", part=f"the {n_test} that set the level")
     star = int(torch.sort(first_ok).values[k - 1])
-    if star >= GRID:
+    if star >= 2 * GRID - 1:
         raise InputError(
             f"calibrate: a false-positive rate of {fpr:g} needs thresholds beyond every clean "
             "score seen; give more clean inputs or a larger fpr"
@@ -230,7 +238,7 @@ def calibrate(
     if len(rules) == 1:
         ((name, s),) = rules.items()
         d = s[detect_part]
-        k = _conformal_k(d.numel(), fpr, who)
+        k = _conformal_k(d.numel(), fpr, who, part="the part that sets the threshold")
         thresholds[name] = float(torch.sort(d).values[k - 1])
         test_idx = detect_part
         flagged = d > thresholds[name]
