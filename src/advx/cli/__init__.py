@@ -41,7 +41,17 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, guard, listing, review, schema, train  # noqa: F401 - each adds its command
+    from . import (  # noqa: F401 - each adds its command
+        attack,
+        audit,
+        demo,
+        guard,
+        guard_calibrate,
+        listing,
+        review,
+        schema,
+        train,
+    )
 
 
 _register_commands()
