@@ -84,7 +84,9 @@ class DriftTest:
         grid: Sequence[float] | None = None,
     ) -> None:
         check_float(p0, name="p0", low=0, high=1, who="DriftTest")
-        check_float(alpha, name="alpha", low=0, high=1, who="DriftTest")
+        check_float(
+            alpha, name="alpha", low=0, high=1, low_open=True, high_open=True, who="DriftTest"
+        )
         check_int(epoch, name="epoch", low=1, who="DriftTest")
         # p0 = 0 or 1 make the likelihood ratio degenerate; clip to a rate a test can use.
         self.p0 = min(max(float(p0), 1e-6), 1 - 1e-6)
@@ -143,8 +145,11 @@ class DriftTest:
                 self._log_lr[:] = 0
 
     def evalue_locked(self) -> float:
+        # capped at 1e300 so it stays a finite JSON number; the alarm fires long before
         m = float(self._log_lr.max())
-        return float(math.exp(m) * np.mean(np.exp(self._log_lr - m))) if m < 700 else math.inf
+        if m > 690:
+            return 1e300
+        return float(math.exp(m) * np.mean(np.exp(self._log_lr - m)))
 
     @property
     def evalue(self) -> float:
@@ -372,7 +377,7 @@ class Monitor:
             t = self.drift.get(k)
             if t is not None and n:
                 t.update(events, n)
-                self.drift_evalue.labels(k).set(min(t.evalue, 1e300))
+                self.drift_evalue.labels(k).set(t.evalue)
                 self.drift_threshold.labels(k).set(t.threshold)
                 self.drift_alarm.labels(k).set(int(t.alarm))
 

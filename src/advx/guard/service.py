@@ -753,7 +753,7 @@ def create_app(
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
     from starlette.routing import Route
 
     svc = GuardService(
@@ -792,9 +792,9 @@ def create_app(
                 else:
                     response = await handler(request, rid)
             except RequestError as e:
-                response = JSONResponse(e.body(rid), status_code=e.status, headers=e.headers)
+                response = json_response(e.body(rid), status_code=e.status, headers=e.headers)
             except TimeoutError:
-                response = JSONResponse(
+                response = json_response(
                     {"error": f"no answer within {svc.timeout_s:g}s", "request_id": rid},
                     status_code=503,
                     headers={"Retry-After": "1"},
@@ -803,7 +803,7 @@ def create_app(
                 log.exception(
                     "request failed", extra={"fields": {"request_id": rid, "path": label}}
                 )
-                response = JSONResponse(
+                response = json_response(
                     {"error": f"internal error: {type(e).__name__}", "request_id": rid},
                     status_code=500,
                 )
@@ -863,7 +863,7 @@ def create_app(
         await svc.admit(client, len(rows))
         served = await svc.serve_rows(rows, client=client, request_id=rid, field_name="inputs")
         labels = [None if s is None else int(np.argmax(s)) for s in served.scores]
-        return JSONResponse(
+        return json_response(
             {
                 "scores": served.scores,
                 "labels": labels,
@@ -895,23 +895,23 @@ def create_app(
             )
 
     async def v2_server(request: Request, rid: str) -> Response:
-        return JSONResponse(
+        return json_response(
             {"name": "advx", "version": __version__, "extensions": ["binary_tensor_data"]}
         )
 
     async def v2_live(request: Request, rid: str) -> Response:
-        return JSONResponse({"live": True})
+        return json_response({"live": True})
 
     async def v2_ready(request: Request, rid: str) -> Response:
-        return JSONResponse({"ready": True})
+        return json_response({"ready": True})
 
     async def v2_model_ready(request: Request, rid: str) -> Response:
         check_model(request)
-        return JSONResponse({"name": svc.name, "ready": True})
+        return json_response({"name": svc.name, "ready": True})
 
     async def v2_metadata(request: Request, rid: str) -> Response:
         check_model(request)
-        return JSONResponse(_v2_metadata(svc))
+        return json_response(_v2_metadata(svc))
 
     async def v2_infer(request: Request, rid: str) -> Response:
         check_model(request)
@@ -927,7 +927,7 @@ def create_app(
     # -- service endpoints ----------------------------------------------------------------------
 
     async def health(request: Request, rid: str) -> Response:
-        return JSONResponse(svc.health())
+        return json_response(svc.health())
 
     async def metrics(request: Request, rid: str) -> Response:
         body, ctype = mon.exposition()
@@ -936,14 +936,14 @@ def create_app(
     openapi = openapi_document(svc)
 
     async def openapi_json(request: Request, rid: str) -> Response:
-        return JSONResponse(openapi)
+        return json_response(openapi)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         rid = uuid.uuid4().hex
         msg = "no such endpoint" if status == 404 else f"method {request.method} not allowed"
         mon.observe_request("unknown", status, 0.0)
-        return JSONResponse(
+        return json_response(
             {
                 "error": msg,
                 "field": "path" if status == 404 else "method",
@@ -981,6 +981,30 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
     app.state.service = svc
     return app
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v
+
+
+def json_response(
+    doc: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Any:
+    """JSON without NaN or infinities (which JSON lacks): any such number is sent as null, so a
+    model that misbehaves on one input cannot turn the answer into a server error."""
+    from starlette.responses import Response
+
+    try:
+        body = json.dumps(doc, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        body = json.dumps(_finite(doc), allow_nan=False, separators=(",", ":"))
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
 
 
 def _is_json(ctype: str) -> bool:
@@ -1226,7 +1250,7 @@ def _v2_response(
     req_id: str | None,
     svc: GuardService,
 ) -> Any:
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
 
     n = len(served.decisions)
     c = svc.num_classes
@@ -1295,7 +1319,7 @@ def _v2_response(
     if req_id is not None:
         doc["id"] = req_id
     if not chunks:
-        return JSONResponse(doc)
+        return json_response(doc)
     head = json.dumps(doc).encode()
     return Response(
         head + b"".join(chunks),
