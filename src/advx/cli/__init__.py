@@ -41,7 +41,7 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, guard, listing, schema, train  # noqa: F401 - each adds its command
+    from . import attack, audit, demo, guard, guard_watch, listing, schema, serve, train  # noqa: F401 - each adds its command
 
 
 _register_commands()
