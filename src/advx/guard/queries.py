@@ -421,7 +421,8 @@ class QueryDetector:
             at most one per ``alert_cooldown`` seconds per client.
         key: the hash key (bytes); random when not given. With Redis the key is shared through
             Redis so all workers hash alike.
-        state: None (in this process) or a ``redis://`` URL shared by several workers.
+        state: None (in this process) or a ``redis://`` URL shared by several workers;
+            ``prefix`` namespaces its keys (see :mod:`.queries_redis`).
         clock: seconds (wall time: with Redis, processes on several hosts share the bucket).
     """
 
@@ -441,6 +442,7 @@ class QueryDetector:
         alert_cooldown: float = 60.0,
         key: bytes | None = None,
         state: str | None = None,
+        prefix: str = "advx:q:",
         posting_cap: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -486,7 +488,7 @@ class QueryDetector:
         elif isinstance(state, str) and state.startswith(("redis://", "rediss://", "unix://")):
             from .queries_redis import RedisState
 
-            self.state = RedisState(state, fallback=local)
+            self.state = RedisState(state, fallback=local, prefix=prefix)
             key = self.state.shared_key(key)
         else:
             raise fail(who, "state", "None or a redis:// URL", state)
