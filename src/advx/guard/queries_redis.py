@@ -192,8 +192,10 @@ class RedisState:
                 f"key: Redis at {self.url} already holds another hash key under "
                 f"{self.prefix!r}; use the same key in every worker, or another prefix"
             )
-        self._key = bytes(stored)
-        return self._key
+        if not isinstance(stored, bytes):
+            raise InputError(f"key: Redis at {self.url} lost the hash key just written; retry")
+        self._key = stored
+        return stored
 
     def _run(self, op: Callable[[], T], fallback: Callable[[], T]) -> T:
         if self.degraded and time.monotonic() < self._retry_at:
@@ -226,7 +228,14 @@ class RedisState:
         self, client: str, fps: np.ndarray, digests: Sequence[bytes]
     ) -> list[tuple[int, int, int]]:
         cap, ccap = self.fallback.capacity, self.fallback.client_capacity
-        head = [self.prefix, _cid(client), cap, ccap, self.fallback.posting_cap, self.client_ttl]
+        head: list[Any] = [
+            self.prefix,
+            _cid(client),
+            cap,
+            ccap,
+            self.fallback.posting_cap,
+            self.client_ttl,
+        ]
 
         def op() -> list[tuple[int, int, int]]:
             pipe = self.redis.pipeline(transaction=False)
