@@ -10,7 +10,7 @@ the deployment as it runs.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -19,7 +19,11 @@ from ._common import emit_json, info
 from .guard import guard_group
 
 _DEFAULT_THREAT = {"square": "linf:0.3", "hopskipjump": "l2:3", "boundary": "l2:3"}
-_ACCESS = {"square": "scores", "hopskipjump": "labels", "boundary": "labels"}
+_ACCESS: dict[str, Literal["scores", "labels"]] = {
+    "square": "scores",
+    "hopskipjump": "labels",
+    "boundary": "labels",
+}
 
 
 def _base(url: str) -> str:
