@@ -10,9 +10,13 @@ from ._version import __version__
 from .attacks import Attack, AttackResult, WorstCase
 from .attacks.apgd import APGD
 from .attacks.boundary import Boundary
+from .attacks.curve import robustness_curve
 from .attacks.cw import CW
+from .attacks.ddn import DDN
+from .attacks.deepfool import DeepFool
 from .attacks.fab import FAB
 from .attacks.fgsm import FGSM
+from .attacks.fmn import FMN
 from .attacks.hopskipjump import HopSkipJump
 from .attacks.pgd import PGD
 from .attacks.simba import SimBA
@@ -38,12 +42,16 @@ __all__ = [
     "CW",
     "APGD",
     "FAB",
+    "DDN",
+    "FMN",
+    "DeepFool",
     "Square",
     "ZOO",
     "SimBA",
     "Boundary",
     "HopSkipJump",
     "WorstCase",
+    "robustness_curve",
     "audit",
     "Report",
     "AdvxError",
