@@ -41,7 +41,14 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, guard, listing, schema, train  # noqa: F401 - each adds its command
+    # Every public module of this package adds its command(s) when imported: a new command is a
+    # new file, with no list here to keep in step.
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
 
 
 _register_commands()

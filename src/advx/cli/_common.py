@@ -112,7 +112,7 @@ def build_classifier(
     net = obj.to(device).eval()  # our own freshly built module: moving it is fine
     return Classifier(
         net,
-        bounds=tuple(lo_hi),
+        bounds=(lo_hi[0], lo_hi[1]),
         mean=parse_floats(mean, "mean"),
         std=parse_floats(std, "std"),
         batch_size=batch_size,
