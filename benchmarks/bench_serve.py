@@ -40,13 +40,13 @@ SHAPE = (1, 28, 28)
 
 
 def build_app(guard_on: bool, max_batch: int, window_ms: float):
+    import torch
+
     import advx
     from advx.defenses import FeatureSqueezing
     from advx.guard import Guard, Policy
     from advx.guard.service import create_app
     from advx.models import Classifier
-
-    import torch
 
     torch.manual_seed(0)
     model = Classifier(advx.zoo.build("lenet").eval(), bounds=(0, 1))
