@@ -11,7 +11,7 @@ import base64
 import torch
 
 from ..errors import InputError
-from .report import Report
+from .report import Report, stage_labels
 
 __all__ = ["render_html", "render_comparison"]
 
@@ -23,11 +23,13 @@ def _env():
         raise InputError(
             "the HTML report needs jinja2 and matplotlib: pip install 'advx[report]'"
         ) from None
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("advx.audit", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
+    env.globals.update(zip=zip, stage_labels=stage_labels)
+    return env
 
 
 def _uri(png: bytes) -> str:

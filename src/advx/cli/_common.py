@@ -120,7 +120,11 @@ def build_classifier(
     )
 
 
-def data_option(f):
+def data_option(f=None, *, required: bool = False):
+    """--data, --split, -n. ``required``: no default data set (a CI job must say what it
+    measures; only ``advx demo`` falls back to the embedded digits)."""
+    if f is None:
+        return lambda g: data_option(g, required=required)
     # -n as well: under torchrun, whose own parser takes "--n" for one of its options
     f = click.option(
         "-n",
@@ -133,17 +137,23 @@ def data_option(f):
     f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(
         f
     )
+    # no default=None when required: click 8.3 takes an explicit None as a value given
+    default: dict[str, Any] = {} if required else {"default": "mnist-demo", "show_default": True}
     f = click.option(
         "--data",
-        default="mnist-demo",
-        show_default=True,
+        required=required,
         help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.",
+        **default,
     )(f)
     return f
 
 
-def info(msg: str) -> None:
-    """A line for the person at the terminal (stderr, so stdout stays machine-readable)."""
+def info(msg: str, *, always: bool = False) -> None:
+    """A line for the person at the terminal (stderr, so stdout stays machine-readable); -q
+    silences it unless ``always`` (a verdict such as FAIL)."""
+    ctx = click.get_current_context(silent=True)
+    if not always and ctx is not None and ctx.meta.get("advx.quiet"):
+        return
     click.echo(msg, err=True)
 
 

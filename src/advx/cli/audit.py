@@ -29,13 +29,12 @@ from ._common import (
 
 @cli.command("audit")
 @model_options
-@data_option
+@data_option(required=True)
 @click.option(
     "--threat",
     "threat_spec",
-    default="linf:0.3",
-    show_default=True,
-    help="NORM:EPS, e.g. linf:8/255.",
+    required=True,
+    help="NORM:EPS, e.g. linf:8/255 (required: a gate must say what it measures).",
 )
 @click.option(
     "--suite",
@@ -218,13 +217,15 @@ def audit_command(
         if report.robust_accuracy < fail_under:
             info(
                 f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under "
-                f"{fail_under:.2%}"
+                f"{fail_under:.2%}",
+                always=True,
             )
             sys.exit(1)
         if not report.reliable:
             info(
                 "FAIL: a sanity check found that the robust accuracy cannot be trusted (see the "
-                "findings)"
+                "findings)",
+                always=True,
             )
             sys.exit(1)
         info(f"PASS: robust accuracy {report.robust_accuracy:.2%} >= {fail_under:.2%}")
