@@ -7,13 +7,17 @@ network. Needs ``pip install 'advx[report]'`` (jinja2 and matplotlib).
 from __future__ import annotations
 
 import base64
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
 from .report import Report, stage_labels
 
-__all__ = ["render_html", "render_comparison"]
+if TYPE_CHECKING:
+    from .comparison import Comparison
+
+__all__ = ["render_html", "render_comparison", "render_diff"]
 
 
 def _env():
@@ -101,3 +105,9 @@ def render_comparison(
     distilled model), with each one's plots."""
     entries = [{"name": name, "r": r, "plots": _plots(r)} for name, r in reports]
     return _env().get_template("compare.html.j2").render(entries=entries, title=title)
+
+
+def render_diff(comparison: Comparison) -> str:
+    """The page of one comparison (``advx compare --html``): checks, deltas with intervals,
+    per class, the samples newly broken, both models' fingerprints. Needs jinja2 only."""
+    return _env().get_template("diff.html.j2").render(c=comparison)

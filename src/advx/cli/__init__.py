@@ -136,7 +136,7 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from . import attack, audit, demo, guard, listing, schema, train  # noqa: F401 - each adds its command
+    from . import attack, audit, compare, demo, guard, listing, schema, train  # noqa: F401 - each adds its command
 
 
 _register_commands()

@@ -159,3 +159,43 @@ def info(msg: str, *, always: bool = False) -> None:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def gate_options(f):
+    """--summary-md and --junit: the gate's outcome where a CI job shows it."""
+    f = click.option(
+        "--junit",
+        "junit_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write JUnit XML here: one testcase per gate check (for a CI's test report).",
+    )(f)
+    f = click.option(
+        "--summary-md",
+        "summary_md",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).",
+    )(f)
+    return f
+
+
+def write_gate(checks, *, summary_md=None, junit_path=None, report=None, comparison=None) -> None:
+    """Write the Markdown summary and the JUnit XML asked for."""
+    from ..audit.gate import junit, markdown, write_text
+
+    if summary_md is not None:
+        write_text(summary_md, markdown(checks=checks, report=report, comparison=comparison))
+        info(f"wrote {summary_md}")
+    if junit_path is not None:
+        suite = "advx compare" if report is None else "advx audit"
+        write_text(junit_path, junit(checks, suite=suite))
+        info(f"wrote {junit_path}")
+
+
+def exit_on(checks) -> None:
+    """Exit 1 when a gate check failed (each said why on stderr)."""
+    for c in checks:
+        info(f"{'PASS' if c.passed else 'FAIL'}: {c.message}", always=not c.passed)
+    if not all(c.passed for c in checks):
+        sys.exit(1)
