@@ -22,7 +22,7 @@ from .attacks.pgd import PGD
 from .attacks.simba import SimBA
 from .attacks.square import Square
 from .attacks.zoo import ZOO
-from .audit import Report, audit
+from .audit import Comparison, Report, audit, compare
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
@@ -54,6 +54,8 @@ __all__ = [
     "robustness_curve",
     "audit",
     "Report",
+    "compare",
+    "Comparison",
     "AdvxError",
     "InputError",
     "AccessError",
