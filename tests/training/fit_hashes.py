@@ -24,7 +24,16 @@ from torch import nn
 import advx
 from advx._io import sha256_bytes, sha256_tensors
 from advx.data import load
-from advx.training import Recipe, fgsm_rs, fit, trades
+from advx.training import (
+    Checkpointing,
+    Monitor,
+    Precision,
+    Recipe,
+    Schedule,
+    fgsm_rs,
+    fit,
+    trades,
+)
 from advx.zoo import build
 
 RECORD = Path(__file__).with_name("fit_hashes.json")
@@ -66,13 +75,17 @@ def _digest(net: nn.Module, history: Any) -> dict[str, str]:
 
 
 FGSM_KW: dict[str, Any] = dict(
-    epochs=3, batch_size=50, lr=5e-3, lr_schedule="cyclic", seed=1, progress=False, monitor=40
+    batch_size=50,
+    schedule=Schedule(epochs=3, lr=5e-3, lr_schedule="cyclic"),
+    seed=1,
+    progress=False,
+    monitor=Monitor(data=40),
 )
 
 
 def _standard(x, y, tmp: Path) -> dict[str, str]:
     net = _mlp()
-    h = fit(net, x, y, epochs=2, batch_size=64, lr=3e-3, seed=0, progress=False)
+    h = fit(net, x, y, schedule=Schedule(epochs=2, lr=3e-3), batch_size=64, seed=0, progress=False)
     return _digest(net, h)
 
 
@@ -84,35 +97,38 @@ def _fgsm_rs_cyclic(x, y, tmp: Path) -> dict[str, str]:
 
 def _trades_sgd_multistep(x, y, tmp: Path) -> dict[str, str]:
     net = _mlp()
-    h = fit(
-        net,
-        x[:300],
-        y[:300],
-        loss=trades(0.1, steps=3),
+    schedule = Schedule(
         epochs=2,
-        batch_size=50,
         lr=0.05,
         optimizer="sgd",
         momentum=0.5,
         weight_decay=1e-4,
         lr_schedule="multistep",
         milestones=(1,),
+    )
+    h = fit(
+        net,
+        x[:300],
+        y[:300],
+        loss=trades(0.1, steps=3),
+        schedule=schedule,
+        batch_size=50,
         seed=2,
         progress=False,
-        monitor=30,
-        monitor_steps=3,
+        monitor=Monitor(data=30, steps=3),
     )
     return _digest(net, h)
 
 
 def _resume(x, y, tmp: Path) -> dict[str, str]:
     """fgsm-rs, killed after epoch 2 and resumed: the same digests as _fgsm_rs_cyclic."""
+    out = tmp / "resume"
     try:
-        fit(_lenet(), x, y, loss=_killed_at(fgsm_rs(0.1), 2), out=tmp / "resume", **FGSM_KW)
+        fit(_lenet(), x, y, loss=_killed_at(fgsm_rs(0.1), 2), checkpoint=out, **FGSM_KW)
     except Interrupted:
         pass
     net = _lenet(seed=99)
-    h = fit(net, x, y, loss=fgsm_rs(0.1), out=tmp / "resume", resume=True, **FGSM_KW)
+    h = fit(net, x, y, loss=fgsm_rs(0.1), checkpoint=Checkpointing(out, resume=True), **FGSM_KW)
     return _digest(net, h)
 
 
@@ -125,14 +141,12 @@ def _classifier_bf16_overfit(x, y, tmp: Path) -> dict[str, str]:
         x[:400],
         y[:400],
         loss=fgsm_rs(0.2),
-        epochs=6,
+        schedule=Schedule(epochs=6, lr=1e-2),
         batch_size=40,
-        lr=1e-2,
         seed=3,
-        autocast=torch.bfloat16,
+        precision=Precision(autocast=torch.bfloat16),
         progress=False,
-        monitor=40,
-        overfit_drop=0.01,
+        monitor=Monitor(data=40, overfit_drop=0.01),
     )
     assert h.stopped and h.best_epoch == 3, h.stopped  # the roll-back is part of what is recorded
     return _digest(clf.net, h)
@@ -145,9 +159,8 @@ def _plain_loss(x, y, tmp: Path) -> dict[str, str]:
         x[:300],
         y[:300],
         loss=lambda m, xb, yb: torch.nn.functional.cross_entropy(m(xb), yb),
-        epochs=1,
+        schedule=Schedule(lr=3e-3),
         batch_size=64,
-        lr=3e-3,
         seed=0,
         progress=False,
     )
