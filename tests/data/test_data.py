@@ -64,7 +64,7 @@ def test_npz_channels_last_and_first(tmp_path):
 def test_folder_of_images(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
-    for k, cls in enumerate(["cat", "dog"]):
+    for cls in ["cat", "dog"]:
         (tmp_path / cls).mkdir()
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).save(

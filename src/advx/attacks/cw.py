@@ -96,7 +96,8 @@ class CW(Attack):
                 best[rows[better]] = xa[better]
                 best_d[rows[better]] = dist2[better].sqrt()
                 hit[rows[adv]] = True
-                # Adam on w; the gradient of ||delta||^2 + c f goes through dx/dw = half (1 - tanh^2)
+                # Adam on w; the gradient of ||delta||^2 + c f goes through
+                # dx/dw = half (1 - tanh^2)
                 g = (2 * diff + grad_f) * (half * (1 - th * th))
                 k = t + 1
                 m[rows] = b1 * m[rows] + (1 - b1) * g

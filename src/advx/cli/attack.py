@@ -35,7 +35,8 @@ def _attack_names() -> list[str]:
     "--blackbox",
     default=None,
     metavar="URL|FILE.onnx|pkg.module:fn",
-    help="Attack a model you can only query (instead of --model): an HTTP endpoint, an ONNX file or a callable.",
+    help="Attack a model you can only query (instead of --model): an HTTP endpoint, "
+    "an ONNX file or a callable.",
 )
 @click.option(
     "--kind",
@@ -133,8 +134,10 @@ def attack_command(
         from ..models import BlackBox
 
         lo_hi = parse_floats(bounds, "bounds")
+        if not lo_hi or len(lo_hi) != 2:
+            raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
         model = BlackBox.from_spec(
-            blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=tuple(lo_hi)
+            blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=(lo_hi[0], lo_hi[1])
         )
     else:
         model = build_classifier(model_spec, weights, mean, std, bounds, dev)

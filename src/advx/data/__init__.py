@@ -15,6 +15,7 @@ import os
 import struct
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ __all__ = [
 
 DEMO_SPLITS = {"test": (0, 1000), "train": (1000, 5000), "all": (0, 5000)}
 NAMES = ("mnist-demo",)
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, Any] = {
     0x08: np.uint8,
     0x09: np.int8,
     0x0B: np.dtype(">i2"),
@@ -62,7 +63,8 @@ def load(
         path = Path(name).expanduser()
         if not path.exists():
             raise InputError(
-                f"data: {name!r} is neither a built-in data set ({', '.join(NAMES)}) nor an existing path"
+                f"data: {name!r} is neither a built-in data set ({', '.join(NAMES)}) "
+                "nor an existing path"
             )
         if path.is_dir():
             idx = _find_idx(path, split)
@@ -142,7 +144,9 @@ def load_npz(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
 
 
 def load_image_folder(root: str | os.PathLike) -> tuple[Tensor, Tensor]:
-    """``root/<class name>/*.png|jpg``: classes in sorted order of their folder names. Needs Pillow."""
+    """``root/<class name>/*.png|jpg``: classes in sorted order of their folder names.
+
+    Needs Pillow."""
     try:
         from PIL import Image
     except ImportError:
@@ -179,7 +183,8 @@ def load_image_folder(root: str | os.PathLike) -> tuple[Tensor, Tensor]:
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise InputError(
-            f"data: images under {root} have different sizes {sorted(shapes)[:3]}; resize them first"
+            f"data: images under {root} have different sizes {sorted(shapes)[:3]}; "
+            "resize them first"
         )
     x = np.stack(images)
     return _to_tensors(x, np.asarray(labels), channels_last=x.ndim == 4)

@@ -55,7 +55,7 @@ class Decisions(Sequence[Decision]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self._items[i]
 
     def __iter__(self) -> Iterator[Decision]:
@@ -69,7 +69,7 @@ class Decisions(Sequence[Decision]):
     def labels(self) -> list[int | None]:
         return [d.label for d in self._items]
 
-    def count(self, action: str) -> int:  # type: ignore[override]
+    def count(self, action: str) -> int:
         return sum(d.action == action for d in self._items)
 
     def to_json(self) -> list[dict[str, Any]]:

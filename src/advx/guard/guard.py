@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from ..models.classifier import as_model
 from .decision import ACTIONS, Action, Decision, Decisions
 from .policy import Policy
 from .validate import MAX_ROWS, check_rows
+
+if TYPE_CHECKING:
+    from .calibrate import CalibrationReport
 
 __all__ = ["Guard"]
 
@@ -84,6 +88,64 @@ class Guard:
         if policy is not None:
             self.use(policy)
 
+    @classmethod
+    def from_policy(
+        cls, model: Any, policy: Policy | str | os.PathLike, fallback: Any = None, **kw: Any
+    ) -> Guard:
+        """The guard a policy describes: its detectors rebuilt from their specs for ``model``,
+        its thresholds adopted. ``policy``: a :class:`Policy` or the path of a policy file.
+        Refuses a policy calibrated for another model (:class:`~advx.errors.InputError`).
+        ``kw`` go to the constructor (``input_shape``, ``version``, ``max_rows``)."""
+        from .registry import build_detector
+
+        if not isinstance(policy, Policy):
+            policy = Policy.load(policy)
+        m = as_model(model)
+        fp = policy.model_fingerprint
+        if fp is not None and fp != m.fingerprint():
+            # checked before the detectors are built: the clearer error comes first
+            cls(m).use(policy)
+        detectors = {
+            name: build_detector(spec, m, who=f"policy: detector {name!r}")
+            for name, spec in policy.detectors.items()
+        }
+        return cls(m, detectors=detectors, fallback=fallback, policy=policy, **kw)
+
+    def calibrate(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        fpr: float = 0.05,
+        risk: float | None = None,
+        delta: float = 0.05,
+        seed: int = 0,
+    ) -> CalibrationReport:
+        """Set the thresholds on clean held-out ``x, y`` so that the whole policy flags a share
+        ``fpr`` of clean inputs (reported with its interval) and, with ``risk``, the confidence
+        floor so that the error rate on accepted inputs is at most ``risk`` with probability at
+        least ``1 - delta``; adopt the new policy. See :mod:`advx.guard.calibrate`."""
+        from .calibrate import calibrate
+
+        return calibrate(self, x, y, fpr=fpr, risk=risk, delta=delta, seed=seed)
+
+    def as_detector(self, *, scales: Mapping[str, float] | None = None) -> Detector:
+        """The whole policy as one detector (fires when any rule fires), for adaptive attacks:
+        ``DetectorAware(guard.model, guard.as_detector())``. ``scales`` default to the spread
+        of each score on the calibration data."""
+        from .scores import PolicyDetector
+
+        pol = self.policy
+        if scales is None:
+            scales = dict(pol.calibration.get("scales", {}))
+        return PolicyDetector(
+            self.model,
+            self.detectors,
+            pol.thresholds,
+            min_confidence=pol.min_confidence,
+            scales=scales,
+        )
+
     @property
     def bounds(self) -> tuple[float, float]:
         return self.model.bounds
@@ -105,6 +167,13 @@ class Guard:
                 f"it has {sorted(self.detectors)}"
             )
         self.policy = policy
+        shape = policy.calibration.get("input_shape")
+        if self.input_shape is None and isinstance(shape, list):
+            # the shape calibrated on is the shape the guard expects: refuse rows of any other
+            self.input_shape = tuple(int(s) for s in shape)
+        for name, t in policy.thresholds.items():
+            # the detectors carry their thresholds too, for detect() and DetectorAware
+            self.detectors[name].threshold = t
         return self
 
     def score(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

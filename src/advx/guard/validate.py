@@ -8,6 +8,7 @@ row, why it was refused.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ def check_rows(
     and ``bad`` maps a position to the reason it was refused.
 
     ``shape`` is the input shape the model expects (without the batch dimension); ``None``
-    takes the first good row's shape and refuses rows of any other.
+    takes the most common shape among the rows and refuses rows of any other.
     """
     if isinstance(rows, Tensor | np.ndarray):
         if rows.ndim == 0:
@@ -67,19 +68,25 @@ def check_rows(
     if n > max_rows:
         raise ValueError(f"inputs: {n} rows is more than the limit of {max_rows}; send fewer")
     lo, hi = bounds
-    want = tuple(shape) if shape is not None else None
-    good: list[np.ndarray] = []
-    index: list[int] = []
+    arrays: list[tuple[int, np.ndarray]] = []
     bad: dict[int, str] = {}
     for i, row in enumerate(items):
         arr, why = _row_array(row)
         if arr is None:
             bad[i] = why
-            continue
-        if want is None:
-            want = arr.shape
+        else:
+            arrays.append((i, arr))
+    want = tuple(shape) if shape is not None else None
+    if want is None and arrays:
+        # no declared shape: the most common one wins, so one odd row first in the batch does
+        # not get the good rows after it refused
+        counts = Counter(a.shape for _, a in arrays)
+        want = max(counts, key=lambda s: counts[s])
+    good: list[np.ndarray] = []
+    index: list[int] = []
+    for i, arr in arrays:
         if arr.shape != want:
-            bad[i] = f"shape {list(arr.shape)}, expected {list(want)}"
+            bad[i] = f"shape {list(arr.shape)}, expected {list(want or ())}"
             continue
         finite = np.isfinite(arr)
         if not finite.all():

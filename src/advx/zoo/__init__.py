@@ -59,7 +59,8 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
     net = obj.net if isinstance(obj, Classifier) else obj
     if not isinstance(net, nn.Module):
         raise InputError(
-            f"model: {spec} returned a {type(obj).__name__}, expected an nn.Module or an advx.Classifier"
+            f"model: {spec} returned a {type(obj).__name__}, "
+            "expected an nn.Module or an advx.Classifier"
         )
     if weights is not None:
         load_weights(net, weights)
@@ -71,7 +72,8 @@ def describe(net: nn.Module) -> dict[str, Any] | None:
     built-in architectures; None for any other module (pass ``model_spec=`` to ``fit`` then)."""
     for name, cls in _BUILTIN_CLASSES.items():
         if type(net) is cls:
-            return {"spec": name, "kwargs": dict(net.config)}
+            config: dict[str, Any] = net.config  # type: ignore[assignment]
+            return {"spec": name, "kwargs": dict(config)}
     return None
 
 
@@ -100,8 +102,9 @@ def load(
     if model is None:
         if not info.get("spec"):
             raise InputError(
-                f"load: {path} was trained from a {info.get('class', 'model')} that advx cannot rebuild "
-                "(no model spec recorded); pass model= (a spec such as 'lenet' or the nn.Module to load into)"
+                f"load: {path} was trained from a {info.get('class', 'model')} that advx cannot "
+                "rebuild (no model spec recorded); pass model= (a spec such as 'lenet' or "
+                "the nn.Module to load into)"
             )
         obj = build(info["spec"], **(info.get("kwargs") or {}))
     elif isinstance(model, str):
@@ -131,7 +134,8 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise InputError(
-                "weights: reading .safetensors needs the safetensors package: pip install safetensors"
+                "weights: reading .safetensors needs the safetensors package: "
+                "pip install safetensors"
             ) from None
         return load_file(str(path))
     try:

@@ -120,6 +120,11 @@ class _BasicBlock(nn.Module):
 class ResNet20(nn.Module):
     """The CIFAR ResNet of He et al. (2016) with n=3: 16-32-64 channels, option-A shortcuts."""
 
+    # set with setattr below (their names are the published checkpoints' keys)
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, num_classes: int = 10, n: int = 3) -> None:
         super().__init__()
         self.config = {"num_classes": num_classes, "n": n}

@@ -1,0 +1,1 @@
+"""The review store's schema migrations (alembic scripts, run by advx.guard.store)."""
