@@ -259,9 +259,10 @@ def batch_stats(url: str) -> tuple[float, float]:
 def run_load(args) -> list[dict]:
     configs = [("on", 64), ("off", 64), ("energy", 64), ("on", 1)]
     rows = []
-    for protocol in ("predict", "v2"):
-        for guard, max_batch in configs:
-            for rep in range(args.repeats):
+    # repeats outermost: a burst of load from other jobs then hits every configuration alike
+    for rep in range(args.repeats):
+        for protocol in ("predict", "v2"):
+            for guard, max_batch in configs:
                 with Server(guard, max_batch) as srv:
                     res = asyncio.run(load(srv.url, protocol, args.requests, args.clients))
                     passes, inputs = batch_stats(srv.url)
