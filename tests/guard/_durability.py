@@ -94,16 +94,32 @@ def _input(client: int, n: int, j: int) -> np.ndarray:
     return np.random.default_rng(seed).random((1, 28, 28), dtype=np.float32)
 
 
+def serve_takes_a_store() -> bool:
+    """Whether ``advx serve`` has ``--store`` (then the kill test runs the command itself)."""
+    from advx.cli.serve import serve_cmd
+
+    return any("--store" in p.opts for p in serve_cmd.params)
+
+
 def start_writer(url: str, *, cwd: Path, service: bool = False) -> tuple[subprocess.Popen, str]:
-    """The writer process (its own Python) on a free port; waits until it answers."""
+    """The writer process (its own Python) on a free port; waits until it answers.
+
+    ``service``: ``advx serve --store URL`` when the command has the option (an untrained LeNet
+    under the default policy abstains on every input, so every input goes to review), else the
+    same app built from the library (:data:`SERVICE`)."""
     import httpx
 
-    script = cwd / "writer.py"
-    script.write_text(SERVICE if service else WRITER)
     port = _free_port()
+    if service and serve_takes_a_store():
+        cmd = [sys.executable, "-m", "advx", "serve", "--model", "lenet", "--store", url]
+        cmd += ["--port", str(port), "--log-level", "warning"]
+    else:
+        script = cwd / "writer.py"
+        script.write_text(SERVICE if service else WRITER)
+        cmd = [sys.executable, str(script), url, str(port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
-        [sys.executable, str(script), url, str(port)],
+        cmd,
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
