@@ -118,18 +118,14 @@ def start_writer(url: str, *, cwd: Path, service: bool = False) -> tuple[subproc
         script.write_text(SERVICE if service else WRITER)
         cmd = [sys.executable, str(script), url, str(port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = cwd / "writer.log"  # a file, not a pipe: an unread pipe that fills up blocks the writer
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the writer exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise RuntimeError(f"the writer exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
@@ -172,6 +168,12 @@ def kill_test(
     errors: list[str] = []
 
     def client(k: int) -> None:
+        try:
+            send(k)
+        except Exception as e:  # anything but the writer going away fails the test, visibly
+            errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+    def send(k: int) -> None:
         with httpx.Client(base_url=base, timeout=60) as http:
             n = 0
             while not stop.is_set():
