@@ -103,18 +103,88 @@ def build_guard(cfg: dict[str, Any]) -> Any:
         raise InputError(f"--policy {path}: {e}") from None
 
 
+def _api_keys(path: str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--api-keys: cannot read {path}: {e}") from None
+    if (
+        not isinstance(doc, dict)
+        or not doc
+        or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in doc.items())
+    ):
+        raise InputError(
+            f"--api-keys: {path} must hold a JSON object of key -> client name, e.g. "
+            '{"s3cret-key": "team-a"}'
+        )
+    return doc
+
+
+def _queries(cfg: dict[str, Any], alerts: Any) -> Any:
+    if cfg.get("detect_queries", "off") == "off" and not any(
+        cfg.get(k) for k in ("rate", "budget")
+    ):
+        return None
+    from ..guard.queries import QueryDetector
+
+    return QueryDetector(
+        rate=cfg.get("rate"),
+        burst=cfg.get("burst"),
+        budget=cfg.get("budget"),
+        alerts=alerts,
+        state=cfg.get("query_state"),
+    )
+
+
+class _BudgetOnly:
+    """Rate limits and budgets without query-attack detection (--detect-queries off)."""
+
+    def __init__(self, det: Any) -> None:
+        self.det = det
+
+    def admit(self, client: str, n: int) -> float | None:
+        return self.det.admit(client, n)
+
+    def observe(self, client: str, x: Any) -> list[tuple[bool, float]]:
+        return [(False, 0.0)] * int(x.shape[0])
+
+
 def build_app(cfg: dict[str, Any]) -> Any:
     from ..guard.service import create_app
 
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+
     guard = build_guard(cfg)
-    return create_app(
+    store = None
+    if cfg.get("store"):
+        from .review import _open
+
+        store = _open(cfg["store"])  # a bad URL or an unreachable database: exit 2 here
+    queries = _queries(cfg, store)
+    mode = cfg.get("detect_queries", "off")
+    if queries is not None and mode == "off":
+        queries = _BudgetOnly(queries)
+    app = create_app(
         guard,
         name=cfg["name"],
         max_body_bytes=int(cfg["max_body_mb"] * 1024 * 1024),
         batch_window_ms=cfg["batch_window_ms"],
         max_batch=cfg["max_batch"],
         timeout_s=cfg["timeout"],
+        queries=queries,
+        review=store,
+        alerts=store,
+        detect_queries="silent" if mode == "silent" else "reject",
+        api_keys=_api_keys(cfg.get("api_keys")),
     )
+    if store is not None:
+        store.set_classes(app.state.service.num_classes)
+    return app
 
 
 def app_factory() -> Any:
@@ -186,7 +256,51 @@ def _default_name(spec: str) -> str:
     show_default=True,
     help="Seconds before a request is answered 503.",
 )
+@click.option(
+    "--store",
+    default=None,
+    envvar="ADVX_STORE",
+    metavar="URL",
+    help="Review queue and alerts (SQLAlchemy URL: sqlite:///review.db, postgresql://...; "
+    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent.",
+)
+@click.option(
+    "--detect-queries",
+    type=click.Choice(["off", "reject", "silent"]),
+    default="off",
+    show_default=True,
+    help="Query-attack detection: reject flagged inputs openly, or answer them silently from "
+    "the fallback (an attacker is not told).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Inputs per second per client (token bucket; 429 beyond it).",
+)
+@click.option("--burst", type=click.FloatRange(1), default=None, help="Token bucket size.")
+@click.option("--budget", type=click.IntRange(1), default=None, help="Inputs per client per day.")
+@click.option(
+    "--query-state",
+    default=None,
+    metavar="redis://...",
+    help="Share query memory and budgets between workers through Redis.",
+)
+@click.option(
+    "--api-keys",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON file of API key -> client name; then every request needs "
+    '"Authorization: Bearer KEY".',
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="torch's intra-op threads per server process (default: torch's choice; 1 is often "
+    "fastest when the HTTP side and other processes share the cores).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -209,7 +323,15 @@ def serve_cmd(
     batch_window_ms,
     max_body_mb,
     timeout,
+    store,
+    detect_queries,
+    rate,
+    burst,
+    budget,
+    query_state,
+    api_keys,
     device,
+    torch_threads,
     log_level,
 ) -> None:
     """Serve a guarded model: POST /predict, /v2/models/NAME/infer, /health, /metrics."""
@@ -233,7 +355,20 @@ def serve_cmd(
         "max_body_mb": max_body_mb,
         "timeout": timeout,
         "device": device,
+        "torch_threads": torch_threads,
+        "store": store,
+        "detect_queries": detect_queries,
+        "rate": rate,
+        "burst": burst,
+        "budget": budget,
+        "query_state": query_state,
+        "api_keys": api_keys,
     }
+    if workers > 1 and query_state is None and (detect_queries != "off" or rate or budget):
+        info(
+            "advx serve: each worker keeps its own query memory and budgets; pass "
+            "--query-state redis://... to share them"
+        )
     _setup_logging(log_level)
     app = build_app(cfg)  # every start-up error surfaces here, before the port is bound
     svc = app.state.service
