@@ -256,3 +256,17 @@ def test_an_incomparable_baseline_is_refused_before_any_work(models, baseline, t
     assert code == 2 and "threat models differ" in err and not out.exists()
     code, _, err = run(*audit_args(models, "weak.pt"), "--max-drop", "0.01")
     assert code == 2 and "--baseline" in err
+
+
+def test_save_adv_writes_what_the_report_found(models, tmp_path):
+    import numpy as np
+
+    out, adv = tmp_path / "r.json", tmp_path / "adv.npz"
+    code, _, err = run(*audit_args(models, "weak.pt", "--out", str(out), "--save-adv", str(adv)))
+    assert code == 0 and "adversarial example" in err
+    report = json.loads(out.read_text())
+    with np.load(adv) as z:
+        index, stage = z["index"].tolist(), z["stage"].tolist()
+        assert z["x_adv"].shape == (len(index), 1, 28, 28) and z["x_adv"].dtype == np.float32
+    broken = [i for i, b in enumerate(report["samples"]["broken_by"]) if b >= 0]
+    assert index == broken and stage == [report["samples"]["broken_by"][i] for i in broken]

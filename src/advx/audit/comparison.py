@@ -369,7 +369,13 @@ def compare(
                 message=f"robust accuracy {robust.base:.2%} -> {robust.new:.2%} "
                 f"({robust.delta:+.2%}, {level:.0%} interval [{robust.delta_ci[0]:+.1%}, "
                 f"{robust.delta_ci[1]:+.1%}]); {plural(len(newly_broken), 'sample')} newly "
-                f"broken" + ("" if ok else f": a drop of more than --max-drop {max_drop:.2%}"),
+                f"broken"
+                + ("" if ok else f": a drop of more than --max-drop {max_drop:.2%}")
+                + (
+                    f" (the interval holds 0: within the noise of {n} samples)"
+                    if robust.delta_ci[0] <= 0 <= robust.delta_ci[1]
+                    else ""
+                ),
             )
         )
     checks.append(reliable_check(n_, "the new audit"))

@@ -13,9 +13,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from .._io import atomic_open
 from ..errors import InputError
 from ._codec import decode, encode
+from .adversarial import AdversarialExamples
 from .checks import Finding
 
 __all__ = [
@@ -201,6 +204,15 @@ class Report:
     findings: list[Finding]
     examples: list[Example]
     provenance: Provenance
+    # every adversarial example, in memory only (audit(..., return_adv=True)); not in the JSON
+    adversarial: AdversarialExamples | None = field(
+        default=None, repr=False, compare=False, metadata={"memory": True}
+    )
+
+    @property
+    def x_adv(self) -> Tensor | None:
+        """The adversarial inputs of the broken samples (``adversarial.index`` says which)."""
+        return None if self.adversarial is None else self.adversarial.x_adv
 
     def __repr__(self) -> str:
         flags = (
