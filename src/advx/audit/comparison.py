@@ -19,8 +19,9 @@ from .._io import atomic_open
 from .._provenance import now
 from ..errors import InputError
 from ._codec import encode
+from ._text import fmt_ci, plural
 from .gate import Check, reliable_check
-from .report import DataInfo, Report, SuiteInfo, ThreatInfo, fmt_ci, plural, stage_labels
+from .report import DataInfo, Report, SuiteInfo, ThreatInfo, stage_labels
 from .stats import LEVEL, count_of, newcombe, wilson
 
 __all__ = [

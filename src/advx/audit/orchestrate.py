@@ -238,7 +238,8 @@ def _after_cascade(
 ) -> list[Finding]:
     """The checks that read the cascade's outcome: black-box stages beating white-box ones,
     and a much longer attack on (some of) the points it left robust."""
-    findings = check_blackbox_gain(full.broken_by, stages, full.clean_correct)
+    ran_on = [int((full.queries[k + 1] > 0).sum()) for k in range(len(stages))]
+    findings = check_blackbox_gain(full.broken_by, stages, full.clean_correct, ran_on)
     robust_rows = full.robust.nonzero().view(-1)[: max(1, subset // 4)]
     if robust_rows.numel() and model.access == "gradients":
         white = [a.params.get("steps", 0) or 0 for a in stages if a.access == "gradients"]

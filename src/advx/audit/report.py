@@ -18,6 +18,7 @@ from torch import Tensor
 from .._io import atomic_open
 from ..errors import InputError
 from ._codec import decode, encode
+from ._text import fmt_ci, plural
 from .adversarial import AdversarialExamples
 from .checks import Finding
 
@@ -293,18 +294,6 @@ class Report:
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code}: {f.message}")
         return lines
-
-
-def fmt_ci(ci: list[float] | None, digits: int = 1) -> str:
-    """`` [74.1%, 85.2%]`` (with a leading space), or "" for no interval."""
-    if not ci:
-        return ""
-    return f" [{ci[0]:.{digits}%}, {ci[1]:.{digits}%}]"
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """``1 sample``, ``2 samples``."""
-    return f"{n:,} {word if n == 1 else (words or word + 's')}"
 
 
 # the parameters that tell two stages of the same attack apart, in the order they are shown
