@@ -78,7 +78,7 @@ def audit(net, suite: str, n: int, seed: int, eps_curve) -> dict:
 
 # ---- (a), (b): adversarial training on MNIST -------------------------------------------------
 def train_mnist(args) -> None:
-    from advx.training import fgsm_rs, fit, pgd_at, trades
+    from advx.training import Checkpointing, Schedule, fgsm_rs, fit, pgd_at, trades
 
     x, y = mnist("train")
     recipe = {
@@ -99,14 +99,12 @@ def train_mnist(args) -> None:
         x,
         y,
         loss=recipe,
-        epochs=args.epochs,
+        schedule=Schedule(epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule),
         batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
         seed=args.seed,
-        out=args.out,
-        resume=args.out is not None,
-        data_name="mnist:train",
+        checkpoint=None
+        if args.out is None
+        else Checkpointing(args.out, resume=True, data_name="mnist:train"),
     )
     per_epoch = [e["seconds"] for e in h.epochs]
     print(json.dumps({"history": h.to_dict()}, indent=1), file=sys.stderr)
@@ -207,10 +205,11 @@ def plain_fgsm_rs(
 
 
 def overhead(args) -> None:
-    from advx.training import fgsm_rs, fit
+    from advx.training import Monitor, Schedule, fgsm_rs, fit
 
     x, y = mnist("train")
     n = args.batches * args.batch_size
+    unwatched = Monitor(data=None, overfit_check=False)
     xs, ys = x[:n], y[:n]
     ours, theirs = [], []
     plain_fgsm_rs(
@@ -221,11 +220,9 @@ def overhead(args) -> None:
         xs[:500],
         ys[:500],
         loss=fgsm_rs(0.3),
-        epochs=1,
         batch_size=args.batch_size,
         progress=False,
-        monitor=None,
-        overfit_check=False,
+        monitor=unwatched,
     )
     for r in range(args.repeats):  # interleaved, so that load drifts hit both alike
         theirs.append(
@@ -245,14 +242,11 @@ def overhead(args) -> None:
             xs,
             ys,
             loss=fgsm_rs(0.3, alpha=0.375),
-            epochs=1,
+            schedule=Schedule(lr=5e-3, lr_schedule="cyclic"),
             batch_size=args.batch_size,
-            lr=5e-3,
-            lr_schedule="cyclic",
             seed=r,
             progress=False,
-            monitor=None,
-            overfit_check=False,
+            monitor=unwatched,
         )
         ours.append(h.epochs[0]["seconds"])
     a, b = statistics.median(ours), statistics.median(theirs)
@@ -287,12 +281,14 @@ def overhead(args) -> None:
 # ---- (c) defensive distillation --------------------------------------------------------------
 def distillation(args) -> None:
     from advx.training import distillation as distill
-    from advx.training import fit, standard
+    from advx.training import Schedule, fit, standard
 
     T = args.temperature
     x, y = advx.data.load("mnist-demo", split="train")
     xt, yt = advx.data.load("mnist-demo", split="test", n=args.n)
-    kw = dict(epochs=args.epochs, batch_size=64, lr=1e-3, seed=args.seed, progress=True)
+    kw = dict(
+        schedule=Schedule(epochs=args.epochs, lr=1e-3), batch_size=64, seed=args.seed, progress=True
+    )
     teacher = advx.zoo.build("lenet")
     t0 = time.perf_counter()
     fit(teacher, x, y, loss=standard(temperature=T), **kw)
@@ -357,7 +353,7 @@ def distillation(args) -> None:
 # ---- (d) DDP: 2 processes vs 1 --------------------------------------------------------------
 _DDP_SCRIPT = """
 import sys, time, torch, advx
-from advx.training import fit, fgsm_rs
+from advx.training import Monitor, Schedule, fit, fgsm_rs
 from advx.training.distributed import init_from_env
 torch.set_num_threads(int(sys.argv[3]))
 g = init_from_env("cpu")
@@ -365,8 +361,9 @@ x, y = advx.data.load(sys.argv[1], split="train", n=int(sys.argv[2]))
 seed = int(sys.argv[5])
 torch.manual_seed(seed)
 net = advx.zoo.build("wong_cnn")
-h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=0.375), epochs=2, batch_size=100, lr=5e-3, lr_schedule="cyclic",
-        seed=seed, progress=False, monitor=None, overfit_check=False)
+h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=0.375), batch_size=100, seed=seed, progress=False,
+        schedule=Schedule(epochs=2, lr=5e-3, lr_schedule="cyclic"),
+        monitor=Monitor(data=None, overfit_check=False))
 if g.rank == 0:
     torch.save(net.state_dict(), sys.argv[4])
     print("EPOCHS", sum(e["seconds"] for e in h.epochs))
