@@ -170,6 +170,13 @@ def test_the_class_count_is_recorded_or_read_from_the_item(tmp_path):
     with Store(url) as s:  # recorded by the service's open, found by the reviewer's
         assert s.classes == 4
         assert s.label(1, 3, by="bob")["label"] == 3
+        s.set_classes(3)  # the service learnt it after opening
+        with pytest.raises(InputError, match=r"\[0, 2\]"):
+            s.label(1, 3, by="bob")
+        with pytest.raises(InputError, match="classes"):
+            s.set_classes(1)
+    with Store(url) as s:
+        assert s.classes == 3
 
 
 def test_export_writes_a_data_set_advx_loads(store, tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .checks import Finding, check_blackbox_gain, check_convergence, check_curve
 from .eps_curve import _eps_curve
 from .report import EpsCurve, Report, Seconds
 from .runner import CascadeState, gather_states, run_cascade
+from .stats import count_of, wilson
 from .suites import Suite, load_suite
 
 __all__ = ["audit"]
@@ -132,6 +134,12 @@ def audit(
             EpsCurve,
             _eps_curve(model, x, y, threat, eps_curve, full, seed=seed, subset=subset),
             "eps_curve",
+        )
+        curve = replace(
+            curve,
+            robust_accuracy_ci=[
+                wilson(count_of(a, curve.n), curve.n) for a in curve.robust_accuracy
+            ],
         )
         t_curve = time.perf_counter() - t0
         if checks and curve.check:

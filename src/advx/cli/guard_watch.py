@@ -10,20 +10,17 @@ the deployment as it runs.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import click
 
 from ..errors import InputError, ModelError
+from ..models._base import Access
 from ._common import emit_json, info
 from .guard import guard_group
 
 _DEFAULT_THREAT = {"square": "linf:0.3", "hopskipjump": "l2:3", "boundary": "l2:3"}
-_ACCESS: dict[str, Literal["scores", "labels"]] = {
-    "square": "scores",
-    "hopskipjump": "labels",
-    "boundary": "labels",
-}
+_ACCESS: dict[str, Access] = {"square": "scores", "hopskipjump": "labels", "boundary": "labels"}
 
 
 def _base(url: str) -> str:
