@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,11 @@ from click.testing import CliRunner
 
 import advx
 from advx.cli import cli
+from advx.guard.reload import ModelDirReloader
+from advx.guard.service import create_app
 from advx.guard.versions import ModelDir
+
+from .._server import serve
 
 SPEC = f"{Path(__file__).parent / '_loop_model.py'}:mlp"
 
@@ -60,12 +65,21 @@ def test_init_then_update_promotes_and_a_regression_exits_1(files, tmp_path):
         "--model-dir", md, "--data", files / "train.npz", "--audit-data", "mnist-demo",
         "--audit-split", "test", "--threat", "linf:0.1", "--max-drop", "0.02",
     ]  # fmt: skip
-    code, out, err = run("guard", "update", *common, "--reviewed", files / "reviewed.npz", "--json")
-    assert code == 0, out + err
-    doc = json.loads(out)
-    assert doc["promoted"] and doc["version"] == "v0002" and doc["parent"] == "v0001"
-    assert doc["new"]["reviewed_accuracy"] > doc["old"]["reviewed_accuracy"]
-    assert ModelDir(md).current() == "v0002"
+    reloader = ModelDirReloader(md)
+    app = create_app(reloader.load(), name="digits", reloader=reloader, admin_token="tok")
+    with serve(app) as url:
+        code, out, err = run(
+            "guard", "update", *common, "--reviewed", files / "reviewed.npz", "--json",
+            "--reload-url", url, "--admin-token", "tok",
+        )  # fmt: skip
+        assert code == 0, out + err
+        doc = json.loads(out)
+        assert doc["promoted"] and doc["version"] == "v0002" and doc["parent"] == "v0001"
+        assert doc["new"]["reviewed_accuracy"] > doc["old"]["reviewed_accuracy"]
+        assert ModelDir(md).current() == "v0002"
+        assert doc["reload"]["ok"] and doc["reload"]["version"] == "v0002"
+        assert httpx.get(f"{url}/health").json()["model_version"] == "v0002"
+        assert "serving v0002" in err
 
     code, out, err = run(
         "guard", "update", *common, "--reviewed", files / "wrong.npz",

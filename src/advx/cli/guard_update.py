@@ -219,7 +219,7 @@ def update_command(
     ok = result.promoted
     if result.promoted and reload_url:
         doc["reload"] = reload(reload_url, token)
-        ok = bool(doc["reload"].get("reloaded"))
+        ok = bool(doc["reload"].get("ok")) and doc["reload"].get("version") == result.version
     if as_json:
         emit_json(doc)
     else:
@@ -229,26 +229,26 @@ def update_command(
         r = doc["reload"]
         info(
             f"service {reload_url}: serving {r.get('version')}"
-            if r.get("reloaded")
-            else f"service {reload_url} did not reload: {r.get('reason') or r}"
+            if ok
+            else f"service {reload_url} did not switch to {result.version}: {r.get('reason') or r}"
         )
     raise SystemExit(0 if ok else 1)
 
 
 def reload(url: str, token: str | None, *, timeout: float = 60.0) -> dict:
     """Ask a running ``advx serve --model-dir`` to serve the current version; its answer, or
-    ``{"reloaded": False, "reason": ...}`` when it could not be reached."""
+    ``{"ok": False, "reason": ...}`` when it could not be reached or refused the call."""
     import httpx
 
     target = url.rstrip("/") + "/admin/reload"
     try:
         r = httpx.post(target, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
     except httpx.HTTPError as e:
-        return {"reloaded": False, "reason": f"cannot reach {target}: {type(e).__name__}: {e}"}
+        return {"ok": False, "reason": f"cannot reach {target}: {type(e).__name__}: {e}"}
     try:
         body = r.json()
     except ValueError:
         body = {"text": r.text[:200]}
     if r.status_code != 200:
-        return {"reloaded": False, "status": r.status_code, "reason": body}
-    return body if isinstance(body, dict) else {"reloaded": False, "reason": body}
+        return {"ok": False, "status": r.status_code, "reason": body}
+    return body if isinstance(body, dict) else {"ok": False, "reason": body}
