@@ -101,3 +101,10 @@ def test_bad_input_exits_2(files, tmp_path):
         *base, "--data", "mnist-demo", "--audit-data", "mnist-demo", "--reload-url", "http://x"
     )
     assert code == 2 and "admin token" in err
+
+
+def test_serve_model_dir_refuses_a_bad_start(tmp_path):
+    code, _, err = run("serve", "--model-dir", tmp_path / "empty", "--port", "0")
+    assert code == 2 and "no current version" in err
+    code, _, err = run("serve", "--model-dir", tmp_path, "--model", "lenet")
+    assert code == 2 and "leave out --model" in err
