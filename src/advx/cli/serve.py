@@ -22,6 +22,7 @@ from . import cli
 from ._common import build_classifier, info, model_options, pick_device
 
 _CONFIG_ENV = "ADVX_SERVE_CONFIG"
+ADMIN_TOKEN_ENV = "ADVX_ADMIN_TOKEN"  # read from the environment: never in argv or the config
 # shapes tried, in order, when --input-shape is not given (MNIST-like, CIFAR-like, ImageNet-like)
 _PROBE_SHAPES = ((1, 28, 28), (3, 32, 32), (3, 224, 224))
 
@@ -64,6 +65,8 @@ def build_guard(cfg: dict[str, Any]) -> Any:
     """The Guard the command line describes (``cfg``: the options as JSON-able values)."""
     from ..guard import Guard, Policy
 
+    if cfg.get("model_dir"):
+        return _reloader(cfg).load()
     spec = cfg["model"]
     try:
         model = build_classifier(
@@ -144,6 +147,14 @@ def build_queries(cfg: dict[str, Any], shape: tuple[int, ...], *, alerts: Any = 
     )
 
 
+def _reloader(cfg: dict[str, Any]) -> Any:
+    """The model directory a --model-dir service serves and reloads from."""
+    from ..guard.reload import ModelDirReloader
+
+    kw = {"input_shape": cfg["input_shape"]} if cfg.get("input_shape") else {}
+    return ModelDirReloader(cfg["model_dir"], device=pick_device(cfg.get("device")), **kw)
+
+
 def build_app(cfg: dict[str, Any]) -> Any:
     from ..guard.service import create_app
 
@@ -152,7 +163,8 @@ def build_app(cfg: dict[str, Any]) -> Any:
 
         torch.set_num_threads(int(cfg["torch_threads"]))
 
-    guard = build_guard(cfg)
+    reloader = _reloader(cfg) if cfg.get("model_dir") else None
+    guard = reloader.load() if reloader is not None else build_guard(cfg)
     shape = tuple(guard.input_shape) if guard.input_shape else tuple(cfg["input_shape"] or ())
     store = None
     if cfg.get("store"):
@@ -163,6 +175,8 @@ def build_app(cfg: dict[str, Any]) -> Any:
     mode = cfg.get("detect_queries", "reject")
     app = create_app(
         guard,
+        reloader=reloader,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
         name=cfg["name"],
         max_body_bytes=int(cfg["max_body_mb"] * 1024 * 1024),
         batch_window_ms=cfg["batch_window_ms"],
@@ -217,6 +231,26 @@ def _setup_logging(level: str) -> None:
         lg.propagate = False
 
 
+def _reload_on_sighup(app: Any, workers: int) -> None:
+    """SIGHUP: serve the model directory's current version. The reload runs in its own thread
+    (a signal handler must return at once); requests keep being answered meanwhile. With
+    several workers uvicorn's supervisor takes SIGHUP and restarts them, each loading the
+    current version."""
+    import signal
+    import threading
+
+    if workers != 1 or not hasattr(signal, "SIGHUP"):
+        return
+    svc = app.state.service
+
+    def on_hup(signum: int, frame: Any) -> None:
+        threading.Thread(
+            target=svc.reloader.reload, args=(svc,), name="advx-reload", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def _default_name(spec: str) -> str:
     base = Path(spec.split(":")[0]).stem or "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:64] or "model"
@@ -230,6 +264,18 @@ def _default_name(spec: str) -> str:
     default=None,
     help="A calibrated policy (advx guard calibrate); default: validate and abstain "
     "below 0.5 confidence.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve a versioned model directory's current version (advx guard init/update); "
+    "reload it on SIGHUP or POST /admin/reload. Replaces --model and --policy.",
+)
+@click.option(
+    "--admin-token",
+    default=None,
+    help=f"Bearer token for POST /admin/reload (default: ${ADMIN_TOKEN_ENV}; none: off).",
 )
 @click.option(
     "--name", default=None, help="The model's name in /v2/models/NAME (default: from --model)."
@@ -340,6 +386,8 @@ def serve_cmd(
     std,
     bounds,
     policy,
+    model_dir,
+    admin_token,
     name,
     host,
     port,
@@ -365,9 +413,19 @@ def serve_cmd(
         import uvicorn
     except ImportError:
         raise InputError("advx serve needs the service extras: pip install 'advx[guard]'") from None
-    if model_spec is None:
+    if model_dir is not None:
+        if model_spec is not None or policy is not None:
+            raise InputError(
+                "--model-dir serves the directory's current version: leave out --model and --policy"
+            )
+        model_spec = Path(model_dir).resolve().name  # for the default --name
+    elif model_spec is None:
         raise InputError("--model is required, e.g. --model lenet --weights lenet.pt")
+    if admin_token:
+        # the workers read it from the environment; it never goes into the logged config
+        os.environ[ADMIN_TOKEN_ENV] = admin_token
     cfg = {
+        "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
         "model": model_spec,
         "weights": weights,
         "mean": mean,
@@ -421,6 +479,8 @@ def serve_cmd(
         access_log=False,
         timeout_graceful_shutdown=max(timeout, 5),
     )
+    if model_dir is not None:
+        _reload_on_sighup(app, workers)
     if workers == 1:
         uvicorn.run(app, **common)
     else:
