@@ -1,11 +1,11 @@
 """Hardening benchmarks: adversarial training on MNIST, defensive distillation, DDP.
 
     python benchmarks/bench_train.py fgsm-rs --epochs 10 --out runs/fgsm       # (a) Wong et al.
-    python benchmarks/bench_train.py overhead --batches 300                    # (a) fit vs a plain loop
+    python benchmarks/bench_train.py overhead --batches 300          # (a) fit vs a plain loop
     python benchmarks/bench_train.py trades --epochs 3 --out runs/trades       # (b)
     python benchmarks/bench_train.py pgd-at --epochs 3 --out runs/pgd          # (b)
     python benchmarks/bench_train.py distillation --out runs/distill           # (c) Papernot et al.
-    python benchmarks/bench_train.py ddp --n 12000                             # (d) 2 processes vs 1
+    python benchmarks/bench_train.py ddp --n 12000                   # (d) 2 processes vs 1
 
 (a)/(b) train the small CNN of Wong, Rice & Kolter (2020) on the full MNIST training set
 (../shared/data/mnist) at Linf eps 0.3 and audit it on the first 1,000 test images with
@@ -90,7 +90,8 @@ def train_mnist(args) -> None:
     }[args.cmd]()
     net = wong_cnn(args.seed)
     print(
-        f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, "
+        f"batch {args.batch_size}, "
         f"Adam, lr {args.lr} ({args.lr_schedule}); {machine()}",
         file=sys.stderr,
     )
@@ -127,8 +128,10 @@ def train_mnist(args) -> None:
         )
     )
     print(
-        f"\ntraining: {sum(per_epoch):.0f}s in all ({statistics.median(per_epoch):.1f}s per epoch, median; "
-        f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints){'; stopped: ' + h.stopped if h.stopped else ''}"
+        f"\ntraining: {sum(per_epoch):.0f}s in all "
+        f"({statistics.median(per_epoch):.1f}s per epoch, median; "
+        f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints)"
+        f"{'; stopped: ' + h.stopped if h.stopped else ''}"
     )
     if args.audit_n:
         a = audit(
@@ -141,8 +144,9 @@ def train_mnist(args) -> None:
         if args.out:
             a["report"].save(Path(args.out) / "report.json")
         print(
-            f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): clean {a['clean']:.2%}, "
-            f"robust {a['robust']:.2%}, reliable {a['reliable']}, findings {a['findings']}, cascade {a['cascade']}, "
+            f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): "
+            f"clean {a['clean']:.2%}, robust {a['robust']:.2%}, reliable {a['reliable']}, "
+            f"findings {a['findings']}, cascade {a['cascade']}, "
             f"{a['seconds']:.0f}s"
         )
         print(
@@ -255,7 +259,8 @@ def overhead(args) -> None:
         table(
             [
                 "loop",
-                f"seconds for {args.batches} batches of {args.batch_size} (median of {args.repeats})",
+                f"seconds for {args.batches} batches of {args.batch_size} "
+                f"(median of {args.repeats})",
                 "per 60k-sample epoch",
                 "ratio",
             ],
@@ -280,8 +285,8 @@ def overhead(args) -> None:
 
 # ---- (c) defensive distillation --------------------------------------------------------------
 def distillation(args) -> None:
-    from advx.training import distillation as distill
     from advx.training import Schedule, fit, standard
+    from advx.training import distillation as distill
 
     T = args.temperature
     x, y = advx.data.load("mnist-demo", split="train")
@@ -342,7 +347,8 @@ def distillation(args) -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         rep.save(Path(args.out) / "report.json")
     print(
-        f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): clean {rep.clean_accuracy:.1%}, robust "
+        f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): "
+        f"clean {rep.clean_accuracy:.1%}, robust "
         f"{rep.robust_accuracy:.1%}, reliable {rep.reliable}"
     )
     for f in rep.findings:
@@ -449,8 +455,9 @@ def ddp(args) -> None:
         )
     )
     print(
-        "\nThe weights drift apart over hundreds of steps because a different reduction order (threads, or the"
-        " all-reduce) changes the last bits of a gradient and FGSM's sign step amplifies it; the test"
+        "\nThe weights drift apart over hundreds of steps because a different reduction order "
+        "(threads, or the all-reduce) changes the last bits of a gradient and FGSM's sign step "
+        "amplifies it; the test"
         " (tests/training) checks a few steps against one process within floating-point tolerance."
     )
     print(machine())
