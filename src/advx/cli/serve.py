@@ -378,7 +378,7 @@ def serve_cmd(
         f"input {list(svc.shape)}, {svc.num_classes} classes) on http://{host}:{port} "
         f"— POST /predict, /v2/models/{cfg['name']}/infer; GET /health, /metrics"
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         host=host,
         port=port,
         log_config=None,
@@ -390,4 +390,10 @@ def serve_cmd(
     else:
         os.environ[_CONFIG_ENV] = json.dumps(cfg)
         os.environ["ADVX_SERVE_LOG_LEVEL"] = log_level
+        import inspect
+
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # a worker loads torch and the model before it answers the supervisor's ping; on a
+            # busy machine that takes longer than uvicorn's default, which then restarts it
+            common["timeout_worker_healthcheck"] = 120
         uvicorn.run("advx.cli.serve:app_factory", factory=True, workers=workers, **common)
