@@ -159,6 +159,8 @@ def test_the_loop_through_a_running_service(tmp_path, v1_model, mnist_train, mni
         assert result.new["clean_accuracy"] >= result.old["clean_accuracy"] - 0.02
         v2 = md.load()
         assert v2.meta["parent"] == "v0001" and v2.meta["data"]["reviewed"]["n"] == queued
+        labelled = [i["id"] for i in store.list(status="labelled", limit=1000)]
+        assert v2.meta["data"]["reviewed"]["items"] == labelled  # which reviews made v0002
         assert v2.meta["audit"]["new"]["robust_accuracy"] == result.new["robust_accuracy"]
         # recalibrated for the new weights, to the same target
         assert v2.policy.model_fingerprint == v2.model.fingerprint() != v1.model.fingerprint()
