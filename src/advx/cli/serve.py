@@ -106,6 +106,47 @@ def build_guard(cfg: dict[str, Any]) -> Any:
         raise InputError(f"--policy {path}: {e}") from None
 
 
+def parse_api_keys(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str] | None:
+    """``KEY=CLIENT`` pairs -> {key: client}; None when there are none."""
+    if not pairs:
+        return None
+    keys: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, client = pair.partition("=")
+        if not sep or not key.strip() or not client.strip():
+            raise InputError(f"--api-key: expected KEY=CLIENT, got {pair.split('=')[0][:4]}...")
+        keys[key.strip()] = client.strip()
+    return keys
+
+
+def build_queries(cfg: dict[str, Any], shape: tuple[int, ...], *, alerts: Any = None) -> Any:
+    """The query monitor the options describe (stateful detection, rate limit, budget), or None
+    when all three are off."""
+    mode = cfg.get("detect_queries", "reject")
+    rate, budget = cfg.get("rate_limit"), cfg.get("query_budget")
+    if mode == "off" and rate is None and budget is None:
+        return None
+    import math
+
+    from ..guard.queries import QueryDetector, preset_for
+
+    spec = preset_for(shape)
+    if mode != "off" and math.prod(shape) < spec.window:
+        raise InputError(
+            f"--detect-queries: inputs of {math.prod(shape)} values are too small to fingerprint "
+            f"(windows of {spec.window}); serve with --detect-queries off"
+        )
+    return QueryDetector(
+        spec=spec,
+        state=cfg.get("state"),
+        rate=rate,
+        burst=cfg.get("burst"),
+        budget=budget,
+        detect=mode != "off",
+        alerts=alerts,
+    )
+
+
 def _reloader(cfg: dict[str, Any]) -> Any:
     """The model directory a --model-dir service serves and reloads from."""
     from ..guard.reload import ModelDirReloader
@@ -117,9 +158,22 @@ def _reloader(cfg: dict[str, Any]) -> Any:
 def build_app(cfg: dict[str, Any]) -> Any:
     from ..guard.service import create_app
 
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+
     reloader = _reloader(cfg) if cfg.get("model_dir") else None
     guard = reloader.load() if reloader is not None else build_guard(cfg)
-    return create_app(
+    shape = tuple(guard.input_shape) if guard.input_shape else tuple(cfg["input_shape"] or ())
+    store = None
+    if cfg.get("store"):
+        from .review import _open
+
+        store = _open(cfg["store"])  # a bad URL or an unreachable database: exit 2 here
+    queries = build_queries(cfg, shape, alerts=store)
+    mode = cfg.get("detect_queries", "reject")
+    app = create_app(
         guard,
         reloader=reloader,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
@@ -128,7 +182,35 @@ def build_app(cfg: dict[str, Any]) -> Any:
         batch_window_ms=cfg["batch_window_ms"],
         max_batch=cfg["max_batch"],
         timeout_s=cfg["timeout"],
+        queries=queries,
+        review=store,
+        alerts=store,
+        detect_queries="silent" if mode == "silent" else "reject",
+        api_keys=cfg.get("api_keys"),
     )
+    if store is not None:
+        store.set_classes(app.state.service.num_classes)
+    if queries is not None:
+        _query_metrics(app, queries)
+    return app
+
+
+def _query_metrics(app: Any, queries: Any) -> None:
+    """Gauges of the query detector in the app's /metrics: whether its shared state (Redis) is
+    unreachable (answering from this process's memory), and the queries it remembers."""
+    from prometheus_client import Gauge
+
+    registry = app.state.service.monitor.registry
+    Gauge(
+        "advx_guard_query_state_degraded",
+        "1 while the shared query state (Redis) is unreachable and this process answers alone",
+        registry=registry,
+    ).set_function(lambda: float(queries.degraded))
+    Gauge(
+        "advx_guard_queries_remembered",
+        "Queries held by the account-oblivious query memory",
+        registry=registry,
+    ).set_function(lambda: float(queries.state.remembered()))
 
 
 def app_factory() -> Any:
@@ -232,7 +314,65 @@ def _default_name(spec: str) -> str:
     show_default=True,
     help="Seconds before a request is answered 503.",
 )
+@click.option(
+    "--store",
+    default=None,
+    envvar="ADVX_STORE",
+    metavar="URL",
+    help="Review queue and alerts (SQLAlchemy URL: sqlite:///review.db, postgresql://...; "
+    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent.",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="torch's intra-op threads per server process (default: torch's choice; 1 is often "
+    "fastest when the HTTP side and other processes share the cores).",
+)
+@click.option(
+    "--detect-queries",
+    type=click.Choice(["reject", "silent", "off"]),
+    default="reject",
+    show_default=True,
+    help="Inputs flagged as part of a query attack (Blacklight-style fingerprints, all clients "
+    "and per client): reject says so (and so tells an adaptive attacker which queries were "
+    "caught), silent answers from the fallback or abstains without saying why, off detects "
+    "nothing.",
+)
+@click.option(
+    "--state",
+    default=None,
+    metavar="URL",
+    help="redis://host:port/db: the query memory, rate limits and budgets shared by every "
+    "worker and replica (default: in each process).",
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="KEY=CLIENT",
+    help="Require 'Authorization: Bearer KEY' and count its queries as CLIENT (repeatable); "
+    "without keys a client is its X-Client-Id header, else its address.",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Inputs per second per client (token bucket; default: no limit).",
+)
+@click.option(
+    "--burst",
+    type=click.FloatRange(1),
+    default=None,
+    help="Bucket size for --rate-limit (default: 2 seconds' worth).",
+)
+@click.option(
+    "--query-budget",
+    type=click.IntRange(1),
+    default=None,
+    help="Inputs per client per day (default: no budget).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -257,7 +397,15 @@ def serve_cmd(
     batch_window_ms,
     max_body_mb,
     timeout,
+    store,
     device,
+    torch_threads,
+    detect_queries,
+    state,
+    api_keys,
+    rate_limit,
+    burst,
+    query_budget,
     log_level,
 ) -> None:
     """Serve a guarded model: POST /predict, /v2/models/NAME/infer, /health, /metrics."""
@@ -291,7 +439,20 @@ def serve_cmd(
         "max_body_mb": max_body_mb,
         "timeout": timeout,
         "device": device,
+        "torch_threads": torch_threads,
+        "store": store,
+        "detect_queries": detect_queries,
+        "state": state,
+        "api_keys": parse_api_keys(api_keys),
+        "rate_limit": rate_limit,
+        "burst": burst,
+        "query_budget": query_budget,
     }
+    if workers > 1 and state is None and (detect_queries != "off" or rate_limit or query_budget):
+        info(
+            "advx serve: each worker keeps its own query memory and budgets; pass "
+            "--state redis://... to share them"
+        )
     _setup_logging(log_level)
     app = build_app(cfg)  # every start-up error surfaces here, before the port is bound
     svc = app.state.service
@@ -301,6 +462,16 @@ def serve_cmd(
         f"input {list(svc.shape)}, {svc.num_classes} classes) on http://{host}:{port} "
         f"— POST /predict, /v2/models/{cfg['name']}/infer; GET /health, /metrics"
     )
+    if detect_queries != "off":
+        from ..guard.queries_redis import redact
+
+        where = redact(state) if state else "this process"
+        info(f"advx serve: query-attack detection {detect_queries}, state in {where}")
+        if workers > 1 and not state:
+            info(
+                "advx serve: each worker keeps its own query memory; pass --state redis://... "
+                "so that an attack spread over workers is seen whole"
+            )
     common = dict(
         host=host,
         port=port,

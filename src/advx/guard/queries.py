@@ -423,6 +423,8 @@ class QueryDetector:
             Redis so all workers hash alike.
         state: None (in this process) or a ``redis://`` URL shared by several workers;
             ``prefix`` namespaces its keys (see :mod:`.queries_redis`).
+        detect: False keeps the rate limit and budget but fingerprints nothing (``observe``
+            answers "not flagged" for every row).
         clock: seconds (wall time: with Redis, processes on several hosts share the bucket).
     """
 
@@ -444,6 +446,7 @@ class QueryDetector:
         state: str | None = None,
         prefix: str = "advx:q:",
         posting_cap: int = 64,
+        detect: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         who = "QueryDetector"
@@ -474,6 +477,7 @@ class QueryDetector:
         self.budget_period = float(budget_period)
         self.alerts = alerts
         self.alert_cooldown = float(alert_cooldown)
+        self.detect = bool(detect)
         self.clock = clock
         self.flags = 0  # flagged queries seen by this process
         local = LocalState(
@@ -533,6 +537,8 @@ class QueryDetector:
             )
         if x.shape[0] == 0:
             return []
+        if not self.detect:
+            return [(False, 0.0)] * x.shape[0]
         if self.fingerprinter is None:
             self.fingerprinter = Fingerprinter(preset_for(tuple(x.shape[1:])), key=self._key)
         spec = self.fingerprinter.spec
