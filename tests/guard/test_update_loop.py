@@ -247,8 +247,9 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_a_promoted_version_that_fails_to_load_leaves_the_old_one_serving(
-    tmp_path, v1_model, mnist_test
+    tmp_path, v1_model, mnist_test, caplog
 ):
+    caplog.set_level("INFO", logger="advx.guard.service")
     md = _two_versions(tmp_path, v1_model, mnist_test)
     # v0002 damaged after its promotion (a bad disk, a hand edit): the pointer names it
     md.promote("v0002")
@@ -265,6 +266,12 @@ def test_a_promoted_version_that_fails_to_load_leaves_the_old_one_serving(
         doc = answer.json()
         assert not doc["ok"] and doc["version"] == "v0001" and doc["current"] == "v0002"
         assert "v0002 cannot be loaded" in doc["reason"]
+        failed = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
+        assert (
+            failed
+            and failed[0].levelname == "ERROR"
+            and "v0001 keeps serving" in (failed[0].getMessage())
+        )
         n = len(client.answers)
         while len(client.answers) < n + 3 and not client.errors:
             time.sleep(0.01)
