@@ -195,6 +195,9 @@ def test_the_loop_through_a_running_service(tmp_path, v1_model, mnist_train, mni
         assert set(seen[:k]) == {"v0001"} and set(seen[k:]) == {"v0002"}  # one clean switch
         health = httpx.get(f"{url}/health").json()
         assert health["model_version"] == "v0002" and health["policy_hash"] == v2.policy.hash
+        meta = httpx.get(f"{url}/v2/models/digits").json()
+        assert meta["versions"] == ["1", "v0002"]
+        assert "v0002" in httpx.get(f"{url}/openapi.json").text
 
         # 5. a careless reviewer labels the next batch wrongly: the fine-tune regresses, refused
         bad = Store(f"sqlite:///{tmp_path / 'review2.db'}", classes=10)
