@@ -155,6 +155,19 @@ def _reloader(cfg: dict[str, Any]) -> Any:
     return ModelDirReloader(cfg["model_dir"], device=pick_device(cfg.get("device")), **kw)
 
 
+def _store_url(store: str | None) -> str | None:
+    """--store: a URL, 'off', or (not given) the embedded default under the state directory."""
+    if store is not None and store.strip().lower() in ("off", "none", ""):
+        return None
+    if store is not None:
+        return store
+    try:
+        from ..guard.store import default_url
+    except ImportError:  # no SQLAlchemy: serve without a queue rather than refuse to start
+        return None
+    return default_url()
+
+
 def build_app(cfg: dict[str, Any]) -> Any:
     from ..guard.service import create_app
 
@@ -183,8 +196,7 @@ def build_app(cfg: dict[str, Any]) -> Any:
         max_batch=cfg["max_batch"],
         timeout_s=cfg["timeout"],
         queries=queries,
-        review=store,
-        alerts=store,
+        review=store,  # alerts go through the query detector, which rate-limits them per client
         detect_queries="silent" if mode == "silent" else "reject",
         api_keys=cfg.get("api_keys"),
     )
@@ -320,7 +332,8 @@ def _default_name(spec: str) -> str:
     envvar="ADVX_STORE",
     metavar="URL",
     help="Review queue and alerts (SQLAlchemy URL: sqlite:///review.db, postgresql://...; "
-    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent.",
+    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent. "
+    "Default: a SQLite file under your state directory (printed at start-up); 'off' for none.",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option(
@@ -440,7 +453,7 @@ def serve_cmd(
         "timeout": timeout,
         "device": device,
         "torch_threads": torch_threads,
-        "store": store,
+        "store": _store_url(store),
         "detect_queries": detect_queries,
         "state": state,
         "api_keys": parse_api_keys(api_keys),
@@ -462,6 +475,10 @@ def serve_cmd(
         f"input {list(svc.shape)}, {svc.num_classes} classes) on http://{host}:{port} "
         f"— POST /predict, /v2/models/{cfg['name']}/infer; GET /health, /metrics"
     )
+    if cfg["store"]:
+        from ..guard.store import mask_url
+
+        info(f"advx serve: review queue and alerts in {mask_url(cfg['store'])}")
     if detect_queries != "off":
         from ..guard.queries_redis import redact
 
