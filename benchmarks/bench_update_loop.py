@@ -142,7 +142,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ADVX_ADMIN_TOKEN": TOKEN}
     server = subprocess.Popen(
         [sys.executable, "-m", "advx", "serve", "--model-dir", str(md.root), "--port", str(port),
-         "--log-level", "warning", "--detect-queries", "off"],
+         "--log-level", "warning", "--detect-queries", "off", "--store", "off"],
         env=env,
     )  # fmt: skip
     try:
