@@ -1014,10 +1014,14 @@ def create_app(
         body, ctype = mon.exposition()
         return Response(body, media_type=ctype)
 
-    openapi = openapi_document(svc)
+    openapi = {svc.guard.version: openapi_document(svc)}  # built once per served version
 
     async def openapi_json(request: Request, rid: str) -> Response:
-        return json_response(openapi)
+        version = svc.guard.version
+        if version not in openapi:  # a reload changed the version the document names
+            openapi.clear()
+            openapi[version] = openapi_document(svc)
+        return json_response(openapi[version])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
