@@ -545,6 +545,11 @@ class GuardService:
     # -- request plumbing ------------------------------------------------------------------------
 
     def client_of(self, request: Any) -> str:
+        client = self._client_of(request)
+        request.state.client = client  # for the request's log line
+        return client
+
+    def _client_of(self, request: Any) -> str:
         auth = request.headers.get("authorization")
         if self.api_keys is not None:
             key = ""
@@ -841,6 +846,7 @@ def create_app(
                             "status": response.status_code,
                             "ms": round(dt * 1000, 3),
                             "peer": request.client.host if request.client else None,
+                            "client": getattr(request.state, "client", None),
                         }
                     },
                 )
