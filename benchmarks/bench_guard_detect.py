@@ -209,7 +209,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    lenet = advx.Classifier(train_lenet())
+    lenet = advx.Classifier(train_lenet()) if args.model in (None, "lenet") else None
     t_train = time.perf_counter() - t0
     xd, yd = advx.data.load("mnist-demo", split="test")  # 1000 digits
     trades = advx.Classifier(trades_smallcnn())
@@ -258,8 +258,9 @@ def main() -> None:
         "",
         f"Command: `{cmd} --write`",
         "",
-        f"Machine: {machine()}, loaded (2 cores shared by several engineers); LeNet trained in "
-        f"{t_train:.0f} s. {versions()}.",
+        f"Machine: {machine()}, loaded (2 cores shared by several engineers)"
+        + (f"; LeNet trained in {t_train:.0f} s" if lenet is not None else "")
+        + f". {versions()}.",
         "",
         "The guard: feature squeezing (bits:1, median:2), the energy OOD score and the "
         "confidence floor, calibrated together (`guard.calibrate(x, y, fpr=0.05)`: the union "

@@ -1,10 +1,11 @@
 """The review queue's durability and write throughput (issue 14): SQLite (WAL) and PostgreSQL.
 
-1. The kill test, repeated: the guard's HTTP service (``advx.guard.service.create_app``, the
-   app ``advx serve`` runs, with the store as its review queue and a policy that holds every
-   input for review) receives MNIST-sized inputs from 16 concurrent HTTP clients and is killed
-   with SIGKILL once ``--kill-after`` items were acknowledged; then the acknowledged items are
-   looked up in the store (request id and sha256 of the float32 bytes). ``--writer minimal``
+1. The kill test, repeated: the guard's HTTP service (``advx serve --store URL``, or the same
+   app built with ``advx.guard.service.create_app`` where the command lacks ``--store``, with
+   the store as its review queue and every input held for review) receives MNIST-sized inputs
+   from 16 concurrent HTTP clients and is killed with SIGKILL once ``--kill-after`` items were
+   acknowledged; then the acknowledged items are looked up in the store (request id and sha256
+   of the float32 bytes). ``--writer minimal``
    uses a bare Starlette app that calls ``Store.put`` instead (2 items per request).
 2. ``Store.put`` alone: 16 threads, each putting batches of 2 items for ``--seconds``.
 
@@ -29,7 +30,7 @@ from _common import ROOT, machine, table, versions, write_section
 sys.path.insert(0, str(ROOT))  # the kill-test harness and the PostgreSQL helper live in tests/
 from advx.guard.store import Store
 from tests._postgres import postgres_server
-from tests.guard._durability import kill_test
+from tests.guard._durability import kill_test, serve_takes_a_store
 
 
 def put_throughput(url: str, *, threads: int, seconds: float, per_put: int = 2) -> float:
@@ -105,7 +106,14 @@ def main() -> None:
         put_rows.append([backend, args.clients, 2, round(speed, 1)])
 
     cmd = "python benchmarks/bench_review.py " + " ".join(sys.argv[1:])
-    if service:
+    if service and serve_takes_a_store():
+        writer = (
+            "`advx serve --model lenet --store URL` (an untrained LeNet under the default policy "
+            "abstains on every input, so every input goes to the review queue; one input per "
+            "`POST /predict`, its `X-Request-Id` the item's id; answered only after `Store.put` "
+            "returned)"
+        )
+    elif service:
         writer = (
             "The guard's HTTP service (`advx.guard.service.create_app`, the app `advx serve` "
             "runs; a linear MNIST model, a policy that holds every input for review, the store "

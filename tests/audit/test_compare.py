@@ -67,6 +67,7 @@ def test_the_same_model_twice_changes_nothing(trained_mlp, data, good_report):
     assert c.base.sha256 == c.new.sha256 == good_report.model.sha256
     lo, hi = c.robust_accuracy.delta_ci
     assert lo < 0 < hi  # 60 samples: no change is also "could be a few points either way"
+    assert "within the noise of 60 samples" in c.checks[0].message
 
 
 def test_a_regression_fails_the_gate_and_names_the_samples(good_report, weak_report):

@@ -3,6 +3,7 @@ no silent default data or threat for an audit."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,126 @@ def _fgsm_suite(tmp_path: Path) -> Path:
     path = tmp_path / "suite.toml"
     path.write_text('[[attacks]]\nname = "fgsm"\n')
     return path
+
+
+FACTORY = """
+import torch
+def make():
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    )
+"""
+
+
+@pytest.fixture(scope="module")
+def models(trained_mlp, tmp_path_factory):
+    """The factory, a trained model's weights (the baseline) and a barely trained one's."""
+    import torch
+    from torch import nn
+
+    root = tmp_path_factory.mktemp("gate")
+    (root / "mlp.py").write_text(FACTORY)
+    torch.save(trained_mlp.state_dict(), root / "good.pt")
+    torch.manual_seed(3)
+    weak = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    torch.save(weak.state_dict(), root / "weak.pt")
+    _fgsm_suite(root)
+    return root
+
+
+def audit_args(root: Path, weights: str, *extra: str, threat: str = "linf:0.05") -> list[str]:
+    return [
+        "audit",
+        "--model",
+        f"{root / 'mlp.py'}:make",
+        "--weights",
+        str(root / weights),
+        "--data",
+        "mnist-demo",
+        "-n",
+        "40",
+        "--threat",
+        threat,
+        "--suite",
+        str(root / "suite.toml"),
+        "--eps-curve",
+        "none",
+        "--no-checks",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def baseline(models):
+    path = models / "base.json"
+    code, _, err = run(*audit_args(models, "good.pt", "--out", str(path)))
+    assert code == 0, err
+    return path
+
+
+def test_audit_against_a_baseline_gates_a_regression(models, baseline, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    md, xml, new = tmp_path / "s.md", tmp_path / "j.xml", tmp_path / "new.json"
+    code, _, err = run(
+        *audit_args(models, "weak.pt", "--out", str(new)),
+        *("--baseline", str(baseline), "--max-drop", "0.01"),
+        *("--summary-md", str(md), "--junit", str(xml)),
+    )
+    assert code == 1 and "FAIL" in err and "newly broken" in err
+    assert (
+        md.read_text().startswith("## advx audit: FAIL")
+        and "Against the baseline" in md.read_text()
+    )
+    cases = ET.parse(xml).getroot().findall("./testsuite/testcase")
+    assert [c.find("failure") is not None for c in cases] == [False, True]  # reliable; the drop
+    # the same model as the baseline: passes the same gate
+    code, _, err = run(
+        *audit_args(models, "good.pt"), "--baseline", str(baseline), "--max-drop", "0.0"
+    )
+    assert code == 0 and "PASS" in err
+
+
+def test_compare_command(models, baseline, tmp_path):
+    new = tmp_path / "new.json"
+    assert run(*audit_args(models, "weak.pt", "--out", str(new)))[0] == 0
+    html, out = tmp_path / "c.html", tmp_path / "c.json"
+    code, stdout, err = run(
+        "compare", str(baseline), str(new), "--max-drop", "0.01", "--html", str(html),
+        "--json", str(out),
+    )  # fmt: skip
+    assert code == 1 and "FAIL" in err and stdout == ""
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "advx-comparison/1" and doc["passed"] is False
+    assert doc["robust_accuracy"]["delta"] < -0.01 and doc["newly_broken"]
+    assert 'id="verdict">FAIL' in html.read_text()
+    code, stdout, err = run("compare", str(new), str(baseline), "--max-drop", "0.01")
+    assert code == 0 and json.loads(stdout)["passed"] is True
+    code, _, err = run("compare", str(baseline), str(tmp_path / "nope.json"))
+    assert code == 2 and "nope.json" in err
+
+
+def test_an_incomparable_baseline_is_refused_before_any_work(models, baseline, tmp_path):
+    out = tmp_path / "r.json"
+    code, _, err = run(
+        *audit_args(models, "weak.pt", "--out", str(out), threat="linf:0.1"),
+        "--baseline",
+        str(baseline),
+    )
+    assert code == 2 and "threat models differ" in err and not out.exists()
+    code, _, err = run(*audit_args(models, "weak.pt"), "--max-drop", "0.01")
+    assert code == 2 and "--baseline" in err
+
+
+def test_save_adv_writes_what_the_report_found(models, tmp_path):
+    import numpy as np
+
+    out, adv = tmp_path / "r.json", tmp_path / "adv.npz"
+    code, _, err = run(*audit_args(models, "weak.pt", "--out", str(out), "--save-adv", str(adv)))
+    assert code == 0 and "adversarial example" in err
+    report = json.loads(out.read_text())
+    with np.load(adv) as z:
+        index, stage = z["index"].tolist(), z["stage"].tolist()
+        assert z["x_adv"].shape == (len(index), 1, 28, 28) and z["x_adv"].dtype == np.float32
+    broken = [i for i, b in enumerate(report["samples"]["broken_by"]) if b >= 0]
+    assert index == broken and stage == [report["samples"]["broken_by"][i] for i in broken]

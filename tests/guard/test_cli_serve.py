@@ -137,8 +137,6 @@ def test_advx_serve_wires_the_store_query_detection_and_api_keys(tmp_path, batch
     from advx.guard.store import Store
 
     db = f"sqlite:///{tmp_path / 'review.db'}"
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"k-123": "team-a"}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
@@ -155,8 +153,8 @@ def test_advx_serve_wires_the_store_query_detection_and_api_keys(tmp_path, batch
             db,
             "--detect-queries",
             "reject",
-            "--api-keys",
-            str(keys),
+            "--api-key",
+            "k-123=team-a",
         ],
         env=ENV,
         stdout=subprocess.PIPE,

@@ -1,5 +1,6 @@
-"""Nothing the service acknowledged is lost: the guard's HTTP service (advx.guard.service, the
-app `advx serve` runs) with the store as its review queue, killed with SIGKILL while 16 clients
+"""Nothing the service acknowledged is lost: the guard's HTTP service (`advx serve --store URL`
+when the command has the option, else the same app built with advx.guard.service.create_app)
+with the store as its review queue, killed with SIGKILL while 16 clients
 send it inputs it holds for review, leaves every acknowledged item in the store, whole and
 once, and the database consistent — on SQLite (WAL) and on a real PostgreSQL server."""
 

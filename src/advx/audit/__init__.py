@@ -11,6 +11,7 @@ schema), ``html`` (the pages), ``stats`` (confidence intervals), ``comparison`` 
 compared: ``compare(base, new, max_drop=0.01)``), ``gate`` (the checks, Markdown and JUnit).
 """
 
+from .adversarial import AdversarialExamples
 from .checks import Finding
 from .comparison import Comparison, compare
 from .gate import Check
@@ -20,6 +21,7 @@ from .suites import SUITES, Suite, load_suite
 
 __all__ = [
     "audit",
+    "AdversarialExamples",
     "compare",
     "Comparison",
     "Check",

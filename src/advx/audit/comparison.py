@@ -19,8 +19,9 @@ from .._io import atomic_open
 from .._provenance import now
 from ..errors import InputError
 from ._codec import encode
+from ._text import fmt_ci, plural
 from .gate import Check, reliable_check
-from .report import DataInfo, Report, SuiteInfo, ThreatInfo, fmt_ci, plural, stage_labels
+from .report import DataInfo, Report, SuiteInfo, ThreatInfo, stage_labels
 from .stats import LEVEL, count_of, newcombe, wilson
 
 __all__ = [
@@ -369,7 +370,13 @@ def compare(
                 message=f"robust accuracy {robust.base:.2%} -> {robust.new:.2%} "
                 f"({robust.delta:+.2%}, {level:.0%} interval [{robust.delta_ci[0]:+.1%}, "
                 f"{robust.delta_ci[1]:+.1%}]); {plural(len(newly_broken), 'sample')} newly "
-                f"broken" + ("" if ok else f": a drop of more than --max-drop {max_drop:.2%}"),
+                f"broken"
+                + ("" if ok else f": a drop of more than --max-drop {max_drop:.2%}")
+                + (
+                    f" (the interval holds 0: within the noise of {n} samples)"
+                    if robust.delta_ci[0] <= 0 <= robust.delta_ci[1]
+                    else ""
+                ),
             )
         )
     checks.append(reliable_check(n_, "the new audit"))

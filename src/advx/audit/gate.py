@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._io import atomic_open
-from .report import Report, fmt_ci, plural, stage_labels
+from ._text import fmt_ci, plural
+from .report import Report, stage_labels
 
 if TYPE_CHECKING:
     from .comparison import Comparison

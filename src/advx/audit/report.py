@@ -13,9 +13,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from .._io import atomic_open
 from ..errors import InputError
 from ._codec import decode, encode
+from ._text import fmt_ci, plural
+from .adversarial import AdversarialExamples
 from .checks import Finding
 
 __all__ = [
@@ -201,6 +205,15 @@ class Report:
     findings: list[Finding]
     examples: list[Example]
     provenance: Provenance
+    # every adversarial example, in memory only (audit(..., return_adv=True)); not in the JSON
+    adversarial: AdversarialExamples | None = field(
+        default=None, repr=False, compare=False, metadata={"memory": True}
+    )
+
+    @property
+    def x_adv(self) -> Tensor | None:
+        """The adversarial inputs of the broken samples (``adversarial.index`` says which)."""
+        return None if self.adversarial is None else self.adversarial.x_adv
 
     def __repr__(self) -> str:
         flags = (
@@ -281,18 +294,6 @@ class Report:
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code}: {f.message}")
         return lines
-
-
-def fmt_ci(ci: list[float] | None, digits: int = 1) -> str:
-    """`` [74.1%, 85.2%]`` (with a leading space), or "" for no interval."""
-    if not ci:
-        return ""
-    return f" [{ci[0]:.{digits}%}, {ci[1]:.{digits}%}]"
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """``1 sample``, ``2 samples``."""
-    return f"{n:,} {word if n == 1 else (words or word + 's')}"
 
 
 # the parameters that tell two stages of the same attack apart, in the order they are shown

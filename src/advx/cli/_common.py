@@ -161,6 +161,11 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 point``, ``2 points``."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"
+
+
 def gate_options(f):
     """--summary-md and --junit: the gate's outcome where a CI job shows it."""
     f = click.option(

@@ -26,6 +26,7 @@ from ._common import (
     model_options,
     parse_floats,
     pick_device,
+    plural,
     write_gate,
 )
 
@@ -58,6 +59,13 @@ from ._common import (
     type=click.Path(dir_okay=False),
     default=None,
     help="Write the HTML report here.",
+)
+@click.option(
+    "--save-adv",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write every adversarial example found here (.npz, lossless): indices, inputs, labels, "
+    "predictions and the stage that found each.",
 )
 @click.option(
     "--fail-under",
@@ -132,6 +140,7 @@ def audit_command(
     seed,
     out,
     html_path,
+    save_adv,
     fail_under,
     baseline,
     max_drop,
@@ -164,6 +173,7 @@ def audit_command(
         (resume, "resume"),
         (summary_md, "summary-md"),
         (junit_path, "junit"),
+        (save_adv, "save-adv"),
     ):
         if path is not None and rank == 0:
             check_writable(path, name=name)
@@ -232,6 +242,7 @@ def audit_command(
             batch_size=batch_size,
             meta=meta,
             state_mismatch="error" if resume is not None else "restart",
+            return_adv=save_adv is not None,
         )
     except KeyboardInterrupt:
         if rank == 0:
@@ -263,6 +274,9 @@ def audit_command(
     if html_path is not None:
         report.save_html(html_path)
         info(f"wrote {html_path}")
+    if save_adv is not None and report.adversarial is not None:
+        report.adversarial.save(save_adv)
+        info(f"wrote {save_adv} ({plural(len(report.adversarial), 'adversarial example')})")
     from ..audit.gate import audit_checks
 
     gated = fail_under is not None or base_report is not None

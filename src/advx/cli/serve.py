@@ -22,6 +22,7 @@ from . import cli
 from ._common import build_classifier, info, model_options, pick_device
 
 _CONFIG_ENV = "ADVX_SERVE_CONFIG"
+ADMIN_TOKEN_ENV = "ADVX_ADMIN_TOKEN"  # read from the environment: never in argv or the config
 # shapes tried, in order, when --input-shape is not given (MNIST-like, CIFAR-like, ImageNet-like)
 _PROBE_SHAPES = ((1, 28, 28), (3, 32, 32), (3, 224, 224))
 
@@ -64,6 +65,8 @@ def build_guard(cfg: dict[str, Any]) -> Any:
     """The Guard the command line describes (``cfg``: the options as JSON-able values)."""
     from ..guard import Guard, Policy
 
+    if cfg.get("model_dir"):
+        return _reloader(cfg).load()
     spec = cfg["model"]
     try:
         model = build_classifier(
@@ -103,52 +106,66 @@ def build_guard(cfg: dict[str, Any]) -> Any:
         raise InputError(f"--policy {path}: {e}") from None
 
 
-def _api_keys(path: str | None) -> dict[str, str] | None:
-    if path is None:
+def parse_api_keys(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str] | None:
+    """``KEY=CLIENT`` pairs -> {key: client}; None when there are none."""
+    if not pairs:
         return None
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"--api-keys: cannot read {path}: {e}") from None
-    if (
-        not isinstance(doc, dict)
-        or not doc
-        or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in doc.items())
-    ):
+    keys: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, client = pair.partition("=")
+        if not sep or not key.strip() or not client.strip():
+            raise InputError(f"--api-key: expected KEY=CLIENT, got {pair.split('=')[0][:4]}...")
+        keys[key.strip()] = client.strip()
+    return keys
+
+
+def build_queries(cfg: dict[str, Any], shape: tuple[int, ...], *, alerts: Any = None) -> Any:
+    """The query monitor the options describe (stateful detection, rate limit, budget), or None
+    when all three are off."""
+    mode = cfg.get("detect_queries", "reject")
+    rate, budget = cfg.get("rate_limit"), cfg.get("query_budget")
+    if mode == "off" and rate is None and budget is None:
+        return None
+    import math
+
+    from ..guard.queries import QueryDetector, preset_for
+
+    spec = preset_for(shape)
+    if mode != "off" and math.prod(shape) < spec.window:
         raise InputError(
-            f"--api-keys: {path} must hold a JSON object of key -> client name, e.g. "
-            '{"s3cret-key": "team-a"}'
+            f"--detect-queries: inputs of {math.prod(shape)} values are too small to fingerprint "
+            f"(windows of {spec.window}); serve with --detect-queries off"
         )
-    return doc
-
-
-def _queries(cfg: dict[str, Any], alerts: Any) -> Any:
-    if cfg.get("detect_queries", "off") == "off" and not any(
-        cfg.get(k) for k in ("rate", "budget")
-    ):
-        return None
-    from ..guard.queries import QueryDetector
-
     return QueryDetector(
-        rate=cfg.get("rate"),
+        spec=spec,
+        state=cfg.get("state"),
+        rate=rate,
         burst=cfg.get("burst"),
-        budget=cfg.get("budget"),
+        budget=budget,
+        detect=mode != "off",
         alerts=alerts,
-        state=cfg.get("query_state"),
     )
 
 
-class _BudgetOnly:
-    """Rate limits and budgets without query-attack detection (--detect-queries off)."""
+def _reloader(cfg: dict[str, Any]) -> Any:
+    """The model directory a --model-dir service serves and reloads from."""
+    from ..guard.reload import ModelDirReloader
 
-    def __init__(self, det: Any) -> None:
-        self.det = det
+    kw = {"input_shape": cfg["input_shape"]} if cfg.get("input_shape") else {}
+    return ModelDirReloader(cfg["model_dir"], device=pick_device(cfg.get("device")), **kw)
 
-    def admit(self, client: str, n: int) -> float | None:
-        return self.det.admit(client, n)
 
-    def observe(self, client: str, x: Any) -> list[tuple[bool, float]]:
-        return [(False, 0.0)] * int(x.shape[0])
+def _store_url(store: str | None) -> str | None:
+    """--store: a URL, 'off', or (not given) the embedded default under the state directory."""
+    if store is not None and store.strip().lower() in ("off", "none", ""):
+        return None
+    if store is not None:
+        return store
+    try:
+        from ..guard.store import default_url
+    except ImportError:  # no SQLAlchemy: serve without a queue rather than refuse to start
+        return None
+    return default_url()
 
 
 def build_app(cfg: dict[str, Any]) -> Any:
@@ -159,32 +176,53 @@ def build_app(cfg: dict[str, Any]) -> Any:
 
         torch.set_num_threads(int(cfg["torch_threads"]))
 
-    guard = build_guard(cfg)
+    reloader = _reloader(cfg) if cfg.get("model_dir") else None
+    guard = reloader.load() if reloader is not None else build_guard(cfg)
+    shape = tuple(guard.input_shape) if guard.input_shape else tuple(cfg["input_shape"] or ())
     store = None
     if cfg.get("store"):
         from .review import _open
 
         store = _open(cfg["store"])  # a bad URL or an unreachable database: exit 2 here
-    queries = _queries(cfg, store)
-    mode = cfg.get("detect_queries", "off")
-    if queries is not None and mode == "off":
-        queries = _BudgetOnly(queries)
+    queries = build_queries(cfg, shape, alerts=store)
+    mode = cfg.get("detect_queries", "reject")
     app = create_app(
         guard,
+        reloader=reloader,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
         name=cfg["name"],
         max_body_bytes=int(cfg["max_body_mb"] * 1024 * 1024),
         batch_window_ms=cfg["batch_window_ms"],
         max_batch=cfg["max_batch"],
         timeout_s=cfg["timeout"],
         queries=queries,
-        review=store,
-        alerts=store,
+        review=store,  # alerts go through the query detector, which rate-limits them per client
         detect_queries="silent" if mode == "silent" else "reject",
-        api_keys=_api_keys(cfg.get("api_keys")),
+        api_keys=cfg.get("api_keys"),
     )
     if store is not None:
         store.set_classes(app.state.service.num_classes)
+    if queries is not None:
+        _query_metrics(app, queries)
     return app
+
+
+def _query_metrics(app: Any, queries: Any) -> None:
+    """Gauges of the query detector in the app's /metrics: whether its shared state (Redis) is
+    unreachable (answering from this process's memory), and the queries it remembers."""
+    from prometheus_client import Gauge
+
+    registry = app.state.service.monitor.registry
+    Gauge(
+        "advx_guard_query_state_degraded",
+        "1 while the shared query state (Redis) is unreachable and this process answers alone",
+        registry=registry,
+    ).set_function(lambda: float(queries.degraded))
+    Gauge(
+        "advx_guard_queries_remembered",
+        "Queries held by the account-oblivious query memory",
+        registry=registry,
+    ).set_function(lambda: float(queries.state.remembered()))
 
 
 def app_factory() -> Any:
@@ -205,6 +243,26 @@ def _setup_logging(level: str) -> None:
         lg.propagate = False
 
 
+def _reload_on_sighup(app: Any, workers: int) -> None:
+    """SIGHUP: serve the model directory's current version. The reload runs in its own thread
+    (a signal handler must return at once); requests keep being answered meanwhile. With
+    several workers uvicorn's supervisor takes SIGHUP and restarts them, each loading the
+    current version."""
+    import signal
+    import threading
+
+    if workers != 1 or not hasattr(signal, "SIGHUP"):
+        return
+    svc = app.state.service
+
+    def on_hup(signum: int, frame: Any) -> None:
+        threading.Thread(
+            target=svc.reloader.reload, args=(svc,), name="advx-reload", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def _default_name(spec: str) -> str:
     base = Path(spec.split(":")[0]).stem or "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:64] or "model"
@@ -218,6 +276,18 @@ def _default_name(spec: str) -> str:
     default=None,
     help="A calibrated policy (advx guard calibrate); default: validate and abstain "
     "below 0.5 confidence.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve a versioned model directory's current version (advx guard init/update); "
+    "reload it on SIGHUP or POST /admin/reload. Replaces --model and --policy.",
+)
+@click.option(
+    "--admin-token",
+    default=None,
+    help=f"Bearer token for POST /admin/reload (default: ${ADMIN_TOKEN_ENV}; none: off).",
 )
 @click.option(
     "--name", default=None, help="The model's name in /v2/models/NAME (default: from --model)."
@@ -262,36 +332,8 @@ def _default_name(spec: str) -> str:
     envvar="ADVX_STORE",
     metavar="URL",
     help="Review queue and alerts (SQLAlchemy URL: sqlite:///review.db, postgresql://...; "
-    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent.",
-)
-@click.option(
-    "--detect-queries",
-    type=click.Choice(["off", "reject", "silent"]),
-    default="off",
-    show_default=True,
-    help="Query-attack detection: reject flagged inputs openly, or answer them silently from "
-    "the fallback (an attacker is not told).",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(0, min_open=True),
-    default=None,
-    help="Inputs per second per client (token bucket; 429 beyond it).",
-)
-@click.option("--burst", type=click.FloatRange(1), default=None, help="Token bucket size.")
-@click.option("--budget", type=click.IntRange(1), default=None, help="Inputs per client per day.")
-@click.option(
-    "--query-state",
-    default=None,
-    metavar="redis://...",
-    help="Share query memory and budgets between workers through Redis.",
-)
-@click.option(
-    "--api-keys",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="JSON file of API key -> client name; then every request needs "
-    '"Authorization: Bearer KEY".',
+    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent. "
+    "Default: a SQLite file under your state directory (printed at start-up); 'off' for none.",
 )
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
 @click.option(
@@ -300,6 +342,49 @@ def _default_name(spec: str) -> str:
     default=None,
     help="torch's intra-op threads per server process (default: torch's choice; 1 is often "
     "fastest when the HTTP side and other processes share the cores).",
+)
+@click.option(
+    "--detect-queries",
+    type=click.Choice(["reject", "silent", "off"]),
+    default="reject",
+    show_default=True,
+    help="Inputs flagged as part of a query attack (Blacklight-style fingerprints, all clients "
+    "and per client): reject says so (and so tells an adaptive attacker which queries were "
+    "caught), silent answers from the fallback or abstains without saying why, off detects "
+    "nothing.",
+)
+@click.option(
+    "--state",
+    default=None,
+    metavar="URL",
+    help="redis://host:port/db: the query memory, rate limits and budgets shared by every "
+    "worker and replica (default: in each process).",
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    metavar="KEY=CLIENT",
+    help="Require 'Authorization: Bearer KEY' and count its queries as CLIENT (repeatable); "
+    "without keys a client is its X-Client-Id header, else its address.",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Inputs per second per client (token bucket; default: no limit).",
+)
+@click.option(
+    "--burst",
+    type=click.FloatRange(1),
+    default=None,
+    help="Bucket size for --rate-limit (default: 2 seconds' worth).",
+)
+@click.option(
+    "--query-budget",
+    type=click.IntRange(1),
+    default=None,
+    help="Inputs per client per day (default: no budget).",
 )
 @click.option(
     "--log-level",
@@ -314,6 +399,8 @@ def serve_cmd(
     std,
     bounds,
     policy,
+    model_dir,
+    admin_token,
     name,
     host,
     port,
@@ -324,14 +411,14 @@ def serve_cmd(
     max_body_mb,
     timeout,
     store,
-    detect_queries,
-    rate,
-    burst,
-    budget,
-    query_state,
-    api_keys,
     device,
     torch_threads,
+    detect_queries,
+    state,
+    api_keys,
+    rate_limit,
+    burst,
+    query_budget,
     log_level,
 ) -> None:
     """Serve a guarded model: POST /predict, /v2/models/NAME/infer, /health, /metrics."""
@@ -339,9 +426,19 @@ def serve_cmd(
         import uvicorn
     except ImportError:
         raise InputError("advx serve needs the service extras: pip install 'advx[guard]'") from None
-    if model_spec is None:
+    if model_dir is not None:
+        if model_spec is not None or policy is not None:
+            raise InputError(
+                "--model-dir serves the directory's current version: leave out --model and --policy"
+            )
+        model_spec = Path(model_dir).resolve().name  # for the default --name
+    elif model_spec is None:
         raise InputError("--model is required, e.g. --model lenet --weights lenet.pt")
+    if admin_token:
+        # the workers read it from the environment; it never goes into the logged config
+        os.environ[ADMIN_TOKEN_ENV] = admin_token
     cfg = {
+        "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
         "model": model_spec,
         "weights": weights,
         "mean": mean,
@@ -356,18 +453,18 @@ def serve_cmd(
         "timeout": timeout,
         "device": device,
         "torch_threads": torch_threads,
-        "store": store,
+        "store": _store_url(store),
         "detect_queries": detect_queries,
-        "rate": rate,
+        "state": state,
+        "api_keys": parse_api_keys(api_keys),
+        "rate_limit": rate_limit,
         "burst": burst,
-        "budget": budget,
-        "query_state": query_state,
-        "api_keys": api_keys,
+        "query_budget": query_budget,
     }
-    if workers > 1 and query_state is None and (detect_queries != "off" or rate or budget):
+    if workers > 1 and state is None and (detect_queries != "off" or rate_limit or query_budget):
         info(
             "advx serve: each worker keeps its own query memory and budgets; pass "
-            "--query-state redis://... to share them"
+            "--state redis://... to share them"
         )
     _setup_logging(log_level)
     app = build_app(cfg)  # every start-up error surfaces here, before the port is bound
@@ -378,6 +475,20 @@ def serve_cmd(
         f"input {list(svc.shape)}, {svc.num_classes} classes) on http://{host}:{port} "
         f"— POST /predict, /v2/models/{cfg['name']}/infer; GET /health, /metrics"
     )
+    if cfg["store"]:
+        from ..guard.store import mask_url
+
+        info(f"advx serve: review queue and alerts in {mask_url(cfg['store'])}")
+    if detect_queries != "off":
+        from ..guard.queries_redis import redact
+
+        where = redact(state) if state else "this process"
+        info(f"advx serve: query-attack detection {detect_queries}, state in {where}")
+        if workers > 1 and not state:
+            info(
+                "advx serve: each worker keeps its own query memory; pass --state redis://... "
+                "so that an attack spread over workers is seen whole"
+            )
     common: dict[str, Any] = dict(
         host=host,
         port=port,
@@ -385,6 +496,8 @@ def serve_cmd(
         access_log=False,
         timeout_graceful_shutdown=max(timeout, 5),
     )
+    if model_dir is not None:
+        _reload_on_sighup(app, workers)
     if workers == 1:
         uvicorn.run(app, **common)
     else:

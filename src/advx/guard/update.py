@@ -79,6 +79,7 @@ class UpdateResult:
     rule: str = RULE
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    comparison: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -98,6 +99,14 @@ class UpdateResult:
                     f"  {key.replace('_', ' ')}: {o[key]:.4f} -> {n[key]:.4f} "
                     f"({n[key] - o[key]:+.4f})"
                 )
+        c = self.comparison
+        if c:
+            lo, hi = c["robust_delta_interval"]
+            out.append(
+                f"  robust accuracy change {c['robust_delta']:+.4f}, {c['interval_level']:.0%} "
+                f"interval [{lo:+.4f}, {hi:+.4f}]; {c['newly_broken']} held-out samples newly "
+                f"broken, {c['newly_robust']} newly robust"
+            )
         t = self.training
         if t:
             out.append(
@@ -134,6 +143,19 @@ def _data(value: Data, name: str) -> tuple[Tensor, Tensor]:
     )
 
 
+def _review_ids(reviewed: Data) -> list[int] | None:
+    """The review items' ids an ``advx review export`` file records (provenance), else None."""
+    if not isinstance(reviewed, (str, os.PathLike)) or not str(reviewed).endswith(".npz"):
+        return None
+    import numpy as np
+
+    try:
+        with np.load(reviewed) as f:
+            return [int(i) for i in f["ids"]] if "ids" in f.files else None
+    except (OSError, ValueError):
+        return None
+
+
 def _threat(threat: ThreatModel | str) -> ThreatModel:
     if isinstance(threat, ThreatModel):
         return threat
@@ -157,12 +179,12 @@ def _accuracy(model: Any, x: Tensor, y: Tensor) -> float:
     return float((pred == y.cpu()).float().mean())
 
 
-def _figures(model: Any, x, y, threat, suite, seed, reviewed) -> dict[str, Any]:
+def _figures(model: Any, x, y, threat, suite, seed, reviewed) -> tuple[dict[str, Any], Any]:
     from ..audit import audit
 
     report = audit(model, x, y, threat, suite=list(suite), eps_curve=None, checks=False, seed=seed)
     assert report is not None  # one process: the report always comes back
-    return {
+    figures = {
         "clean_accuracy": float(report.clean_accuracy),
         "robust_accuracy": float(report.robust_accuracy),
         "reliable": bool(report.reliable),
@@ -171,26 +193,40 @@ def _figures(model: Any, x, y, threat, suite, seed, reviewed) -> dict[str, Any]:
         "suite": [dict(s) for s in suite],
         "threat": threat.to_dict(),
     }
+    return figures, report
 
 
-def _gate(old: dict[str, Any], new: dict[str, Any], max_drop: float) -> tuple[bool, str]:
-    """The promotion rule (see :data:`RULE`): (promote?, why)."""
-    problems = []
-    if not new["reliable"]:
-        problems.append("the new model's audit is unreliable (a sanity check failed)")
-    for key, what in (("robust_accuracy", "robust"), ("clean_accuracy", "clean")):
-        drop = old[key] - new[key]
-        if drop > max_drop + 1e-12:
-            problems.append(
-                f"{what} accuracy dropped by {drop:.4f} ({old[key]:.4f} -> {new[key]:.4f}), "
-                f"more than max_drop {max_drop:g}"
-            )
+def _gate(old: Any, new: Any, max_drop: float) -> tuple[bool, str, dict[str, Any]]:
+    """The promotion rule (see :data:`RULE`) on two audit reports: (promote?, why, the
+    comparison's figures). :func:`advx.audit.compare` gates robust accuracy and the new audit's
+    reliability; clean accuracy is gated here by the same ``max_drop``."""
+    from ..audit import compare
+
+    cmp = compare(old, new, max_drop=max_drop)
+    problems = [c.message for c in cmp.failed]
+    drop = float(old.clean_accuracy) - float(new.clean_accuracy)
+    if drop > max_drop + 1e-9:
+        problems.append(
+            f"clean accuracy dropped by {drop:.4f} ({old.clean_accuracy:.4f} -> "
+            f"{new.clean_accuracy:.4f}), more than max_drop {max_drop:g}"
+        )
+    r = cmp.robust_accuracy
+    figures = {
+        "robust_delta": r.delta,
+        "robust_delta_interval": list(r.delta_ci),
+        "interval_level": cmp.ci_level,
+        "clean_delta": cmp.clean_accuracy.delta,
+        "newly_broken": len(cmp.newly_broken),
+        "newly_robust": len(cmp.newly_robust),
+        "checks": [{"name": c.name, "passed": c.passed, "message": c.message} for c in cmp.checks],
+    }
     if problems:
-        return False, "; ".join(problems)
-    return True, (
-        f"no regression beyond max_drop {max_drop:g}: robust {old['robust_accuracy']:.4f} -> "
-        f"{new['robust_accuracy']:.4f}, clean {old['clean_accuracy']:.4f} -> "
-        f"{new['clean_accuracy']:.4f}"
+        return False, "; ".join(problems), figures
+    return (
+        True,
+        f"no regression beyond max_drop {max_drop:g}: robust {old.robust_accuracy:.4f} -> "
+        f"{new.robust_accuracy:.4f}, clean {old.clean_accuracy:.4f} -> {new.clean_accuracy:.4f}",
+        figures,
     )
 
 
@@ -304,7 +340,7 @@ def update(
     check_int(batch_size, name="batch_size", who=who, low=1)
     check_float(lr, name="lr", who=who, low_open=True)
     check_float(review_share, name="review_share", who=who, low_open=True, high=1, high_open=True)
-    check_float(max_drop, name="max_drop", who=who, low=0, high=1)
+    check_float(max_drop, name="max_drop", who=who, low=0, high=1, high_open=True)
     if train_n is not None:
         check_int(train_n, name="train_n", who=who, low=1)
     started = time.perf_counter()
@@ -329,7 +365,11 @@ def update(
                 f"{list(xr.shape[1:])}; they must be the same data"
             )
     data = {
-        "reviewed": {"sha256": data_sha256(xr, yr), "n": int(xr.shape[0])},
+        "reviewed": {
+            "sha256": data_sha256(xr, yr),
+            "n": int(xr.shape[0]),
+            "items": _review_ids(reviewed),
+        },
         "train": {"sha256": data_sha256(xt, yt), "n": int(xt.shape[0])},
         "audit": {"sha256": data_sha256(xa, ya), "n": int(xa.shape[0])},
         "calibration": {"sha256": data_sha256(xc, yc), "n": int(xc.shape[0])},
@@ -373,8 +413,9 @@ def update(
     }
 
     # 2. audit both on the same held-out data, attacks and seed
-    old_fig = _figures(current.model, xa, ya, th, suite, seed, (xr, yr))
-    new_fig = _figures(model, xa, ya, th, suite, seed, (xr, yr))
+    old_fig, old_report = _figures(current.model, xa, ya, th, suite, seed, (xr, yr))
+    new_fig, new_report = _figures(model, xa, ya, th, suite, seed, (xr, yr))
+    ok, reason, comparison = _gate(old_report, new_report, float(max_drop))
 
     def result(promoted: bool, reason: str, version=None, calibration=None) -> UpdateResult:
         r = UpdateResult(
@@ -387,6 +428,7 @@ def update(
             max_drop=float(max_drop),
             training=training,
             calibration=calibration,
+            comparison=comparison,
             data=data,
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -394,7 +436,6 @@ def update(
         return r
 
     # 3. the gate
-    ok, reason = _gate(old_fig, new_fig, float(max_drop))
     if not ok:
         return result(False, reason)
 
@@ -421,7 +462,7 @@ def update(
             "max_drop": float(max_drop),
             "data": data,
             "training": training,
-            "audit": {"old": old_fig, "new": new_fig},
+            "audit": {"old": old_fig, "new": new_fig, "comparison": comparison},
             "calibration": calibration,
         },
     )
