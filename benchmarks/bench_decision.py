@@ -100,7 +100,8 @@ def lenet_mnist(n: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = advx.zoo.build("lenet")
-    advx.training.fit(net, x, y, epochs=4, batch_size=64, lr=2e-3, seed=0)
+    schedule = advx.training.Schedule(epochs=4, lr=2e-3)
+    advx.training.fit(net, x, y, schedule=schedule, batch_size=64, seed=0)
     net.eval()
     xt, yt = mnist_test(max(4 * n, 500))
     return net, *_correct(net, xt, yt, n)

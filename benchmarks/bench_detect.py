@@ -29,9 +29,9 @@ def train_lenet() -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = advx.zoo.build("lenet")
-    advx.training.fit(
-        net, *advx.data.load("mnist-demo", split="train"), epochs=4, batch_size=64, lr=2e-3, seed=0
-    )
+    x, y = advx.data.load("mnist-demo", split="train")
+    schedule = advx.training.Schedule(epochs=4, lr=2e-3)
+    advx.training.fit(net, x, y, schedule=schedule, batch_size=64, seed=0)
     return net.eval()
 
 

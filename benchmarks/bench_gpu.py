@@ -232,14 +232,14 @@ def main() -> None:
         save()
 
     if "train" in parts and not late("train"):
-        from advx.training import fgsm_rs, fit
+        from advx.training import Precision, Schedule, fgsm_rs, fit
 
         xt, yt = advx.data.load(SHARED / "data" / "mnist", split="train", n=args.train_n)
         rows = []
-        for label, kw in (
-            ("fp32", {}),
-            ("bf16 autocast", {"autocast": torch.bfloat16}),
-            ("compile=True", {"compile": True}),
+        for label, precision in (
+            ("fp32", Precision()),
+            ("bf16 autocast", Precision(autocast=torch.bfloat16)),
+            ("compile=True", Precision(compile=True)),
         ):
             if late(f"train {label}"):
                 break
@@ -247,17 +247,15 @@ def main() -> None:
                 torch.manual_seed(0)
                 wnet = advx.zoo.build("wong_cnn").to(dev)
             secs, h = timed(
-                lambda wnet=wnet, kw=kw: fit(
+                lambda wnet=wnet, precision=precision: fit(
                     wnet,
                     xt,
                     yt,
                     loss=fgsm_rs(0.3, alpha=0.375),
-                    epochs=2,
+                    schedule=Schedule(epochs=2, lr=5e-3, lr_schedule="cyclic"),
                     batch_size=100,
-                    lr=5e-3,
-                    lr_schedule="cyclic",
+                    precision=precision,
                     progress=False,
-                    **kw,
                 )
             )
             e = h.epochs

@@ -78,13 +78,13 @@ class Counting(torch.nn.Module):
 
 
 def lenet_mnist(n: int):
-    from advx.training import fit
+    from advx.training import Schedule, fit
 
     x_train, y_train = load("mnist-demo", split="train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = build("lenet")
-    fit(net, x_train, y_train, epochs=4, batch_size=64, lr=2e-3, seed=0)
+    fit(net, x_train, y_train, schedule=Schedule(epochs=4, lr=2e-3), batch_size=64, seed=0)
     net.eval()
     x, y = mnist_test(max(2 * n, 200))
     return net, *_correct(net, x, y, n)

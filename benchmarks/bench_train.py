@@ -1,11 +1,11 @@
 """Hardening benchmarks: adversarial training on MNIST, defensive distillation, DDP.
 
     python benchmarks/bench_train.py fgsm-rs --epochs 10 --out runs/fgsm       # (a) Wong et al.
-    python benchmarks/bench_train.py overhead --batches 300                    # (a) fit vs a plain loop
+    python benchmarks/bench_train.py overhead --batches 300          # (a) fit vs a plain loop
     python benchmarks/bench_train.py trades --epochs 3 --out runs/trades       # (b)
     python benchmarks/bench_train.py pgd-at --epochs 3 --out runs/pgd          # (b)
     python benchmarks/bench_train.py distillation --out runs/distill           # (c) Papernot et al.
-    python benchmarks/bench_train.py ddp --n 12000                             # (d) 2 processes vs 1
+    python benchmarks/bench_train.py ddp --n 12000                   # (d) 2 processes vs 1
 
 (a)/(b) train the small CNN of Wong, Rice & Kolter (2020) on the full MNIST training set
 (../shared/data/mnist) at Linf eps 0.3 and audit it on the first 1,000 test images with
@@ -78,7 +78,7 @@ def audit(net, suite: str, n: int, seed: int, eps_curve) -> dict:
 
 # ---- (a), (b): adversarial training on MNIST -------------------------------------------------
 def train_mnist(args) -> None:
-    from advx.training import fgsm_rs, fit, pgd_at, trades
+    from advx.training import Checkpointing, Schedule, fgsm_rs, fit, pgd_at, trades
 
     x, y = mnist("train")
     recipe = {
@@ -90,7 +90,8 @@ def train_mnist(args) -> None:
     }[args.cmd]()
     net = wong_cnn(args.seed)
     print(
-        f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, batch {args.batch_size}, "
+        f"{args.cmd}: {recipe.params}, {len(x):,} samples, {args.epochs} epochs, "
+        f"batch {args.batch_size}, "
         f"Adam, lr {args.lr} ({args.lr_schedule}); {machine()}",
         file=sys.stderr,
     )
@@ -99,14 +100,12 @@ def train_mnist(args) -> None:
         x,
         y,
         loss=recipe,
-        epochs=args.epochs,
+        schedule=Schedule(epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule),
         batch_size=args.batch_size,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
         seed=args.seed,
-        out=args.out,
-        resume=args.out is not None,
-        data_name="mnist:train",
+        checkpoint=None
+        if args.out is None
+        else Checkpointing(args.out, resume=True, data_name="mnist:train"),
     )
     per_epoch = [e["seconds"] for e in h.epochs]
     print(json.dumps({"history": h.to_dict()}, indent=1), file=sys.stderr)
@@ -129,8 +128,10 @@ def train_mnist(args) -> None:
         )
     )
     print(
-        f"\ntraining: {sum(per_epoch):.0f}s in all ({statistics.median(per_epoch):.1f}s per epoch, median; "
-        f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints){'; stopped: ' + h.stopped if h.stopped else ''}"
+        f"\ntraining: {sum(per_epoch):.0f}s in all "
+        f"({statistics.median(per_epoch):.1f}s per epoch, median; "
+        f"{h.seconds:.0f}s with the per-epoch monitor and checkpoints)"
+        f"{'; stopped: ' + h.stopped if h.stopped else ''}"
     )
     if args.audit_n:
         a = audit(
@@ -143,8 +144,9 @@ def train_mnist(args) -> None:
         if args.out:
             a["report"].save(Path(args.out) / "report.json")
         print(
-            f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): clean {a['clean']:.2%}, "
-            f"robust {a['robust']:.2%}, reliable {a['reliable']}, findings {a['findings']}, cascade {a['cascade']}, "
+            f"\naudit ({args.audit_suite}, first {args.audit_n} MNIST test images, Linf 0.3): "
+            f"clean {a['clean']:.2%}, robust {a['robust']:.2%}, reliable {a['reliable']}, "
+            f"findings {a['findings']}, cascade {a['cascade']}, "
             f"{a['seconds']:.0f}s"
         )
         print(
@@ -207,10 +209,11 @@ def plain_fgsm_rs(
 
 
 def overhead(args) -> None:
-    from advx.training import fgsm_rs, fit
+    from advx.training import Monitor, Schedule, fgsm_rs, fit
 
     x, y = mnist("train")
     n = args.batches * args.batch_size
+    unwatched = Monitor(data=None, overfit_check=False)
     xs, ys = x[:n], y[:n]
     ours, theirs = [], []
     plain_fgsm_rs(
@@ -221,11 +224,9 @@ def overhead(args) -> None:
         xs[:500],
         ys[:500],
         loss=fgsm_rs(0.3),
-        epochs=1,
         batch_size=args.batch_size,
         progress=False,
-        monitor=None,
-        overfit_check=False,
+        monitor=unwatched,
     )
     for r in range(args.repeats):  # interleaved, so that load drifts hit both alike
         theirs.append(
@@ -245,14 +246,11 @@ def overhead(args) -> None:
             xs,
             ys,
             loss=fgsm_rs(0.3, alpha=0.375),
-            epochs=1,
+            schedule=Schedule(lr=5e-3, lr_schedule="cyclic"),
             batch_size=args.batch_size,
-            lr=5e-3,
-            lr_schedule="cyclic",
             seed=r,
             progress=False,
-            monitor=None,
-            overfit_check=False,
+            monitor=unwatched,
         )
         ours.append(h.epochs[0]["seconds"])
     a, b = statistics.median(ours), statistics.median(theirs)
@@ -261,7 +259,8 @@ def overhead(args) -> None:
         table(
             [
                 "loop",
-                f"seconds for {args.batches} batches of {args.batch_size} (median of {args.repeats})",
+                f"seconds for {args.batches} batches of {args.batch_size} "
+                f"(median of {args.repeats})",
                 "per 60k-sample epoch",
                 "ratio",
             ],
@@ -286,13 +285,15 @@ def overhead(args) -> None:
 
 # ---- (c) defensive distillation --------------------------------------------------------------
 def distillation(args) -> None:
+    from advx.training import Schedule, fit, standard
     from advx.training import distillation as distill
-    from advx.training import fit, standard
 
     T = args.temperature
     x, y = advx.data.load("mnist-demo", split="train")
     xt, yt = advx.data.load("mnist-demo", split="test", n=args.n)
-    kw = dict(epochs=args.epochs, batch_size=64, lr=1e-3, seed=args.seed, progress=True)
+    kw = dict(
+        schedule=Schedule(epochs=args.epochs, lr=1e-3), batch_size=64, seed=args.seed, progress=True
+    )
     teacher = advx.zoo.build("lenet")
     t0 = time.perf_counter()
     fit(teacher, x, y, loss=standard(temperature=T), **kw)
@@ -346,7 +347,8 @@ def distillation(args) -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         rep.save(Path(args.out) / "report.json")
     print(
-        f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): clean {rep.clean_accuracy:.1%}, robust "
+        f"\naudit of the distilled model ({args.audit_suite}, n={len(xt)}): "
+        f"clean {rep.clean_accuracy:.1%}, robust "
         f"{rep.robust_accuracy:.1%}, reliable {rep.reliable}"
     )
     for f in rep.findings:
@@ -357,7 +359,7 @@ def distillation(args) -> None:
 # ---- (d) DDP: 2 processes vs 1 --------------------------------------------------------------
 _DDP_SCRIPT = """
 import sys, time, torch, advx
-from advx.training import fit, fgsm_rs
+from advx.training import Monitor, Schedule, fit, fgsm_rs
 from advx.training.distributed import init_from_env
 torch.set_num_threads(int(sys.argv[3]))
 g = init_from_env("cpu")
@@ -365,8 +367,9 @@ x, y = advx.data.load(sys.argv[1], split="train", n=int(sys.argv[2]))
 seed = int(sys.argv[5])
 torch.manual_seed(seed)
 net = advx.zoo.build("wong_cnn")
-h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=0.375), epochs=2, batch_size=100, lr=5e-3, lr_schedule="cyclic",
-        seed=seed, progress=False, monitor=None, overfit_check=False)
+h = fit(net, x, y, loss=fgsm_rs(0.3, alpha=0.375), batch_size=100, seed=seed, progress=False,
+        schedule=Schedule(epochs=2, lr=5e-3, lr_schedule="cyclic"),
+        monitor=Monitor(data=None, overfit_check=False))
 if g.rank == 0:
     torch.save(net.state_dict(), sys.argv[4])
     print("EPOCHS", sum(e["seconds"] for e in h.epochs))
@@ -452,8 +455,9 @@ def ddp(args) -> None:
         )
     )
     print(
-        "\nThe weights drift apart over hundreds of steps because a different reduction order (threads, or the"
-        " all-reduce) changes the last bits of a gradient and FGSM's sign step amplifies it; the test"
+        "\nThe weights drift apart over hundreds of steps because a different reduction order "
+        "(threads, or the all-reduce) changes the last bits of a gradient and FGSM's sign step "
+        "amplifies it; the test"
         " (tests/training) checks a few steps against one process within floating-point tolerance."
     )
     print(machine())

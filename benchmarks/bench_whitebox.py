@@ -151,13 +151,14 @@ def main() -> None:
 
 
 def undefended_lenet() -> torch.nn.Module:
-    from advx.training import fit
+    from advx.training import Schedule, fit
 
     x, y = load(SHARED / "data" / "mnist", split="train")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = advx.zoo.build("lenet")
-    fit(net, x, y, epochs=2, batch_size=128, lr=2e-3, seed=0, progress=False, monitor=None)
+    schedule = Schedule(epochs=2, lr=2e-3)
+    fit(net, x, y, schedule=schedule, batch_size=128, seed=0, progress=False, monitor=None)
     return net.eval()
 
 

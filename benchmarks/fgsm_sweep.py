@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from advx.training import fgsm_rs, fit
+    from advx.training import Schedule, fgsm_rs, fit
 
     x, y = advx.data.load(SHARED / "data" / "mnist", split="train")
     xt, yt = advx.data.load(SHARED / "data" / "mnist", split="test", n=args.n)
@@ -45,10 +45,8 @@ def main() -> None:
             x,
             y,
             loss=fgsm_rs(0.3, alpha=alpha, warmup=warmup),
-            epochs=epochs,
+            schedule=Schedule(epochs=epochs, lr=5e-3, lr_schedule="cyclic"),
             batch_size=100,
-            lr=5e-3,
-            lr_schedule="cyclic",
             seed=seed,
             progress=False,
         )

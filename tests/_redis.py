@@ -9,8 +9,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import pytest
-
+from ._postgres import skip_or_fail
 from ._server import free_port
 
 
@@ -21,7 +20,7 @@ class RedisServer:
     def __init__(self) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            pytest.skip("redis-server is not installed (Debian package redis-server)")
+            skip_or_fail("redis-server is not installed (Debian package redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="advx-redis-")

@@ -51,6 +51,19 @@ class _CountBackward(torch.autograd.Function):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _private_state_directory(tmp_path_factory):
+    """advx serve and advx review default to a store under $XDG_STATE_HOME: keep the tests' own
+    (and their subprocesses', which inherit the environment) out of the user's."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _reports_match_their_schema():
     """Every audit report a test serializes (to_dict, hence save, to_json and the CLI's output)
     is validated against the published JSON Schema."""

@@ -10,15 +10,19 @@ from ._version import __version__
 from .attacks import Attack, AttackResult, WorstCase
 from .attacks.apgd import APGD
 from .attacks.boundary import Boundary
+from .attacks.curve import robustness_curve
 from .attacks.cw import CW
+from .attacks.ddn import DDN
+from .attacks.deepfool import DeepFool
 from .attacks.fab import FAB
 from .attacks.fgsm import FGSM
+from .attacks.fmn import FMN
 from .attacks.hopskipjump import HopSkipJump
 from .attacks.pgd import PGD
 from .attacks.simba import SimBA
 from .attacks.square import Square
 from .attacks.zoo import ZOO
-from .audit import Report, audit
+from .audit import Comparison, Report, audit, compare
 from .errors import AccessError, AdvxError, BudgetExceeded, InputError, ModelError, QueryError
 from .models import BlackBox, Classifier
 from .threat import L1, L2, Linf, ThreatModel
@@ -38,14 +42,20 @@ __all__ = [
     "CW",
     "APGD",
     "FAB",
+    "DDN",
+    "FMN",
+    "DeepFool",
     "Square",
     "ZOO",
     "SimBA",
     "Boundary",
     "HopSkipJump",
     "WorstCase",
+    "robustness_curve",
     "audit",
     "Report",
+    "compare",
+    "Comparison",
     "AdvxError",
     "InputError",
     "AccessError",

@@ -38,6 +38,9 @@ FAST: dict[str, dict] = {
     "hopskipjump": {"max_queries": 1000},
     "zoo": {"max_queries": 2000},
     "simba": {"max_queries": 500},
+    "ddn": {"steps": 30},
+    "fmn": {"steps": 30},
+    "deepfool": {"steps": 20},
 }
 # Attacks that draw no random numbers with the FAST settings: their result must not change
 # with the seed. Every other attack must change its result with it.

@@ -143,32 +143,32 @@ def test_unknown_attack_is_a_usage_error():
     assert code == 2 and "nope" in stderr
 
 
-def test_demo_tells_the_whole_story(tmp_path):
-    code, stdout, stderr = run(
-        "demo",
-        "--out",
-        str(tmp_path / "d"),
-        "--n",
-        "40",
-        "--epochs",
-        "1",
-        "--audit-n",
-        "16",
-        "--harden-epochs",
-        "1",
-    )
+def test_the_quick_demo_tells_the_whole_story(tmp_path):
+    """``advx demo --quick``: every step runs, every file is written, and the story's claims
+    hold: the standard model is broken, FGSM-RS makes it robust (and the audit trusts that),
+    distillation only hides the gradients (the audit flags it, CW breaks it)."""
+    from advx.cli._story import QUICK
+
+    code, stdout, _ = run("demo", "--quick", "--out", str(tmp_path / "d"))
     assert code == 0
     assert "robust acc" in stdout and "pgd" in stdout and "cw" in stdout
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["n"] == QUICK.n and summary["training"]["samples"] == QUICK.train_n
     story = summary["story"]
     assert [m["model"] for m in story["models"]] == ["standard", "FGSM-RS", "distilled (T=100)"]
     for m, key in zip(story["models"], ("standard", "fgsm-rs", "distilled")):
         report = json.loads((tmp_path / "d" / f"audit-{key}.json").read_text())
         assert (
-            report["data"]["n"] == 16
+            report["data"]["n"] == QUICK.audit_n
             and report["robust_accuracy"] == m["robust_accuracy"] <= m["clean_accuracy"]
         )
         assert m["model"] in stdout
+    std, robust, distilled = story["models"]
+    assert std["clean_accuracy"] > 0.9 and std["robust_accuracy"] < 0.1, std
+    assert robust["robust_accuracy"] > 0.5 and robust["reliable"], robust
+    assert "masked-gradients" in distilled["findings"] and not distilled["reliable"], distilled
+    hidden = story["distilled_attacks"]
+    assert hidden["cw_success_rate"] > 0.9 > 0.5 > hidden["pgd_ce_success_rate"], hidden
     page = (tmp_path / "d" / "report.html").read_text()
     assert all(m["model"] in page for m in story["models"]) and "<img" in page
     assert {r["attack"] for r in summary["rows"]} == {"fgsm", "pgd", "cw"}
@@ -176,6 +176,28 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert pgd[-1]["robust_accuracy"] < pgd[0]["robust_accuracy"] <= summary["clean_accuracy"]
     png = (tmp_path / "d" / "examples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_demo_options_override_the_preset(tmp_path, monkeypatch):
+    """--quick picks the preset; an explicit option wins over it. The steps are replaced by one
+    that records what it was given, so that this runs in a second."""
+    from advx.cli import _story
+
+    seen = []
+
+    def step(demo):
+        seen.append(demo)
+        demo.summary["rows"] = []  # what the table prints
+
+    monkeypatch.setattr(_story, "STEPS", [step])
+    code, _, err = run("demo", "--quick", "--n", "30", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    (demo,) = seen
+    assert demo.size == _story.replace(_story.QUICK, n=30, audit_n=30, cw_n=30)
+    assert demo.x.shape[0] == 30 and demo.x_train.shape[0] == _story.QUICK.train_n
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["files"]["summary"]
+    code, _, _ = run("demo", "--out", str(tmp_path / "e"))
+    assert code == 0 and seen[1].size == _story.FULL and seen[1].x_train.shape[0] == 4000
 
 
 def test_the_console_script_and_python_m_run():

@@ -114,7 +114,11 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     assert json.loads(out)["recipe"]["params"] == {"temperature": 20.0, "teacher": "LeNet"}
 
 
-FIVE = "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 5))\n"
+FIVE = (
+    "import torch\n"
+    "def make():\n"
+    "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 5))\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +132,8 @@ FIVE = "import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Flatt
         (["--recipe", "pgd-at", "--temperature", "3"], "has no temperature"),
         (["--audit-suite", "no-such-suite"], "neither a built-in suite"),
         (["--monitor", "many"], "--monitor"),
+        (["--lr", "-1"], "lr must be a finite number > 0"),
+        (["--weight-decay", "-0.1"], "weight_decay must be a finite number >= 0"),
     ],
 )
 def test_bad_input_exits_2_before_training(tmp_path, extra, match):

@@ -94,26 +94,38 @@ def _input(client: int, n: int, j: int) -> np.ndarray:
     return np.random.default_rng(seed).random((1, 28, 28), dtype=np.float32)
 
 
+def serve_takes_a_store() -> bool:
+    """Whether ``advx serve`` has ``--store`` (then the kill test runs the command itself)."""
+    from advx.cli.serve import serve_cmd
+
+    return any("--store" in p.opts for p in serve_cmd.params)
+
+
 def start_writer(url: str, *, cwd: Path, service: bool = False) -> tuple[subprocess.Popen, str]:
-    """The writer process (its own Python) on a free port; waits until it answers."""
+    """The writer process (its own Python) on a free port; waits until it answers.
+
+    ``service``: ``advx serve --store URL`` when the command has the option (an untrained LeNet
+    under the default policy abstains on every input, so every input goes to review), else the
+    same app built from the library (:data:`SERVICE`)."""
     import httpx
 
-    script = cwd / "writer.py"
-    script.write_text(SERVICE if service else WRITER)
     port = _free_port()
+    if service and serve_takes_a_store():
+        cmd = [sys.executable, "-m", "advx", "serve", "--model", "lenet", "--store", url]
+        cmd += ["--port", str(port), "--log-level", "warning"]
+    else:
+        script = cwd / "writer.py"
+        script.write_text(SERVICE if service else WRITER)
+        cmd = [sys.executable, str(script), url, str(port)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), url, str(port)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = cwd / "writer.log"  # a file, not a pipe: an unread pipe that fills up blocks the writer
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the writer exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise RuntimeError(f"the writer exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
@@ -156,6 +168,12 @@ def kill_test(
     errors: list[str] = []
 
     def client(k: int) -> None:
+        try:
+            send(k)
+        except Exception as e:  # anything but the writer going away fails the test, visibly
+            errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+    def send(k: int) -> None:
         with httpx.Client(base_url=base, timeout=60) as http:
             n = 0
             while not stop.is_set():

@@ -107,11 +107,15 @@ def test_advx_serve_refuses_a_bad_start_with_exit_2(args, message):
     assert message in r.output and "Traceback" not in r.output
 
 
-def test_advx_serve_refuses_a_corrupt_policy(tmp_path):
+@pytest.mark.parametrize(
+    "content", [b"\x00\xff not toml [[[", b"min_confidence = [", b'min_confidence = "high"\n']
+)
+def test_advx_serve_refuses_a_corrupt_policy(tmp_path, content):
     bad = tmp_path / "policy.toml"
-    bad.write_bytes(b"\x00\xff not toml [[[")
+    bad.write_bytes(content)
     r = CliRunner().invoke(cli, ["serve", "--model", "lenet", "--policy", str(bad)])
-    assert r.exit_code == 2 and "--policy" in r.output, r.output
+    assert r.exit_code == 2 and "policy" in r.output, r.output
+    assert "Traceback" not in r.output
 
 
 def test_advx_serve_refuses_a_policy_for_another_model(tmp_path):
@@ -124,6 +128,72 @@ def test_advx_serve_refuses_a_policy_for_another_model(tmp_path):
     r = CliRunner().invoke(cli, ["serve", "--model", "lenet", "--policy", str(path)])
     assert r.exit_code == 2, r.output
     assert "calibrated for" in r.output or "another model" in r.output
+
+
+def test_advx_serve_wires_the_store_query_detection_and_api_keys(tmp_path, batch):
+    pytest.importorskip("sqlalchemy")
+    import advx
+    from advx.errors import ModelError
+    from advx.guard.store import Store
+
+    db = f"sqlite:///{tmp_path / 'review.db'}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "advx",
+            "serve",
+            "--model",
+            "lenet",
+            "--port",
+            str(port),
+            "--store",
+            db,
+            "--detect-queries",
+            "reject",
+            "--api-key",
+            "k-123=team-a",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_up(proc, url)
+        x = torch.rand(3, 1, 28, 28)
+        assert httpx.post(f"{url}/predict", json={"inputs": x.tolist()}).status_code == 401
+        auth = {"Authorization": "Bearer k-123"}
+        r = httpx.post(f"{url}/predict", json={"inputs": x.tolist()}, headers=auth)
+        assert r.status_code == 200
+        held = sum(d["action"] != "accept" for d in r.json()["decisions"])
+        assert held > 0  # untrained lenet: nothing is confident
+        # an attack's near-identical queries are caught and refused
+        base = batch[0][0]
+        g = torch.Generator().manual_seed(0)
+        reasons = []
+        for _ in range(30):
+            q = (base + 0.02 * torch.rand(base.shape, generator=g)).clamp(0, 1)
+            d = httpx.post(f"{url}/predict", json={"inputs": [q.tolist()]}, headers=auth).json()
+            reasons.append(d["decisions"][0]["reasons"])
+        assert ["query attack suspected"] in reasons
+        # a black-box attack gets no scores for a caught query: it stops with a ModelError
+        box = advx.BlackBox.from_http(f"{url}/predict", headers=auth, retries=0)
+        with pytest.raises(ModelError):
+            box.forward(base[None].clamp(0, 1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    store = Store(db)
+    try:
+        items = store.list(status="queued", limit=1000)
+        assert len(items) >= held
+        assert any(i["client"] == "team-a" for i in items)
+        assert store.alerts(client="team-a")
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +226,16 @@ def test_guard_status_reports_versions_and_drift(guarded):
     assert r.exit_code == 2 and "cannot reach" in r.output
 
 
-def test_guard_canary_attacks_the_live_guard(guarded):
+def test_guard_canary_attacks_the_live_guard(guarded, tmp_path):
     with serve(create_app(guarded, name="m")) as url:
+        out = tmp_path / "canary.json"
         r = CliRunner().invoke(
-            cli, ["guard", "canary", "--url", url, "-n", "12", "--queries", "150"]
+            cli,
+            ["guard", "canary", "--url", url, "-n", "12", "--queries", "150", "--out", str(out)],
         )
         assert r.exit_code == 0, r.output
         doc = json.loads(r.stdout)
+        assert json.loads(out.read_text()) == doc and doc["time"]
         assert doc["clean_accepted_correct"] > 0
         assert doc["fooled_model"] > 0  # square at eps 0.3 fools an undefended MLP
         assert doc["caught"] + doc["evaded"] <= doc["fooled_model"]
@@ -186,3 +259,27 @@ def test_guard_canary_attacks_the_live_guard(guarded):
                 ],
             )
             assert r.exit_code == 1
+
+
+def test_guard_canary_with_a_decision_based_attack(guarded):
+    with serve(create_app(guarded, name="m")) as url:
+        r = CliRunner().invoke(
+            cli,
+            [
+                "guard",
+                "canary",
+                "--url",
+                url,
+                "--attack",
+                "hopskipjump",
+                "-n",
+                "6",
+                "--queries",
+                "200",
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert doc["attack"] == "hopskipjump" and doc["clean_accepted_correct"] > 0
+        assert doc["median_queries"] > 1  # it queried the live labels
+        assert doc["caught"] + doc["evaded"] <= doc["fooled_model"]

@@ -85,8 +85,19 @@ def test_expected_rates_from_a_policy():
     assert expected_rates(Policy()) == {}
     p = Policy(thresholds={"fs": 0.5}, guarantees={"fpr": 0.05})
     assert expected_rates(p) == {"abstain": 0.05, "flag": 0.05}
-    p = Policy(guarantees={"fpr": {"target": 0.02, "ci": [0.01, 0.03]}})
-    assert expected_rates(p) == {"abstain": 0.02}
+    # calibration's report: the null is what calibration could have produced
+    p = Policy(guarantees={"fpr": {"target": 0.02, "measured": 0.025, "interval": [0.01, 0.04]}})
+    assert expected_rates(p) == {"abstain": 0.04}
+    p = Policy(
+        thresholds={"fs": 0.5},
+        guarantees={
+            "fpr": {"target": 0.05, "interval": [0.02, 0.045]},
+            "selective_risk": {"coverage": 0.8, "n": 2000},
+        },
+    )
+    rates = expected_rates(p)
+    assert rates["flag"] == 0.05
+    assert rates["abstain"] == pytest.approx(0.2 + math.sqrt(math.log(100) / 4000))
 
 
 def _decision(action, fs, conf=0.9):

@@ -205,11 +205,15 @@ def test_one_click_in_a_real_browser_labels_the_item(filled, tmp_path):
                     item.get_by_role("button", name=str(int(y[1])), exact=True).click()
                 assert page.locator("#item-2").count() == 0  # it left the queue
                 assert page.locator("#item-1").count() == 1
+                with page.expect_navigation():
+                    page.keyboard.press(str(int(y[0])))  # a key labels the item on top
+                assert page.locator("#item-1").count() == 0
             finally:
                 browser.close()
         row = store.get(2)
     assert (row["label"], row["labelled_by"], row["status"]) == (int(y[1]), "ann", "labelled")
-    assert store.get(1)["status"] == "queued"
+    assert (store.get(1)["label"], store.get(1)["status"]) == (int(y[0]), "labelled")
+    assert store.get(3)["status"] == "queued"
     if os.environ.get("ADVX_REVIEW_SCREENSHOT"):
         shutil.copy(tmp_path / "review.png", os.environ["ADVX_REVIEW_SCREENSHOT"])
 

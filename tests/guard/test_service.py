@@ -487,7 +487,7 @@ def test_query_attack_rows_are_rejected_or_answered_silently(guard, mode):
 def test_review_queue_gets_items_before_the_answer(guard, model):
     sink = Sink()
     with serve(create_app(guard, name="m", review=sink)) as url:
-        x = torch.rand(3, *SHAPE)  # noise: the guard does not accept it
+        x = torch.rand(6, *SHAPE) * 0.2  # faint noise, no digit: mostly not accepted
         r = httpx.post(f"{url}/predict", json={"inputs": x.tolist()})
         held = [i for i, d in enumerate(r.json()["decisions"]) if d["action"] != "accept"]
         assert held
@@ -702,3 +702,20 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_one_model_pass_per_batch(trained_mlp):
+    from tests.conftest import CountingNet
+
+    net = CountingNet(trained_mlp)
+    g = Guard(Classifier(net, bounds=(0, 1)), input_shape=SHAPE)
+    with serve(create_app(g, name="m")) as url:
+        net.reset()  # the start-up check ran the model once
+        x = torch.rand(3, *SHAPE)
+        doc = httpx.post(f"{url}/predict", json={"inputs": x.tolist()}).json()
+        # the answer's scores are the probabilities the guard decided on, not a second pass
+        assert net.forward_rows == 3
+        with torch.no_grad():
+            probs = torch.softmax(trained_mlp(x), 1)
+        assert torch.allclose(torch.tensor(doc["scores"]), probs, atol=1e-5)
+    assert "score" not in vars(g)  # the guard is left as it was

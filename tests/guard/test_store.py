@@ -170,6 +170,13 @@ def test_the_class_count_is_recorded_or_read_from_the_item(tmp_path):
     with Store(url) as s:  # recorded by the service's open, found by the reviewer's
         assert s.classes == 4
         assert s.label(1, 3, by="bob")["label"] == 3
+        s.set_classes(3)  # the service learnt it after opening
+        with pytest.raises(InputError, match=r"\[0, 2\]"):
+            s.label(1, 3, by="bob")
+        with pytest.raises(InputError, match="classes"):
+            s.set_classes(1)
+    with Store(url) as s:
+        assert s.classes == 3
 
 
 def test_export_writes_a_data_set_advx_loads(store, tmp_path):
@@ -250,3 +257,44 @@ def test_the_default_store_lives_in_the_state_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_url() == f"sqlite:///{tmp_path}/.local/state/advx/guard.db"
+
+
+WORKER = """
+import sys
+import numpy as np
+from advx.guard.store import Store
+
+url, name = sys.argv[1], sys.argv[2]
+with Store(url) as s:
+    for n in range(50):
+        x = np.full((1, 4, 4), n / 50, np.float32)
+        s.put([{"input": x, "action": "review", "client": name, "request_id": f"{name}-{n}"}])
+"""
+
+
+@pytest.mark.slow  # process start-up (torch) under load; threads cover concurrent writers
+def test_several_worker_processes_write_one_sqlite_file(tmp_path):
+    """`advx serve --workers N` on the default store: N processes commit to one SQLite file."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'guard.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, url, f"w{k}"], env=env, stderr=subprocess.PIPE
+        )
+        for k in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+    with Store(url) as s:
+        items = s.list(status="all", limit=1000)
+        assert len(items) == 100
+        assert {i["request_id"] for i in items} == {
+            f"w{k}-{n}" for k in range(2) for n in range(50)
+        }
+        with s._engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 import advx
 from advx import _checkpoint as ckpt
 from advx.errors import InputError
-from advx.training import Recipe, fgsm_rs, fit, standard
+from advx.training import Checkpointing, Monitor, Recipe, Schedule, fgsm_rs, fit, standard
 from advx.zoo import build, load
 
 
@@ -37,7 +38,11 @@ def same(a, b):
 
 
 KW = dict(
-    epochs=3, batch_size=50, lr=3e-3, lr_schedule="cyclic", seed=1, progress=False, monitor=40
+    schedule=Schedule(epochs=3, lr=3e-3, lr_schedule="cyclic"),
+    batch_size=50,
+    seed=1,
+    progress=False,
+    monitor=Monitor(data=40),
 )
 
 
@@ -46,7 +51,8 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
 ):
     x, y = data
     net = lenet()
-    h = fit(net, x, y, loss=fgsm_rs(0.1), out=tmp_path, data_name="mnist-demo:train[:400]", **KW)
+    save = Checkpointing(tmp_path, data_name="mnist-demo:train[:400]")
+    h = fit(net, x, y, loss=fgsm_rs(0.1), checkpoint=save, **KW)
     side = json.loads((tmp_path / "checkpoint.json").read_text())
     assert side["schema"] == "advx-checkpoint/1"
     assert side["recipe"] == {"name": "fgsm_rs", "params": {"eps": 0.1, "alpha": 0.125}}
@@ -79,7 +85,7 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(data, tmp_path):
     x, y = data
-    fit(lenet(), x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(lenet(), x[:100], y[:100], batch_size=50, progress=False, checkpoint=tmp_path)
     with pytest.raises(InputError, match=r"does not fit SmallCNN: missing \['classifier.fc1.bias'"):
         load(tmp_path, model="smallcnn")
     other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
@@ -89,7 +95,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(data, t
 
 def test_a_changed_weights_file_is_refused(data, tmp_path):
     x, y = data
-    fit(lenet(), x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(lenet(), x[:100], y[:100], batch_size=50, progress=False, checkpoint=tmp_path)
     side = json.loads((tmp_path / "checkpoint.json").read_text())
     path = tmp_path / side["weights"]
     blob = bytearray(path.read_bytes())
@@ -102,7 +108,7 @@ def test_a_changed_weights_file_is_refused(data, tmp_path):
 def test_a_plain_module_needs_model_to_load(data, tmp_path):
     x, y = data
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    fit(net, x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(net, x[:100], y[:100], batch_size=50, progress=False, checkpoint=tmp_path)
     with pytest.raises(InputError, match="pass model="):
         load(tmp_path)
     assert same(
@@ -117,7 +123,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
 ):
     x, y = data
     net = lenet()
-    fit(net, x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(net, x[:100], y[:100], batch_size=50, progress=False, checkpoint=tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     first = weights(net)
 
@@ -135,7 +141,15 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
 
     monkeypatch.setattr(ckpt, "write_bytes", half_then_fail)
     with pytest.raises(OSError, match="simulated"):
-        fit(net, x[:100], y[:100], epochs=2, batch_size=50, progress=False, out=tmp_path)
+        fit(
+            net,
+            x[:100],
+            y[:100],
+            schedule=Schedule(epochs=2),
+            batch_size=50,
+            progress=False,
+            checkpoint=tmp_path,
+        )
     monkeypatch.undo()
     leftovers = {p.name for p in tmp_path.iterdir()} - set(before)
     assert not any(name.endswith(".tmp") for name in leftovers)  # no temporary file left behind
@@ -146,7 +160,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_whole(
 def test_fsync_failing_leaves_the_previous_checkpoint_whole(data, tmp_path, monkeypatch):
     x, y = data
     net = lenet()
-    fit(net, x[:100], y[:100], epochs=1, batch_size=50, progress=False, out=tmp_path)
+    fit(net, x[:100], y[:100], batch_size=50, progress=False, checkpoint=tmp_path)
     first = weights(net)
     import advx._io as io_mod
 
@@ -155,7 +169,15 @@ def test_fsync_failing_leaves_the_previous_checkpoint_whole(data, tmp_path, monk
 
     monkeypatch.setattr(io_mod.os, "fsync", broken)
     with pytest.raises(OSError, match="simulated"):
-        fit(net, x[:100], y[:100], epochs=2, batch_size=50, progress=False, out=tmp_path)
+        fit(
+            net,
+            x[:100],
+            y[:100],
+            schedule=Schedule(epochs=2),
+            batch_size=50,
+            progress=False,
+            checkpoint=tmp_path,
+        )
     monkeypatch.undo()
     assert same(weights(load(tmp_path).net), first)
 
@@ -180,27 +202,18 @@ def test_a_run_killed_after_epoch_k_and_resumed_ends_with_the_weights_of_an_unin
     data, tmp_path, optimizer
 ):
     x, y = data
+    kw = {**KW, "schedule": replace(KW["schedule"], optimizer=optimizer)}
     whole = lenet()
-    h_whole = fit(whole, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "a", **KW)
+    h_whole = fit(whole, x, y, loss=fgsm_rs(0.1), checkpoint=tmp_path / "a", **kw)
 
     part = lenet()
     with pytest.raises(Interrupted):
-        fit(
-            part,
-            x,
-            y,
-            loss=_killed_at(fgsm_rs(0.1), 2),
-            optimizer=optimizer,
-            out=tmp_path / "b",
-            **KW,
-        )
-    assert (
-        json.loads((tmp_path / "b" / "checkpoint.json").read_text())["training"]["epochs_done"] == 2
-    )
+        fit(part, x, y, loss=_killed_at(fgsm_rs(0.1), 2), checkpoint=tmp_path / "b", **kw)
+    side = json.loads((tmp_path / "b" / "checkpoint.json").read_text())
+    assert side["training"]["epochs_done"] == 2
     fresh = lenet(seed=99)  # the resume restores the weights: the initial ones do not matter
-    h = fit(
-        fresh, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "b", resume=True, **KW
-    )
+    resume = Checkpointing(tmp_path / "b", resume=True)
+    h = fit(fresh, x, y, loss=fgsm_rs(0.1), checkpoint=resume, **kw)
     assert h.resumed_from == 2 and len(h.epochs) == 3
     assert same(weights(fresh), weights(whole))
     for a, b in zip(h.epochs, h_whole.epochs):
@@ -209,70 +222,32 @@ def test_a_run_killed_after_epoch_k_and_resumed_ends_with_the_weights_of_an_unin
         }
     # resuming a finished run does nothing and keeps its weights
     again = lenet(seed=5)
-    fit(again, x, y, loss=fgsm_rs(0.1), optimizer=optimizer, out=tmp_path / "b", resume=True, **KW)
+    fit(again, x, y, loss=fgsm_rs(0.1), checkpoint=resume, **kw)
     assert same(weights(again), weights(whole))
 
 
 def test_resume_with_other_settings_or_another_architecture_is_refused(data, tmp_path):
     x, y = data
-    fit(
-        lenet(),
-        x[:100],
-        y[:100],
-        loss=standard(),
-        epochs=1,
-        batch_size=50,
-        progress=False,
-        out=tmp_path,
-    )
+    kw = dict(batch_size=50, progress=False)
+    fit(lenet(), x[:100], y[:100], loss=standard(), checkpoint=tmp_path, **kw)
+    resume = Checkpointing(tmp_path, resume=True)
     with pytest.raises(InputError, match=r"other settings \(recipe, lr\)"):
         fit(
             lenet(),
             x[:100],
             y[:100],
             loss=fgsm_rs(0.1),
-            lr=0.01,
-            epochs=1,
-            batch_size=50,
-            progress=False,
-            out=tmp_path,
-            resume=True,
-            monitor=None,
-            overfit_check=False,
+            schedule=Schedule(lr=0.01),
+            checkpoint=resume,
+            monitor=Monitor(data=None, overfit_check=False),
+            **kw,
         )
     with pytest.raises(InputError, match=r"other settings \(data\)"):
-        fit(
-            lenet(),
-            x[100:200],
-            y[100:200],
-            epochs=1,
-            batch_size=50,
-            progress=False,
-            out=tmp_path,
-            resume=True,
-        )
+        fit(lenet(), x[100:200], y[100:200], checkpoint=resume, **kw)
     with pytest.raises(InputError, match="does not fit SmallCNN"):
-        fit(
-            build("smallcnn"),
-            x[:100],
-            y[:100],
-            epochs=1,
-            batch_size=50,
-            progress=False,
-            out=tmp_path,
-            resume=True,
-        )
+        fit(build("smallcnn"), x[:100], y[:100], checkpoint=resume, **kw)
     # a constant schedule may be extended
-    h = fit(
-        lenet(),
-        x[:100],
-        y[:100],
-        epochs=2,
-        batch_size=50,
-        progress=False,
-        out=tmp_path,
-        resume=True,
-    )
+    h = fit(lenet(), x[:100], y[:100], schedule=Schedule(epochs=2), checkpoint=resume, **kw)
     assert h.resumed_from == 1 and len(h.epochs) == 2
 
 
@@ -281,7 +256,7 @@ def test_missing_safetensors_says_how_to_get_it(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     x, y = data
     with pytest.raises(InputError, match=r"pip install 'advx\[train\]'"):
-        fit(lenet(), x[:100], y[:100], epochs=1, progress=False, out=tmp_path)
+        fit(lenet(), x[:100], y[:100], progress=False, checkpoint=tmp_path)
 
 
 def test_wong_cnn_has_the_published_shape():

@@ -1,4 +1,5 @@
-"""The recipes: each crafts the point its paper says, inside the threat model, and computes its loss."""
+"""The recipes: each crafts the point its paper says, inside the threat model, and computes its
+loss."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 import advx
 from advx._rng import SampleRNG, derive_seed
 from advx.errors import InputError
-from advx.training import Batch, distillation, fgsm_rs, fit, pgd_at, standard, trades
+from advx.training import Batch, Schedule, distillation, fgsm_rs, fit, pgd_at, standard, trades
 
 
 class Binary(nn.Module):
@@ -230,10 +231,8 @@ def test_a_student_that_equals_its_teacher_does_not_move():
         x,
         y,
         loss=distillation(advx.Classifier(teacher), temperature=50.0),
-        epochs=1,
+        schedule=Schedule(optimizer="sgd", lr=0.5),
         batch_size=32,
-        optimizer="sgd",
-        lr=0.5,
         progress=False,
     )
     for a, b in zip(student.parameters(), teacher.parameters()):

@@ -28,8 +28,11 @@ if TYPE_CHECKING:  # the names the registry puts here at import, spelled out for
     from .apgd import APGD as APGD
     from .boundary import Boundary as Boundary
     from .cw import CW as CW
+    from .ddn import DDN as DDN
+    from .deepfool import DeepFool as DeepFool
     from .fab import FAB as FAB
     from .fgsm import FGSM as FGSM
+    from .fmn import FMN as FMN
     from .hopskipjump import HopSkipJump as HopSkipJump
     from .pgd import PGD as PGD
     from .simba import SimBA as SimBA
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # the names the registry puts here at import, spelled out for
     from .zoo import ZOO as ZOO
 
 from ._targets import random_targets  # noqa: E402
+from .curve import robustness_curve  # noqa: E402
 from .worstcase import WorstCase  # noqa: E402
 
 __all__ = [
@@ -52,6 +56,7 @@ __all__ = [
     "list_attacks",
     "register",
     "random_targets",
+    "robustness_curve",
     "WorstCase",
     *sorted(cls.__name__ for cls in _REGISTRY.values()),
 ]

@@ -98,16 +98,36 @@ class AttackResult:
             trace={k: v[idx] if isinstance(v, Tensor) else v for k, v in self.trace.items()},
         )
 
+    @property
+    def already_adversarial(self) -> Tensor:
+        """bool (N,): samples adversarial before the attack moved them (misclassified, or already
+        the target): the attack never ran on them, and their ``x_adv`` is the clean input."""
+        # the base class leaves x_adv = x for them, so their distance is exactly 0; a point the
+        # attack moved has a positive distance
+        return self.success & (self.distance == 0)
+
     def summary(self) -> dict[str, Any]:
-        """Success rate, distances over successes, query and gradient counts, time."""
-        ok = self.success
-        d = self.distance[ok].double()
-        q_ok = self.queries[ok].double()
+        """Success rate, the points already adversarial apart from those the attack broke,
+        distances and queries over the broken ones, counts, time.
+
+        ``success_rate`` is the share of all samples adversarial at ``x_adv`` (1 - robust
+        accuracy); ``attack_success_rate`` the share of the ``attacked`` samples (those not
+        already adversarial) that the attack ``broke``.
+        """
+        already = self.already_adversarial
+        broken = self.success & ~already
+        attacked = len(self) - int(already.sum())
+        d = self.distance[broken].double()
+        q_ok = self.queries[broken].double()
         return {
             "attack": self.name,
             "threat": str(self.threat),
             "targeted": self.targeted,
             "n": len(self),
+            "already_adversarial": int(already.sum()),
+            "attacked": attacked,
+            "broken": int(broken.sum()),
+            "attack_success_rate": int(broken.sum()) / attacked if attacked else None,
             "success_rate": self.success_rate,
             "robust_accuracy": self.robust_accuracy,
             "median_distance": float(d.median()) if d.numel() else None,
@@ -122,8 +142,12 @@ class AttackResult:
     def __repr__(self) -> str:
         s = self.summary()
         med = "-" if s["median_distance"] is None else f"{s['median_distance']:.4g}"
+        already = (
+            f", {s['already_adversarial']} already adversarial" if s["already_adversarial"] else ""
+        )
         return (
             f"AttackResult({self.name}, {self.threat!r}, n={s['n']}, "
+            f"broke {s['broken']} of {s['attacked']} attacked{already}, "
             f"success={s['success_rate']:.1%}, median distance={med}, "
             f"queries={s['queries']}, grads={s['grads']}, {s['seconds']:.2f}s)"
         )

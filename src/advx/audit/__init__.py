@@ -7,12 +7,27 @@ report.save("report.json"); report.save_html("report.html")
 Where things live: ``orchestrate`` (``audit()``), ``runner`` (the cascade and its per-sample
 state), ``suites``, ``checks`` (the sanity checks and ``Finding``), ``eps_curve``, ``assemble``
 (the report made from the cascade's state), ``report`` (the typed report, its JSON and its
-schema), ``html`` (the page).
+schema), ``html`` (the pages), ``stats`` (confidence intervals), ``comparison`` (two audits
+compared: ``compare(base, new, max_drop=0.01)``), ``gate`` (the checks, Markdown and JUnit).
 """
 
+from .adversarial import AdversarialExamples
 from .checks import Finding
+from .comparison import Comparison, compare
+from .gate import Check
 from .orchestrate import audit
 from .report import Report
 from .suites import SUITES, Suite, load_suite
 
-__all__ = ["audit", "Report", "Suite", "SUITES", "load_suite", "Finding"]
+__all__ = [
+    "audit",
+    "AdversarialExamples",
+    "compare",
+    "Comparison",
+    "Check",
+    "Report",
+    "Suite",
+    "SUITES",
+    "load_suite",
+    "Finding",
+]

@@ -1,9 +1,10 @@
 """Dataclasses to JSON types and back, driven by their fields' annotations.
 
-Two pieces of field metadata: ``{"json": "class"}`` names the field's JSON key when it differs
-from the Python name, and ``{"rest": True}`` marks a ``dict`` field that holds every key the
-other fields do not name (written flat, beside them). Reading is strict: a missing required
-field, an unknown key or a wrong container type is an error that names its place.
+Three pieces of field metadata: ``{"json": "class"}`` names the field's JSON key when it differs
+from the Python name, ``{"rest": True}`` marks a ``dict`` field that holds every key the
+other fields do not name (written flat, beside them), and ``{"memory": True}`` a field held in
+memory only (tensors, never written to JSON, never read from it). Reading is strict: a missing
+required field, an unknown key or a wrong container type is an error that names its place.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def encode(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
         for f in dataclasses.fields(obj):
+            if f.metadata.get("memory"):
+                continue
             value = encode(getattr(obj, f.name))
             if f.metadata.get("rest"):
                 out.update(value)
@@ -48,7 +51,7 @@ def decode(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("memory")]  # type: ignore[arg-type]
     rest = next((f for f in fields if f.metadata.get("rest")), None)
     named = {_key(f): f for f in fields if f is not rest}
     unknown = [k for k in data if k not in named]

@@ -34,6 +34,7 @@ from .report import (
     Totals,
 )
 from .runner import CascadeState
+from .stats import LEVEL, wilson
 from .suites import Suite
 
 __all__ = ["build_report"]
@@ -78,6 +79,9 @@ def build_report(
         suite=SuiteInfo(**suite.to_dict()),
         clean_accuracy=float(st.clean_correct.float().mean()),
         robust_accuracy=float(st.robust.float().mean()),
+        clean_accuracy_ci=wilson(int(st.clean_correct.sum()), st.n),
+        robust_accuracy_ci=wilson(int(st.robust.sum()), st.n),
+        ci_level=LEVEL,
         reliable=not any(f.severity == "error" for f in findings),
         cascade=_cascade(stages, st, closest),
         per_class=_per_class(y.cpu(), st),
@@ -135,6 +139,7 @@ def _cascade(
                 params=_jsonable(a.params),
                 broke=int((st.broken_by == k).sum()),
                 robust_accuracy_after=float((correct & ~broken_upto).float().mean()),
+                robust_accuracy_after_ci=wilson(int((correct & ~broken_upto).sum()), st.n),
                 queries=int(st.queries[k + 1].sum()),
                 grads=int(st.grads[k + 1].sum()),
                 seconds=round(float(st.seconds[k + 1]), 3),
@@ -149,14 +154,17 @@ def _per_class(y: Tensor, st: CascadeState) -> list[ClassRow]:
     rows = []
     for c in range(classes):
         m = y == c
-        if int(m.sum()) == 0:
+        n = int(m.sum())
+        if n == 0:
             continue
         rows.append(
             ClassRow(
                 label=c,
-                n=int(m.sum()),
+                n=n,
                 clean_accuracy=float(st.clean_correct[m].float().mean()),
                 robust_accuracy=float(st.robust[m].float().mean()),
+                clean_accuracy_ci=wilson(int(st.clean_correct[m].sum()), n),
+                robust_accuracy_ci=wilson(int(st.robust[m].sum()), n),
             )
         )
     return rows

@@ -16,6 +16,7 @@ from .._rng import derive_seed
 from ..attacks._losses import ce
 from ..models._base import ACCESS_RANK, ModelView, Tracker
 from ..threat import ThreatModel
+from ._text import plural
 
 __all__ = [
     "Finding",
@@ -105,9 +106,15 @@ _BLACKBOX_GAIN_ERROR = 0.02
 
 
 def check_blackbox_gain(
-    broken_by: Tensor, stages: list[attacks.Attack], clean_correct: Tensor
+    broken_by: Tensor,
+    stages: list[attacks.Attack],
+    clean_correct: Tensor,
+    ran_on: list[int] | None = None,
 ) -> list[Finding]:
-    """A score- or label-based stage that breaks points every white-box stage missed."""
+    """A score- or label-based stage that breaks points every white-box stage missed.
+
+    ``ran_on[k]``: how many points stage k actually ran on (a gated stage runs on only the
+    closest few); without it, every point still robust when the stage began."""
     out: list[Finding] = []
     white = [k for k, a in enumerate(stages) if a.access == "gradients"]
     if not white:
@@ -117,14 +124,16 @@ def check_blackbox_gain(
             continue
         gained = int((broken_by == k).sum())
         reached = int((clean_correct & ((broken_by < 0) | (broken_by >= k))).sum())
+        if ran_on is not None:
+            reached = ran_on[k]
         if gained:
             share = gained / max(1, reached)
             out.append(
                 Finding(
                     "blackbox-beats-whitebox",
                     "error" if gained > 2 and share > _BLACKBOX_GAIN_ERROR else "warning",
-                    f"{a.name} (no gradients) broke {gained} point(s) that the white-box attacks "
-                    f"could not ({share:.1%} of the {reached} points left to it)",
+                    f"{a.name} (no gradients) broke {plural(gained, 'point')} that the white-box "
+                    f"attacks could not ({share:.1%} of the {plural(reached, 'point')} it ran on)",
                     "a gradient-free attack should not beat gradient-based ones: suspect "
                     "gradient masking; treat the white-box numbers with suspicion and check the "
                     "gradients (BPDA, EOT)",
@@ -196,8 +205,8 @@ def check_convergence(
             Finding(
                 "not-converged",
                 "warning",
-                f"{name} with {steps} steps broke {share:.1%} of {x.shape[0]} points the cascade "
-                "left robust",
+                f"{name} with {steps} steps broke {share:.1%} of the "
+                f"{plural(x.shape[0], 'point')} the cascade left robust",
                 "more steps still help a lot: raise steps and restarts (or use the standard "
                 "suite) before trusting the number",
                 {

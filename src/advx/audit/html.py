@@ -7,13 +7,17 @@ network. Needs ``pip install 'advx[report]'`` (jinja2 and matplotlib).
 from __future__ import annotations
 
 import base64
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
-from .report import Report
+from .report import Report, stage_labels
 
-__all__ = ["render_html", "render_comparison"]
+if TYPE_CHECKING:
+    from .comparison import Comparison
+
+__all__ = ["render_html", "render_comparison", "render_diff"]
 
 
 def _env():
@@ -23,11 +27,13 @@ def _env():
         raise InputError(
             "the HTML report needs jinja2 and matplotlib: pip install 'advx[report]'"
         ) from None
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("advx.audit", "templates"),
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
+    env.globals.update(zip=zip, stage_labels=stage_labels)
+    return env
 
 
 def _uri(png: bytes) -> str:
@@ -99,3 +105,9 @@ def render_comparison(
     distilled model), with each one's plots."""
     entries = [{"name": name, "r": r, "plots": _plots(r)} for name, r in reports]
     return _env().get_template("compare.html.j2").render(entries=entries, title=title)
+
+
+def render_diff(comparison: Comparison) -> str:
+    """The page of one comparison (``advx compare --html``): checks, deltas with intervals,
+    per class, the samples newly broken, both models' fingerprints. Needs jinja2 only."""
+    return _env().get_template("diff.html.j2").render(c=comparison)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,13 @@ from ..errors import InputError
 from ..models.classifier import as_model
 from ..threat import ThreatModel
 from ._codec import decode
+from .adversarial import collect
 from .assemble import build_report
 from .checks import Finding, check_blackbox_gain, check_convergence, check_curve, check_model
 from .eps_curve import _eps_curve
-from .report import EpsCurve, Report, Seconds
+from .report import EpsCurve, Report, Seconds, stage_labels
 from .runner import CascadeState, gather_states, run_cascade
+from .stats import count_of, wilson
 from .suites import Suite, load_suite
 
 __all__ = ["audit"]
@@ -47,6 +50,7 @@ def audit(
     n_examples: int = 8,
     meta: dict[str, Any] | None = None,
     state_mismatch: str = "error",
+    return_adv: bool = False,
 ) -> Report | None:
     """Measure robust accuracy against ``threat`` with a cascade of attacks.
 
@@ -65,6 +69,9 @@ def audit(
             ``weights`` and ``weights_sha256`` the weights file; other keys go to provenance.
         state_mismatch: what to do with a state file made for another model, data or
             configuration: ``"error"`` (say which differs) or ``"restart"`` (overwrite it).
+        return_adv: keep every adversarial example the cascade found on
+            ``report.adversarial`` (an :class:`AdversarialExamples`: indices, inputs, labels,
+            predictions, the stage that found each; ``.save("adv.npz")`` writes it losslessly).
 
     Under ``torchrun`` the samples are split across the processes and rank 0 returns the
     report of all of them; the other ranks return None.
@@ -133,6 +140,12 @@ def audit(
             _eps_curve(model, x, y, threat, eps_curve, full, seed=seed, subset=subset),
             "eps_curve",
         )
+        curve = replace(
+            curve,
+            robust_accuracy_ci=[
+                wilson(count_of(a, curve.n), curve.n) for a in curve.robust_accuracy
+            ],
+        )
         t_curve = time.perf_counter() - t0
         if checks and curve.check:
             findings += check_curve(
@@ -147,7 +160,7 @@ def audit(
         findings += _after_cascade(model, x, y, threat, stages, full, seed=seed, subset=subset)
         t_checks += time.perf_counter() - t0
 
-    return build_report(
+    report = build_report(
         model,
         x,
         y,
@@ -170,6 +183,26 @@ def audit(
             total=round(time.perf_counter() - started, 3),
         ),
     )
+    if return_adv:
+        adv = collect(
+            model,
+            x,
+            y,
+            full.x_adv,
+            full.broken_by,
+            full.distance,
+            stage_labels(report.cascade),
+            meta={
+                "threat": threat.to_dict(),
+                "data_sha256": fingerprint["data"],
+                "model_sha256": fingerprint["model"],
+                "suite": the_suite.name,
+                "n": n,
+            },
+            batch_size=batch_size,
+        )
+        report = replace(report, adversarial=adv)
+    return report
 
 
 def _checked(model, x: Tensor, y: Tensor, threat: ThreatModel):
@@ -205,7 +238,8 @@ def _after_cascade(
 ) -> list[Finding]:
     """The checks that read the cascade's outcome: black-box stages beating white-box ones,
     and a much longer attack on (some of) the points it left robust."""
-    findings = check_blackbox_gain(full.broken_by, stages, full.clean_correct)
+    ran_on = [int((full.queries[k + 1] > 0).sum()) for k in range(len(stages))]
+    findings = check_blackbox_gain(full.broken_by, stages, full.clean_correct, ran_on)
     robust_rows = full.robust.nonzero().view(-1)[: max(1, subset // 4)]
     if robust_rows.numel() and model.access == "gradients":
         white = [a.params.get("steps", 0) or 0 for a in stages if a.access == "gradients"]

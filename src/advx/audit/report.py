@@ -13,9 +13,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from .._io import atomic_open
 from ..errors import InputError
 from ._codec import decode, encode
+from ._text import fmt_ci, plural
+from .adversarial import AdversarialExamples
 from .checks import Finding
 
 __all__ = [
@@ -85,6 +89,7 @@ class Stage:
     params: dict[str, Any]  # every parameter, defaults included
     broke: int
     robust_accuracy_after: float
+    robust_accuracy_after_ci: list[float] | None = None  # Wilson interval [low, high]
     queries: int  # forward passes, all samples together
     grads: int  # backward passes
     seconds: float
@@ -97,6 +102,8 @@ class ClassRow:
     n: int
     clean_accuracy: float
     robust_accuracy: float
+    clean_accuracy_ci: list[float] | None = None  # Wilson intervals [low, high]
+    robust_accuracy_ci: list[float] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +111,7 @@ class EpsCurve:
     eps: list[float]
     robust_accuracy: list[float]
     n: int  # on the first n samples
+    robust_accuracy_ci: list[list[float]] | None = None  # a Wilson interval at each eps
     attack: str
     source: str  # "runs" (one attack per eps) or "minimum-norm" (one run's distances)
     large_eps: float | None = None  # an eps that allows any input, where accuracy must be ~0
@@ -184,6 +192,10 @@ class Report:
     suite: SuiteInfo
     clean_accuracy: float
     robust_accuracy: float
+    # Wilson score intervals [low, high] at ci_level (absent from reports of advx before them)
+    clean_accuracy_ci: list[float] | None = None
+    robust_accuracy_ci: list[float] | None = None
+    ci_level: float | None = None
     reliable: bool  # False when a sanity check found a reason not to trust robust_accuracy
     cascade: list[Stage]
     per_class: list[ClassRow]
@@ -193,6 +205,15 @@ class Report:
     findings: list[Finding]
     examples: list[Example]
     provenance: Provenance
+    # every adversarial example, in memory only (audit(..., return_adv=True)); not in the JSON
+    adversarial: AdversarialExamples | None = field(
+        default=None, repr=False, compare=False, metadata={"memory": True}
+    )
+
+    @property
+    def x_adv(self) -> Tensor | None:
+        """The adversarial inputs of the broken samples (``adversarial.index`` says which)."""
+        return None if self.adversarial is None else self.adversarial.x_adv
 
     def __repr__(self) -> str:
         flags = (
@@ -254,20 +275,51 @@ class Report:
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal."""
         t = self.threat
+        level = f"{self.ci_level:.0%} " if self.ci_level else ""
         lines = [
-            f"clean accuracy  {self.clean_accuracy:.2%}   "
-            f"robust accuracy  {self.robust_accuracy:.2%}   "
-            f"({self.data.n} samples, {t.norm} eps {t.eps}, suite {self.suite.name})"
+            f"clean accuracy  {self.clean_accuracy:.2%}{fmt_ci(self.clean_accuracy_ci)}   "
+            f"robust accuracy  {self.robust_accuracy:.2%}{fmt_ci(self.robust_accuracy_ci)}   "
+            f"({plural(self.data.n, 'sample')}, {t.norm} eps {t.eps}, suite {self.suite.name}"
+            + (f"; {level}Wilson intervals" if self.robust_accuracy_ci else "")
+            + ")"
         ]
-        for s in self.cascade:
+        labels = stage_labels(self.cascade)
+        for s, label in zip(self.cascade, labels):
             gate = f"; on the {s.gate.attacked} closest to the boundary" if s.gate else ""
             lines.append(
-                f"  after {s.attack:<28} {s.robust_accuracy_after:.2%}   "
+                f"  after {label:<28} {s.robust_accuracy_after:.2%}"
+                f"{fmt_ci(s.robust_accuracy_after_ci)}   "
                 f"(broke {s.broke}, {s.queries:,} fwd / {s.grads:,} bwd, {s.seconds:.1f}s{gate})"
             )
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code}: {f.message}")
         return lines
+
+
+# the parameters that tell two stages of the same attack apart, in the order they are shown
+_DISTINGUISHING = ("loss", "targeted", "targets", "norm", "steps", "queries", "restarts")
+
+
+def stage_labels(cascade: list[Stage]) -> list[str]:
+    """A name per stage that tells apart the stages of one attack: ``apgd (loss=ce)`` and
+    ``apgd (loss=dlr-targeted, targets=3)`` rather than ``apgd`` twice."""
+    labels = []
+    for s in cascade:
+        twins = [t for t in cascade if t.attack == s.attack]
+        if len(twins) == 1:
+            labels.append(s.attack)
+            continue
+        differ = [
+            k
+            for k in dict.fromkeys([*_DISTINGUISHING, *s.params])
+            if k != "seed" and len({repr(t.params.get(k)) for t in twins}) > 1
+        ]
+        shown = [k for k in differ if k in s.params][:2]
+        if shown:
+            labels.append(f"{s.attack} ({', '.join(f'{k}={s.params[k]}' for k in shown)})")
+        else:
+            labels.append(f"{s.attack} #{s.stage + 1}")
+    return labels
 
 
 def json_schema() -> dict[str, Any]:

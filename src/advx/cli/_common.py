@@ -120,7 +120,11 @@ def build_classifier(
     )
 
 
-def data_option(f):
+def data_option(f=None, *, required: bool = False):
+    """--data, --split, -n. ``required``: no default data set (a CI job must say what it
+    measures; only ``advx demo`` falls back to the embedded digits)."""
+    if f is None:
+        return lambda g: data_option(g, required=required)
     # -n as well: under torchrun, whose own parser takes "--n" for one of its options
     f = click.option(
         "-n",
@@ -133,19 +137,70 @@ def data_option(f):
     f = click.option("--split", default=None, help="Split for built-in or idx data (train, test).")(
         f
     )
+    # no default=None when required: click 8.3 takes an explicit None as a value given
+    default: dict[str, Any] = {} if required else {"default": "mnist-demo", "show_default": True}
     f = click.option(
         "--data",
-        default="mnist-demo",
-        show_default=True,
+        required=required,
         help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.",
+        **default,
     )(f)
     return f
 
 
-def info(msg: str) -> None:
-    """A line for the person at the terminal (stderr, so stdout stays machine-readable)."""
+def info(msg: str, *, always: bool = False) -> None:
+    """A line for the person at the terminal (stderr, so stdout stays machine-readable); -q
+    silences it unless ``always`` (a verdict such as FAIL)."""
+    ctx = click.get_current_context(silent=True)
+    if not always and ctx is not None and ctx.meta.get("advx.quiet"):
+        return
     click.echo(msg, err=True)
 
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 point``, ``2 points``."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"
+
+
+def gate_options(f):
+    """--summary-md and --junit: the gate's outcome where a CI job shows it."""
+    f = click.option(
+        "--junit",
+        "junit_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write JUnit XML here: one testcase per gate check (for a CI's test report).",
+    )(f)
+    f = click.option(
+        "--summary-md",
+        "summary_md",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).",
+    )(f)
+    return f
+
+
+def write_gate(checks, *, summary_md=None, junit_path=None, report=None, comparison=None) -> None:
+    """Write the Markdown summary and the JUnit XML asked for."""
+    from ..audit.gate import junit, markdown, write_text
+
+    if summary_md is not None:
+        write_text(summary_md, markdown(checks=checks, report=report, comparison=comparison))
+        info(f"wrote {summary_md}")
+    if junit_path is not None:
+        suite = "advx compare" if report is None else "advx audit"
+        write_text(junit_path, junit(checks, suite=suite))
+        info(f"wrote {junit_path}")
+
+
+def exit_on(checks) -> None:
+    """Exit 1 when a gate check failed (each said why on stderr)."""
+    for c in checks:
+        info(f"{'PASS' if c.passed else 'FAIL'}: {c.message}", always=not c.passed)
+    if not all(c.passed for c in checks):
+        sys.exit(1)

@@ -6,16 +6,23 @@
 4. Distill one at T=100 (Papernot et al. 2016): PGD on the cross-entropy barely moves it, the
    audit's sanity checks flag its gradients, and CW breaks it (Carlini & Wagner 2017).
 5. One HTML page comparing the three audits (``report.html``) beside their JSON reports.
+
+Each step is a function of the :class:`Demo` (the trained models, the held-out digits, the
+summary so far) in :data:`STEPS`; a later step appends itself there and reads ``demo.models``
+and ``demo.x`` / ``demo.y``. ``QUICK`` tells the same story on less data in about a quarter of
+the time (the tests run it).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from .. import attacks
 from .._io import atomic_open, write_json
@@ -23,52 +30,119 @@ from .._provenance import provenance
 from ..data import data_sha256, load
 from ..models import Classifier
 from ..threat import L2, Linf
-from ..training import distillation, fgsm_rs, fit, standard
+from ..training import History, Schedule, distillation, fgsm_rs, fit, standard
 from ..zoo import nets
 
-__all__ = ["run_demo", "format_table"]
+__all__ = ["Demo", "Size", "FULL", "QUICK", "STEPS", "run_demo", "format_table"]
 
 LINF_EPS = (0.05, 0.1, 0.2, 0.3)
 L2_EPS = (0.5, 1.0, 1.5, 2.0)
-CW_SAMPLES = 200
 # The story's threat: at 0.3 a LeNet trained with FGSM-RS on 4,000 digits for a minute is only
 # partly robust (about a third of the points); at 0.2 it holds three quarters of them.
 STORY_EPS = 0.2
 TEMPERATURE = 100.0
 
 
+@dataclass(frozen=True)
+class Size:
+    """How much the demo does. ``n`` held-out digits are attacked, the first ``audit_n`` of them
+    audited and the first ``cw_n`` attacked with CW (it runs many more passes per sample than
+    PGD); ``train_n`` training digits (None: all 4,000); ``epochs`` train the standard model,
+    the teacher and the student, ``harden_epochs`` the FGSM-RS model."""
+
+    n: int = 500
+    audit_n: int = 200
+    cw_n: int = 200
+    train_n: int | None = None
+    epochs: int = 4
+    harden_epochs: int = 10
+
+
+FULL = Size()
+# The same claims (standard broken, FGSM-RS robust and reliable, distillation flagged) on 2,000
+# training digits and 50 audited ones: about 80 s of one CPU core, against about 140 s with 100
+# audited (the audit of the robust model costs the most: Square's 5,000 queries).
+QUICK = Size(n=100, audit_n=50, cw_n=25, train_n=2000, epochs=3, harden_epochs=8)
+
+
+@dataclass
+class Demo:
+    """What the steps share: the data, the trained models (``"standard"``, ``"fgsm-rs"``,
+    ``"distilled"``, each an eval-mode Classifier), the audits and the summary being built."""
+
+    out: Path
+    size: Size
+    seed: int
+    echo: Callable[[str], None]
+    x_train: Tensor
+    y_train: Tensor
+    x: Tensor  # (n, 1, 28, 28) held-out digits, never trained on
+    y: Tensor
+    models: dict[str, Classifier] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    reports: list[tuple[str, Any]] = field(default_factory=list)  # (title, audit Report)
+
+    @property
+    def x_audit(self) -> Tensor:
+        return self.x[: self.size.audit_n]
+
+    @property
+    def y_audit(self) -> Tensor:
+        return self.y[: self.size.audit_n]
+
+    def train(self, net: nn.Module, desc: str, **kw: Any) -> History:
+        """Train ``net`` on the demo's training digits (batch 64, the demo's seed)."""
+        return fit(net, self.x_train, self.y_train, batch_size=64, seed=self.seed, desc=desc, **kw)
+
+
 def run_demo(
     out: str | Path = "advx-demo",
     *,
-    n: int = 500,
-    epochs: int = 4,
+    size: Size = FULL,
     seed: int = 0,
-    audit_n: int = 200,
-    harden_epochs: int = 10,
     echo: Callable[[str], None] = lambda s: None,
-) -> dict[str, Any]:
+    **overrides: int,
+) -> Demo:
     """The demo (see the module's docstring); writes ``summary.json``, ``examples.png``,
-    ``audit-*.json`` and ``report.html`` into ``out`` and returns the summary.
+    ``audit-*.json`` and ``report.html`` into ``out``. Returns the :class:`Demo`: its
+    ``summary`` (what ``summary.json`` holds), ``models`` and held-out digits.
 
-    ``n`` digits are attacked, the first ``audit_n`` of them audited; ``epochs`` train the
-    standard model, the teacher and the student, ``harden_epochs`` the FGSM-RS model.
+    ``size`` is :data:`FULL` or :data:`QUICK`; ``overrides`` change its fields (``n=40``).
     """
+    size = replace(size, **overrides)
+    size = replace(size, audit_n=min(size.audit_n, size.n), cw_n=min(size.cw_n, size.n))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    x_train, y_train = load("mnist-demo", split="train")
-    x, y = load("mnist-demo", split="test", n=n)
-
-    echo(f"training a LeNet on {len(x_train):,} embedded MNIST digits ({epochs} epochs)")
-    net = _lenet(seed)
-    history = fit(
-        net, x_train, y_train, epochs=epochs, batch_size=64, lr=2e-3, seed=seed, desc="train"
+    x_train, y_train = load("mnist-demo", split="train", n=size.train_n)
+    x, y = load("mnist-demo", split="test", n=size.n)
+    demo = Demo(out, size, seed, echo, x_train, y_train, x, y)
+    demo.files["summary"] = str(out / "summary.json")
+    for step in STEPS:
+        step(demo)
+    demo.summary["files"] = demo.files
+    demo.summary["seconds"] = round(time.perf_counter() - start, 2)
+    demo.summary["provenance"] = provenance(
+        device="cpu", seed=seed, data="mnist-demo:test", data_sha256=data_sha256(x, y)
     )
-    model = Classifier(net.eval())
+    write_json(out / "summary.json", demo.summary)
+    return demo
+
+
+# ---- the steps ---------------------------------------------------------------------------------
+def break_standard(demo: Demo) -> None:
+    """1. Train a LeNet, break it with FGSM, PGD (Linf) and CW (L2); ``examples.png``."""
+    size, seed, echo, x, y = demo.size, demo.seed, demo.echo, demo.x, demo.y
+    echo(f"training a LeNet on {len(demo.x_train):,} embedded MNIST digits ({size.epochs} epochs)")
+    net = _lenet(seed)
+    history = demo.train(net, "train", schedule=Schedule(epochs=size.epochs, lr=2e-3))
+    seconds = history.seconds
+    model = demo.models["standard"] = Classifier(net.eval())
     clean = model.predict(x) == y
     clean_acc = float(clean.float().mean())
     echo(
-        f"clean accuracy on {n} held-out digits: {clean_acc:.1%}  (trained in {history.seconds:.1f}s)"
+        f"clean accuracy on {len(x)} held-out digits: {clean_acc:.1%}  (trained in {seconds:.1f}s)"
     )
 
     rows: list[dict[str, Any]] = []
@@ -83,210 +157,168 @@ def run_demo(
             rows.append(_row(name, f"linf:{eps:g}", r.success, r.distance, r, clean_acc))
             if name == "pgd" and eps == 0.2:
                 keep["pgd"] = r
-    # CW runs many more passes per sample than PGD: a 200-sample subset keeps the demo short
-    m = min(n, CW_SAMPLES)
+    m = size.cw_n
     echo(f"cw (minimum-norm L2) on the first {m} digits")
-    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(
-        model, x[:m], y[:m]
-    )
+    cw = _cw(seed)(model, x[:m], y[:m])
     keep["cw"] = cw
     for eps in L2_EPS:
         ok = cw.success & (cw.distance <= eps + 1e-6)
         rows.append(_row("cw", f"l2:{eps:g}", ok, cw.distance, cw, float(clean[:m].float().mean())))
 
-    files = {"summary": str(out / "summary.json")}
     picture = _grid(x, y, model, keep)
     if picture is not None:
-        with atomic_open(out / "examples.png", "wb") as f:
+        with atomic_open(demo.out / "examples.png", "wb") as f:
             f.write(picture)
-        files["examples"] = str(out / "examples.png")
+        demo.files["examples"] = str(demo.out / "examples.png")
     else:
         echo("matplotlib is not installed: no examples.png (pip install 'advx[report]')")
+    cw_keys = ("median_distance", "mean_distance", "success_rate", "queries", "grads", "seconds")
+    demo.summary.update(
+        {
+            "advx_demo": 2,
+            "clean_accuracy": clean_acc,
+            "n": len(x),
+            "rows": rows,
+            "cw": {k: v for k, v in cw.summary().items() if k in cw_keys},
+            "training": {
+                "model": "lenet",
+                "data": "mnist-demo:train",
+                "samples": len(demo.x_train),
+                "epochs": history.epochs,
+                "seconds": round(seconds, 2),
+            },
+            "story": {
+                "threat": Linf(STORY_EPS).to_dict(),
+                "suite": "fast",
+                "n": len(demo.x_audit),
+                "models": [],
+            },
+        }
+    )
+    _audit(demo, "standard", "standard", seconds)
 
-    story = _story(
-        out,
+
+def harden(demo: Demo) -> None:
+    """2-3. Train the same LeNet with FGSM-RS (cyclic lr) and audit it."""
+    epochs = demo.size.harden_epochs
+    demo.echo(
+        f"training the same LeNet with FGSM-RS at Linf {STORY_EPS:g} ({epochs} epochs, cyclic lr)"
+    )
+    net = _lenet(demo.seed)
+    history = demo.train(
         net,
-        x_train,
-        y_train,
-        x[:audit_n],
-        y[:audit_n],
-        epochs=epochs,
-        harden_epochs=harden_epochs,
-        seed=seed,
-        echo=echo,
-    )
-    files.update(story.pop("files"))
-
-    summary = {
-        "advx_demo": 2,
-        "clean_accuracy": clean_acc,
-        "n": n,
-        "rows": rows,
-        "cw": {
-            k: v
-            for k, v in cw.summary().items()
-            if k
-            in ("median_distance", "mean_distance", "success_rate", "queries", "grads", "seconds")
-        },
-        "training": {
-            "model": "lenet",
-            "data": "mnist-demo:train",
-            "samples": len(x_train),
-            "epochs": history.epochs,
-            "seconds": round(history.seconds, 2),
-        },
-        "story": story,
-        "files": files,
-        "seconds": round(time.perf_counter() - start, 2),
-        "provenance": provenance(
-            device="cpu", seed=seed, data="mnist-demo:test", data_sha256=data_sha256(x, y)
-        ),
-    }
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def _story(
-    out: Path,
-    net,
-    x_train,
-    y_train,
-    x,
-    y,
-    *,
-    epochs: int,
-    harden_epochs: int,
-    seed: int,
-    echo: Callable[[str], None],
-) -> dict[str, Any]:
-    """Steps 2-5: audit the standard model, harden one with FGSM-RS, distill one; compare."""
-    from ..audit import Report, audit
-    from ..audit.html import render_comparison
-
-    threat = Linf(STORY_EPS)
-    models: list[dict[str, Any]] = []
-    reports: list[tuple[str, Report]] = []
-    files: dict[str, str] = {}
-
-    def prove(key: str, title: str, model_net, seconds: float) -> None:
-        echo(f"auditing the {title} model (suite fast, Linf {STORY_EPS:g}, {len(x)} digits)")
-        report = audit(Classifier(model_net.eval()), x, y, threat, suite="fast", seed=seed)
-        report.save(out / f"audit-{key}.json")
-        files[f"audit-{key}"] = str(out / f"audit-{key}.json")
-        reports.append((title, report))
-        models.append(
-            {
-                "model": title,
-                "clean_accuracy": report.clean_accuracy,
-                "robust_accuracy": report.robust_accuracy,
-                "reliable": report.reliable,
-                "findings": [f.code for f in report.findings],
-                "training_seconds": round(seconds, 2),
-            }
-        )
-        flags = ", ".join(f.code for f in report.findings) or "none"
-        echo(
-            f"  clean {report.clean_accuracy:.1%}, robust {report.robust_accuracy:.1%}, sanity-check findings: {flags}"
-        )
-
-    prove("standard", "standard", net, 0.0)
-
-    echo(
-        f"training the same LeNet with FGSM-RS at Linf {STORY_EPS:g} ({harden_epochs} epochs, cyclic lr)"
-    )
-    robust_net = _lenet(seed)
-    h = fit(
-        robust_net,
-        x_train,
-        y_train,
+        "fgsm-rs",
         loss=fgsm_rs(STORY_EPS),
-        epochs=harden_epochs,
-        batch_size=64,
-        lr=5e-3,
-        lr_schedule="cyclic",
-        seed=seed,
-        desc="fgsm-rs",
+        schedule=Schedule(epochs=epochs, lr=5e-3, lr_schedule="cyclic"),
     )
-    prove("fgsm-rs", "FGSM-RS", robust_net, h.seconds)
+    demo.models["fgsm-rs"] = Classifier(net.eval())
+    _audit(demo, "fgsm-rs", "FGSM-RS", history.seconds)
 
+
+def distill(demo: Demo) -> None:
+    """4. Defensive distillation: PGD on the cross-entropy fails, CW and the audit do not."""
+    seed, echo = demo.seed, demo.echo
     echo(
         f"defensive distillation at T={TEMPERATURE:g}: a teacher, then a student on its soft labels"
     )
+    schedule = Schedule(epochs=demo.size.epochs, lr=5e-3)
     teacher = _lenet(seed + 1)
-    h1 = fit(
-        teacher,
-        x_train,
-        y_train,
-        loss=standard(TEMPERATURE),
-        epochs=epochs,
-        batch_size=64,
-        lr=5e-3,
-        seed=seed,
-        desc="teacher",
-    )
+    h1 = demo.train(teacher, "teacher", loss=standard(TEMPERATURE), schedule=schedule)
     student = _lenet(seed + 2)
-    h2 = fit(
-        student,
-        x_train,
-        y_train,
-        loss=distillation(teacher.eval(), TEMPERATURE),
-        epochs=epochs,
-        batch_size=64,
-        lr=5e-3,
-        seed=seed,
-        desc="student",
+    h2 = demo.train(
+        student, "student", loss=distillation(teacher.eval(), TEMPERATURE), schedule=schedule
     )
-    distilled = Classifier(student.eval())
+    seconds = h1.seconds + h2.seconds
+    distilled = demo.models["distilled"] = Classifier(student.eval())
+    x, y = demo.x_audit, demo.y_audit
     ok = distilled.predict(x) == y
     xs, ys = x[ok], y[ok]
-    pgd = attacks.PGD(threat, steps=40, seed=seed)(distilled, xs, ys)
-    cw = attacks.CW(L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed)(
-        distilled, xs, ys
-    )
+    pgd = attacks.PGD(Linf(STORY_EPS), steps=40, seed=seed)(distilled, xs, ys)
+    cw = _cw(seed)(distilled, xs, ys)
+    broken = cw.distance[cw.success]
+    median = float(broken.median()) if broken.numel() else None
     echo(
         f"  PGD-40 on the cross-entropy at Linf {STORY_EPS:g}: {pgd.success_rate:.1%} success;  "
-        f"CW-L2: {cw.success_rate:.1%} success, median L2 {float(cw.distance[cw.success].median()):.2f}"
+        f"CW-L2: {cw.success_rate:.1%} success, median L2 "
+        + ("-" if median is None else f"{median:.2f}")
     )
-    prove("distilled", f"distilled (T={TEMPERATURE:g})", student, h1.seconds + h2.seconds)
+    demo.summary["story"]["distilled_attacks"] = {
+        "pgd_ce_success_rate": pgd.success_rate,
+        "cw_success_rate": cw.success_rate,
+        "cw_median_l2": median,
+        "n": len(xs),
+    }
+    _audit(demo, "distilled", f"distilled (T={TEMPERATURE:g})", seconds)
+
+
+def compare(demo: Demo) -> None:
+    """5. One HTML page comparing the audits."""
+    from ..audit.html import render_comparison
 
     page = render_comparison(
-        reports, title="advx demo: a standard, an FGSM-RS and a distilled LeNet"
+        demo.reports, title="advx demo: a standard, an FGSM-RS and a distilled LeNet"
     )
-    with atomic_open(out / "report.html", "w") as f:
+    with atomic_open(demo.out / "report.html", "w") as f:
         f.write(page)
-    files["report"] = str(out / "report.html")
-    return {
-        "threat": threat.to_dict(),
-        "suite": "fast",
-        "n": len(x),
-        "models": models,
-        "distilled_attacks": {
-            "pgd_ce_success_rate": pgd.success_rate,
-            "cw_success_rate": cw.success_rate,
-            "cw_median_l2": float(cw.distance[cw.success].median())
-            if bool(cw.success.any())
-            else None,
-            "n": len(xs),
-        },
-        "files": files,
-    }
+    demo.files["report"] = str(demo.out / "report.html")
 
 
-def _lenet(seed: int):
+# The demo's steps, in order. A new step (e.g. the guard in front of demo.models) goes last.
+STEPS: list[Callable[[Demo], None]] = [break_standard, harden, distill, compare]
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def _audit(demo: Demo, key: str, title: str, seconds: float) -> None:
+    """Audit ``demo.models[key]`` on the audited digits; a row of the story's table."""
+    from ..audit import audit
+
+    x, y = demo.x_audit, demo.y_audit
+    demo.echo(f"auditing the {title} model (suite fast, Linf {STORY_EPS:g}, {len(x)} digits)")
+    report = audit(demo.models[key], x, y, Linf(STORY_EPS), suite="fast", seed=demo.seed)
+    assert report is not None  # None only on the other ranks under torchrun
+    path = demo.out / f"audit-{key}.json"
+    report.save(path)
+    demo.files[f"audit-{key}"] = str(path)
+    demo.reports.append((title, report))
+    demo.summary["story"]["models"].append(
+        {
+            "model": title,
+            "clean_accuracy": report.clean_accuracy,
+            "robust_accuracy": report.robust_accuracy,
+            "reliable": report.reliable,
+            "findings": [f.code for f in report.findings],
+            "training_seconds": round(seconds, 2),
+        }
+    )
+    flags = ", ".join(f.code for f in report.findings) or "none"
+    demo.echo(
+        f"  clean {report.clean_accuracy:.1%}, robust {report.robust_accuracy:.1%}, "
+        f"sanity-check findings: {flags}"
+    )
+
+
+def _cw(seed: int) -> attacks.CW:
+    return attacks.CW(
+        L2(float("inf")), steps=100, search_steps=4, initial_c=1.0, lr=0.05, seed=seed
+    )
+
+
+def _lenet(seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nets.lenet()
 
 
-def _row(attack: str, threat: str, success, distance, result, clean_acc: float) -> dict[str, Any]:
-    ok = success
-    d = distance[ok]
+def _row(
+    attack: str, threat: str, success: Tensor, distance: Tensor, result: Any, clean_acc: float
+) -> dict[str, Any]:
+    d = distance[success]
     return {
         "attack": attack,
         "threat": threat,
         "n": len(success),
         "clean_accuracy": clean_acc,
-        "robust_accuracy": float((~ok).float().mean()),
+        "robust_accuracy": float((~success).float().mean()),
         "median_perturbation": float(d.median()) if d.numel() else None,
         "queries": int(result.queries.sum()),
         "grads": int(result.grads.sum()),
@@ -294,7 +326,7 @@ def _row(attack: str, threat: str, success, distance, result, clean_acc: float) 
     }
 
 
-def _grid(x, y, model: Classifier, keep: dict) -> bytes | None:
+def _grid(x: Tensor, y: Tensor, model: Classifier, keep: dict[str, Any]) -> bytes | None:
     from ..viz import example_grid, have_matplotlib
 
     if not have_matplotlib():
@@ -316,13 +348,15 @@ def _grid(x, y, model: Classifier, keep: dict) -> bytes | None:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The demo's results as plain-text tables."""
+    head = ("attack", "threat", "n", "clean acc", "robust acc", "median pert.", "time")
     lines = [
-        f"{'attack':<8}{'threat':<12}{'n':>5}{'clean acc':>10}{'robust acc':>12}{'median pert.':>14}{'time':>8}"
+        f"{head[0]:<8}{head[1]:<12}{head[2]:>5}{head[3]:>10}{head[4]:>12}{head[5]:>14}{head[6]:>8}"
     ]
     for r in summary["rows"]:
         med = "-" if r["median_perturbation"] is None else f"{r['median_perturbation']:.3f}"
         lines.append(
-            f"{r['attack']:<8}{r['threat']:<12}{r['n']:>5}{r['clean_accuracy']:>10.1%}{r['robust_accuracy']:>12.1%}{med:>14}{r['seconds']:>7.1f}s"
+            f"{r['attack']:<8}{r['threat']:<12}{r['n']:>5}{r['clean_accuracy']:>10.1%}"
+            f"{r['robust_accuracy']:>12.1%}{med:>14}{r['seconds']:>7.1f}s"
         )
     story = summary.get("story")
     if story:
@@ -335,6 +369,7 @@ def format_table(summary: dict[str, Any]) -> str:
         for m in story["models"]:
             flags = ", ".join(m["findings"]) or "ok"
             lines.append(
-                f"{m['model']:<20}{m['clean_accuracy']:>10.1%}{m['robust_accuracy']:>12.1%}  {flags}"
+                f"{m['model']:<20}{m['clean_accuracy']:>10.1%}"
+                f"{m['robust_accuracy']:>12.1%}  {flags}"
             )
     return "\n".join(lines)

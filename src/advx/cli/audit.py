@@ -20,22 +20,25 @@ from ._common import (
     build_classifier,
     data_option,
     emit_json,
+    exit_on,
+    gate_options,
     info,
     model_options,
     parse_floats,
     pick_device,
+    plural,
+    write_gate,
 )
 
 
 @cli.command("audit")
 @model_options
-@data_option
+@data_option(required=True)
 @click.option(
     "--threat",
     "threat_spec",
-    default="linf:0.3",
-    show_default=True,
-    help="NORM:EPS, e.g. linf:8/255.",
+    required=True,
+    help="NORM:EPS, e.g. linf:8/255 (required: a gate must say what it measures).",
 )
 @click.option(
     "--suite",
@@ -58,6 +61,13 @@ from ._common import (
     help="Write the HTML report here.",
 )
 @click.option(
+    "--save-adv",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write every adversarial example found here (.npz, lossless): indices, inputs, labels, "
+    "predictions and the stage that found each.",
+)
+@click.option(
     "--fail-under",
     type=click.FloatRange(0, 1),
     default=None,
@@ -66,6 +76,21 @@ from ._common import (
         "trusted."
     ),
 )
+@click.option(
+    "--baseline",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A report of the same data, threat and suite (e.g. of the model in production): "
+    "compare with it, and with --max-drop gate on it.",
+)
+@click.option(
+    "--max-drop",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="With --baseline: exit 1 when robust accuracy fell by more than this share (0.01: one "
+    "point).",
+)
+@gate_options
 @click.option(
     "--resume",
     "resume",
@@ -115,7 +140,12 @@ def audit_command(
     seed,
     out,
     html_path,
+    save_adv,
     fail_under,
+    baseline,
+    max_drop,
+    summary_md,
+    junit_path,
     resume,
     eps_curve,
     no_checks,
@@ -137,9 +167,23 @@ def audit_command(
         )
     group = init_from_env(device)
     rank, world = group.rank, group.world
-    for path, name in ((out, "out"), (html_path, "html"), (resume, "resume")):
+    for path, name in (
+        (out, "out"),
+        (html_path, "html"),
+        (resume, "resume"),
+        (summary_md, "summary-md"),
+        (junit_path, "junit"),
+        (save_adv, "save-adv"),
+    ):
         if path is not None and rank == 0:
             check_writable(path, name=name)
+    if max_drop is not None and baseline is None:
+        raise InputError("--max-drop: gives the largest drop from a --baseline report; pass one")
+    base_report = None
+    if baseline is not None:
+        from ..audit import Report
+
+        base_report = Report.load(baseline)  # a bad baseline fails now, before any work
     if html_path is not None:
         from ..viz import have_matplotlib
 
@@ -147,7 +191,7 @@ def audit_command(
             raise InputError("--html needs matplotlib and jinja2: pip install 'advx[report]'")
     dev = pick_device(device) if world == 1 or device != "auto" else local_device(device)
     threat = parse_threat(threat_spec)
-    load_suite(suite, threat)  # a bad suite fails here, before the model or the data are loaded
+    the_suite = load_suite(suite, threat)  # a bad suite fails here, before the model or the data
     curve = _curve(eps_curve)
     model = build_classifier(
         model_spec,
@@ -160,6 +204,21 @@ def audit_command(
         autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast],
     )
     x, y = load(data, split=split, n=n)
+    if base_report is not None:  # refuse an incomparable baseline before the audit, not after
+        from ..audit.comparison import check_comparable
+        from ..audit.report import DataInfo
+        from ..data import data_sha256
+
+        check_comparable(
+            base_report,
+            data=DataInfo(name=str(data), n=len(y), sha256=data_sha256(x, y)),
+            threat=threat.with_bounds(model.bounds).to_dict()
+            if not threat.has_explicit_bounds
+            else threat.to_dict(),
+            suite=the_suite.to_dict(),
+            base_label=str(baseline),
+            new_label="this audit",
+        )
     x, y = x.to(dev), y.to(dev)
     state = resume if resume is not None else (f"{out}.state" if out is not None else None)
     meta = {
@@ -183,6 +242,7 @@ def audit_command(
             batch_size=batch_size,
             meta=meta,
             state_mismatch="error" if resume is not None else "restart",
+            return_adv=save_adv is not None,
         )
     except KeyboardInterrupt:
         if rank == 0:
@@ -214,20 +274,26 @@ def audit_command(
     if html_path is not None:
         report.save_html(html_path)
         info(f"wrote {html_path}")
-    if fail_under is not None:
-        if report.robust_accuracy < fail_under:
-            info(
-                f"FAIL: robust accuracy {report.robust_accuracy:.2%} is below --fail-under "
-                f"{fail_under:.2%}"
-            )
-            sys.exit(1)
-        if not report.reliable:
-            info(
-                "FAIL: a sanity check found that the robust accuracy cannot be trusted (see the "
-                "findings)"
-            )
-            sys.exit(1)
-        info(f"PASS: robust accuracy {report.robust_accuracy:.2%} >= {fail_under:.2%}")
+    if save_adv is not None and report.adversarial is not None:
+        report.adversarial.save(save_adv)
+        info(f"wrote {save_adv} ({plural(len(report.adversarial), 'adversarial example')})")
+    from ..audit.gate import audit_checks
+
+    gated = fail_under is not None or base_report is not None
+    checks = audit_checks(report, fail_under=fail_under) if gated else []
+    comparison = None
+    if base_report is not None:
+        from ..audit import compare
+
+        comparison = compare(base_report, report, max_drop=max_drop)
+        for line in comparison.summary_lines():
+            if not line.startswith(("PASS", "FAIL")):
+                info(line)
+        checks += [c for c in comparison.checks if c.kind != "reliable"]  # once is enough
+    write_gate(
+        checks, summary_md=summary_md, junit_path=junit_path, report=report, comparison=comparison
+    )
+    exit_on(checks)
 
 
 def _curve(spec: str):

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 _STATUSES = ("queued", "labelled")
 
 
-def _store_option(f):
+def store_option(f):
+    """``--store URL`` (also ``$ADVX_STORE``): for any command that opens the store."""
     return click.option(
         "--store",
         "store_url",
@@ -69,7 +70,7 @@ def review_group() -> None:
 
 
 @review_group.command("list")
-@_store_option
+@store_option
 @click.option(
     "--status",
     type=click.Choice([*_STATUSES, "all"]),
@@ -101,7 +102,7 @@ def list_command(store_url: str | None, status: str, limit: int, as_json: bool) 
 
 
 @review_group.command("show")
-@_store_option
+@store_option
 @click.argument("item_id", metavar="ID", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, the input included.")
 def show_command(store_url: str | None, item_id: int, as_json: bool) -> None:
@@ -141,7 +142,7 @@ def show_command(store_url: str | None, item_id: int, as_json: bool) -> None:
 
 
 @review_group.command("label")
-@_store_option
+@store_option
 @_classes_option
 @click.argument("item_id", metavar="ID", type=int)
 @click.argument("label", type=int)
@@ -156,7 +157,7 @@ def label_command(
 
 
 @review_group.command("export")
-@_store_option
+@store_option
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def export_command(store_url: str | None, out: str, force: bool) -> None:
@@ -170,7 +171,7 @@ def export_command(store_url: str | None, out: str, force: bool) -> None:
 
 
 @review_group.command("serve")
-@_store_option
+@store_option
 @_classes_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8090, show_default=True)
@@ -196,7 +197,7 @@ def serve_command(
 
 
 @guard_group.command("alerts")
-@_store_option
+@store_option
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--client", default=None, help="Only this client's alerts.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -22,6 +22,7 @@ from . import cli
 from ._common import build_classifier, info, model_options, pick_device
 
 _CONFIG_ENV = "ADVX_SERVE_CONFIG"
+ADMIN_TOKEN_ENV = "ADVX_ADMIN_TOKEN"  # read from the environment: never in argv or the config
 # shapes tried, in order, when --input-shape is not given (MNIST-like, CIFAR-like, ImageNet-like)
 _PROBE_SHAPES = ((1, 28, 28), (3, 32, 32), (3, 224, 224))
 
@@ -64,6 +65,8 @@ def build_guard(cfg: dict[str, Any]) -> Any:
     """The Guard the command line describes (``cfg``: the options as JSON-able values)."""
     from ..guard import Guard, Policy
 
+    if cfg.get("model_dir"):
+        return _reloader(cfg).load()
     spec = cfg["model"]
     try:
         model = build_classifier(
@@ -116,7 +119,7 @@ def parse_api_keys(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str] 
     return keys
 
 
-def build_queries(cfg: dict[str, Any], shape: tuple[int, ...]) -> Any:
+def build_queries(cfg: dict[str, Any], shape: tuple[int, ...], *, alerts: Any = None) -> Any:
     """The query monitor the options describe (stateful detection, rate limit, budget), or None
     when all three are off."""
     mode = cfg.get("detect_queries", "reject")
@@ -140,27 +143,65 @@ def build_queries(cfg: dict[str, Any], shape: tuple[int, ...]) -> Any:
         burst=cfg.get("burst"),
         budget=budget,
         detect=mode != "off",
+        alerts=alerts,
     )
+
+
+def _reloader(cfg: dict[str, Any]) -> Any:
+    """The model directory a --model-dir service serves and reloads from."""
+    from ..guard.reload import ModelDirReloader
+
+    kw = {"input_shape": cfg["input_shape"]} if cfg.get("input_shape") else {}
+    return ModelDirReloader(cfg["model_dir"], device=pick_device(cfg.get("device")), **kw)
+
+
+def _store_url(store: str | None) -> str | None:
+    """--store: a URL, 'off', or (not given) the embedded default under the state directory."""
+    if store is not None and store.strip().lower() in ("off", "none", ""):
+        return None
+    if store is not None:
+        return store
+    try:
+        from ..guard.store import default_url
+    except ImportError:  # no SQLAlchemy: serve without a queue rather than refuse to start
+        return None
+    return default_url()
 
 
 def build_app(cfg: dict[str, Any]) -> Any:
     from ..guard.service import create_app
 
-    guard = build_guard(cfg)
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+
+    reloader = _reloader(cfg) if cfg.get("model_dir") else None
+    guard = reloader.load() if reloader is not None else build_guard(cfg)
     shape = tuple(guard.input_shape) if guard.input_shape else tuple(cfg["input_shape"] or ())
-    queries = build_queries(cfg, shape)
+    store = None
+    if cfg.get("store"):
+        from .review import _open
+
+        store = _open(cfg["store"])  # a bad URL or an unreachable database: exit 2 here
+    queries = build_queries(cfg, shape, alerts=store)
     mode = cfg.get("detect_queries", "reject")
     app = create_app(
         guard,
+        reloader=reloader,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
         name=cfg["name"],
         max_body_bytes=int(cfg["max_body_mb"] * 1024 * 1024),
         batch_window_ms=cfg["batch_window_ms"],
         max_batch=cfg["max_batch"],
         timeout_s=cfg["timeout"],
         queries=queries,
+        review=store,  # alerts go through the query detector, which rate-limits them per client
         detect_queries="silent" if mode == "silent" else "reject",
         api_keys=cfg.get("api_keys"),
     )
+    if store is not None:
+        store.set_classes(app.state.service.num_classes)
     if queries is not None:
         _query_metrics(app, queries)
     return app
@@ -202,6 +243,26 @@ def _setup_logging(level: str) -> None:
         lg.propagate = False
 
 
+def _reload_on_sighup(app: Any, workers: int) -> None:
+    """SIGHUP: serve the model directory's current version. The reload runs in its own thread
+    (a signal handler must return at once); requests keep being answered meanwhile. With
+    several workers uvicorn's supervisor takes SIGHUP and restarts them, each loading the
+    current version."""
+    import signal
+    import threading
+
+    if workers != 1 or not hasattr(signal, "SIGHUP"):
+        return
+    svc = app.state.service
+
+    def on_hup(signum: int, frame: Any) -> None:
+        threading.Thread(
+            target=svc.reloader.reload, args=(svc,), name="advx-reload", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def _default_name(spec: str) -> str:
     base = Path(spec.split(":")[0]).stem or "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", base)[:64] or "model"
@@ -215,6 +276,18 @@ def _default_name(spec: str) -> str:
     default=None,
     help="A calibrated policy (advx guard calibrate); default: validate and abstain "
     "below 0.5 confidence.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Serve a versioned model directory's current version (advx guard init/update); "
+    "reload it on SIGHUP or POST /admin/reload. Replaces --model and --policy.",
+)
+@click.option(
+    "--admin-token",
+    default=None,
+    help=f"Bearer token for POST /admin/reload (default: ${ADMIN_TOKEN_ENV}; none: off).",
 )
 @click.option(
     "--name", default=None, help="The model's name in /v2/models/NAME (default: from --model)."
@@ -253,7 +326,23 @@ def _default_name(spec: str) -> str:
     show_default=True,
     help="Seconds before a request is answered 503.",
 )
+@click.option(
+    "--store",
+    default=None,
+    envvar="ADVX_STORE",
+    metavar="URL",
+    help="Review queue and alerts (SQLAlchemy URL: sqlite:///review.db, postgresql://...; "
+    "also $ADVX_STORE): inputs the guard holds back are stored before the answer is sent. "
+    "Default: a SQLite file under your state directory (printed at start-up); 'off' for none.",
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="torch's intra-op threads per server process (default: torch's choice; 1 is often "
+    "fastest when the HTTP side and other processes share the cores).",
+)
 @click.option(
     "--detect-queries",
     type=click.Choice(["reject", "silent", "off"]),
@@ -310,6 +399,8 @@ def serve_cmd(
     std,
     bounds,
     policy,
+    model_dir,
+    admin_token,
     name,
     host,
     port,
@@ -319,7 +410,9 @@ def serve_cmd(
     batch_window_ms,
     max_body_mb,
     timeout,
+    store,
     device,
+    torch_threads,
     detect_queries,
     state,
     api_keys,
@@ -333,9 +426,19 @@ def serve_cmd(
         import uvicorn
     except ImportError:
         raise InputError("advx serve needs the service extras: pip install 'advx[guard]'") from None
-    if model_spec is None:
+    if model_dir is not None:
+        if model_spec is not None or policy is not None:
+            raise InputError(
+                "--model-dir serves the directory's current version: leave out --model and --policy"
+            )
+        model_spec = Path(model_dir).resolve().name  # for the default --name
+    elif model_spec is None:
         raise InputError("--model is required, e.g. --model lenet --weights lenet.pt")
+    if admin_token:
+        # the workers read it from the environment; it never goes into the logged config
+        os.environ[ADMIN_TOKEN_ENV] = admin_token
     cfg = {
+        "model_dir": None if model_dir is None else str(Path(model_dir).resolve()),
         "model": model_spec,
         "weights": weights,
         "mean": mean,
@@ -349,6 +452,8 @@ def serve_cmd(
         "max_body_mb": max_body_mb,
         "timeout": timeout,
         "device": device,
+        "torch_threads": torch_threads,
+        "store": _store_url(store),
         "detect_queries": detect_queries,
         "state": state,
         "api_keys": parse_api_keys(api_keys),
@@ -356,6 +461,11 @@ def serve_cmd(
         "burst": burst,
         "query_budget": query_budget,
     }
+    if workers > 1 and state is None and (detect_queries != "off" or rate_limit or query_budget):
+        info(
+            "advx serve: each worker keeps its own query memory and budgets; pass "
+            "--state redis://... to share them"
+        )
     _setup_logging(log_level)
     app = build_app(cfg)  # every start-up error surfaces here, before the port is bound
     svc = app.state.service
@@ -365,6 +475,10 @@ def serve_cmd(
         f"input {list(svc.shape)}, {svc.num_classes} classes) on http://{host}:{port} "
         f"— POST /predict, /v2/models/{cfg['name']}/infer; GET /health, /metrics"
     )
+    if cfg["store"]:
+        from ..guard.store import mask_url
+
+        info(f"advx serve: review queue and alerts in {mask_url(cfg['store'])}")
     if detect_queries != "off":
         from ..guard.queries_redis import redact
 
@@ -375,16 +489,24 @@ def serve_cmd(
                 "advx serve: each worker keeps its own query memory; pass --state redis://... "
                 "so that an attack spread over workers is seen whole"
             )
-    common = dict(
+    common: dict[str, Any] = dict(
         host=host,
         port=port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(timeout, 5),
     )
+    if model_dir is not None:
+        _reload_on_sighup(app, workers)
     if workers == 1:
         uvicorn.run(app, **common)
     else:
         os.environ[_CONFIG_ENV] = json.dumps(cfg)
         os.environ["ADVX_SERVE_LOG_LEVEL"] = log_level
+        import inspect
+
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # a worker loads torch and the model before it answers the supervisor's ping; on a
+            # busy machine that takes longer than uvicorn's default, which then restarts it
+            common["timeout_worker_healthcheck"] = 120
         uvicorn.run("advx.cli.serve:app_factory", factory=True, workers=workers, **common)

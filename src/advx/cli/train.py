@@ -35,7 +35,8 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     "params",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Recipe parameter, repeatable: alpha (fgsm-rs), steps, step_size (pgd-at, trades), beta (trades).",
+    help="Recipe parameter, repeatable: alpha (fgsm-rs), steps, step_size (pgd-at, trades), "
+    "beta (trades).",
 )
 @click.option(
     "--teacher",
@@ -47,7 +48,8 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     "--temperature",
     type=float,
     default=None,
-    help="Softmax temperature: distillation (default 100), or standard training of a teacher (default 1).",
+    help="Softmax temperature: distillation (default 100), or standard training of a teacher "
+    "(default 1).",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
@@ -90,7 +92,8 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     "--monitor",
     default="auto",
     show_default=True,
-    help="Training samples held out to watch each epoch (clean and PGD accuracy): auto, none or a number.",
+    help="Training samples held out to watch each epoch (clean and PGD accuracy): auto, none "
+    "or a number.",
 )
 @click.option(
     "--audit-n",
@@ -167,7 +170,7 @@ def train_command(
     from ..audit import load_suite
     from ..data import load
     from ..threat import parse_threat
-    from ..training import fit
+    from ..training import Checkpointing, Monitor, Precision, Schedule, fit
     from ..training.distributed import init_from_env, local_device
     from ._common import pick_device
     from .audit import _curve
@@ -182,6 +185,15 @@ def train_command(
         if audit_n:
             load_suite(audit_suite, threat)  # a bad suite fails now, not after the training
         mon = _monitor(monitor)
+        # the settings are checked now, not after the model and the data are loaded
+        schedule = Schedule(
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+        )
+        precision = Precision(autocast=_AUTOCAST[autocast], compile=compile_)
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # the initial weights come from --seed too
@@ -193,7 +205,8 @@ def train_command(
         out_path = Path(out)
         if group.main:
             info(
-                f"training {model_spec} with {the_recipe.name} on {len(x):,} samples for {epochs} epoch(s)"
+                f"training {model_spec} with {the_recipe.name} on {len(x):,} samples "
+                f"for {epochs} epoch(s)"
                 + (f" in {group.world} processes" if group.world > 1 else "")
             )
         history = fit(
@@ -201,26 +214,23 @@ def train_command(
             x,
             y,
             loss=the_recipe,
-            epochs=epochs,
+            schedule=schedule,
             batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
             seed=seed,
-            autocast=_AUTOCAST[autocast],
-            compile=compile_,
-            monitor=mon,
-            out=out_path,
-            model_spec=model_spec,
-            resume=resume,
-            data_name=_data_name(data, split, n),
+            precision=precision,
+            monitor=Monitor(data=mon),
+            checkpoint=Checkpointing(
+                out_path,
+                resume=resume,
+                model_spec=model_spec,
+                data_name=_data_name(data, split, n),
+            ),
             desc="train",
         )
         if history.stopped and group.main:
             info(f"training stopped early: {history.stopped}")
         report = None
-        if audit_n:
+        if xa is not None and ya is not None:  # audit_n > 0
             report = run_audit(
                 model,
                 xa.to(dev),
@@ -276,7 +286,8 @@ def _build_recipe(name: str, threat, params: dict, teacher, temperature, device)
         extra = sorted(set(params) - set(allowed))
         if extra:
             raise InputError(
-                f"--param: {name} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(extra)}"
+                f"--param: {name} takes {', '.join(allowed) or 'no parameters'}, "
+                f"not {', '.join(extra)}"
             )
 
     if name != "distillation" and teacher is not None:
@@ -290,8 +301,8 @@ def _build_recipe(name: str, threat, params: dict, teacher, temperature, device)
         no_extra(())
         if teacher is None:
             raise InputError(
-                "--teacher: the distillation recipe needs the teacher's checkpoint (advx train --out DIR of a "
-                "model trained with --recipe standard --temperature T)"
+                "--teacher: the distillation recipe needs the teacher's checkpoint (advx train "
+                "--out DIR of a model trained with --recipe standard --temperature T)"
             )
         from ..zoo import load as load_checkpoint
 
@@ -340,7 +351,8 @@ def _audit_data(data: str, audit_data: str | None, k: int, x, y):
             "lower it or pass --audit-data"
         )
     info(
-        f"holding out the last {k} samples of {data} for the audit (pass --audit-data to audit other data)"
+        f"holding out the last {k} samples of {data} for the audit "
+        "(pass --audit-data to audit other data)"
     )
     return x[-k:], y[-k:], x[:-k], y[:-k]
 

@@ -185,24 +185,44 @@ class _Meta:
     policy_hash: str
 
 
-def expected_rates(policy: Any) -> dict[str, float]:
-    """The calibrated rates a policy promises, by event: ``{"abstain": p, "flag": p}``.
+def _rate(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
-    The policy's false-positive rate bounds both the share of clean inputs not accepted and
-    the share flagged by a detector. Read from ``policy.guarantees`` (``"fpr"``: a number or a
-    mapping with ``"target"``/``"value"``/``"upper"``); an uncalibrated policy promises nothing.
+
+def expected_rates(policy: Any) -> dict[str, float]:
+    """The rates a calibrated policy lets clean inputs reach, by event: ``{"abstain": p,
+    "flag": p}`` (``abstain``: not accepted, for any reason; ``flag``: a detector fired).
+
+    Read from ``policy.guarantees``. ``fpr`` bounds the share of clean inputs flagged by any
+    rule (the detectors, and the confidence floor when no risk target was set); its stated
+    target holds on average over calibration draws, so the null rate is the larger of the
+    target and the upper end of the interval measured at calibration — drift means "above what
+    calibration could have produced", not "above a point estimate". With a selective-risk
+    target the floor is set for risk, not rate: the abstain rate's null is then the measured
+    non-coverage plus a Hoeffding margin (99%). An uncalibrated policy promises nothing (``{}``).
     """
     g = getattr(policy, "guarantees", None) or {}
+    f = g.get("fpr", g.get("false_positive_rate"))
+    if isinstance(f, Mapping):
+        target = _rate(f.get("target", f.get("value")))
+        interval = f.get("interval")
+        upper = _rate(interval[1]) if isinstance(interval, list | tuple) and interval else None
+        p_flag = max(v for v in (target, upper) if v is not None) if (target or upper) else None
+    else:
+        p_flag = _rate(f)
     out: dict[str, float] = {}
-    for key in ("fpr", "false_positive_rate"):
-        v = g.get(key)
-        if isinstance(v, Mapping):
-            v = next((v[k] for k in ("target", "value", "stated", "upper") if k in v), None)
-        if isinstance(v, int | float) and 0 < float(v) < 1:
-            out["abstain"] = float(v)
-            if getattr(policy, "thresholds", None):
-                out["flag"] = float(v)
-            break
+    if p_flag is None or not 0 < p_flag < 1:
+        return out
+    if getattr(policy, "thresholds", None):
+        out["flag"] = p_flag
+    risk = g.get("selective_risk")
+    if isinstance(risk, Mapping) and _rate(risk.get("coverage")) is not None and risk.get("n"):
+        n = int(risk["n"])
+        p_abst = 1 - float(risk["coverage"]) + math.sqrt(math.log(100) / (2 * n))
+        if 0 < p_abst < 1:
+            out["abstain"] = p_abst
+    else:
+        out["abstain"] = p_flag
     return out
 
 

@@ -28,6 +28,7 @@ human should look at: called before the response is sent).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -161,19 +162,14 @@ class _NotFinite(ValueError):
     pass
 
 
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise _NotFinite(f"the number {text[:40]} overflows a 64-bit float")
-    return v
-
-
 def _no_constant(name: str) -> float:
     raise _NotFinite(f"{name} is not a JSON number")
 
 
 def parse_json(raw: bytes, *, what: str = "body") -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity literals, no number that overflows a float."""
+    """Strict JSON: UTF-8, no NaN/Infinity literals. A number too large for a float (1e309)
+    parses as an infinity, which row validation refuses with its position; checking every
+    number here instead (a Python callback per number) made parsing ten times slower."""
     if not raw.strip():
         raise RequestError(400, f"the {what} is empty", field=what, expected="a JSON object")
     try:
@@ -186,7 +182,7 @@ def parse_json(raw: bytes, *, what: str = "body") -> Any:
             expected="JSON encoded as UTF-8",
         ) from None
     try:
-        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant)
     except _NotFinite as e:
         raise RequestError(400, str(e), field=what, expected="finite numbers") from None
     except json.JSONDecodeError as e:
@@ -271,6 +267,7 @@ class _Out:
     probs: Tensor  # (N, C) the model's probabilities
     silent_probs: Tensor | None  # (N, C) what silent rows are answered with
     silent_labels: list[int | None]
+    guard: Any = None  # the guard that answered this batch (a reload swaps it between batches)
 
 
 class Batcher:
@@ -414,6 +411,8 @@ class _Served:
     internal: list[Decision]  # what the monitor and the review queue see (real reasons)
     scores: list[list[float] | None]
     rows: dict[int, Tensor] = field(default_factory=dict)  # valid rows, for review items
+    version: str = ""  # the model version and policy that answered (constant across a reload)
+    policy_hash: str = ""
 
 
 class GuardService:
@@ -436,6 +435,8 @@ class GuardService:
         api_keys: Mapping[str, str] | None,
         expected: Mapping[str, float] | None,
         drift_alpha: float,
+        reloader: Any = None,
+        admin_token: str | None = None,
     ) -> None:
         if not isinstance(guard, Guard):
             raise InputError(f"create_app: guard must be an advx.guard.Guard, got {type(guard)}")
@@ -489,15 +490,21 @@ class GuardService:
         )
         self._client_queries: OrderedDict[str, int] = OrderedDict()
         self.started = time.time()
+        self._expected_given = expected is not None
+        self.reloader = reloader  # loads a newly promoted version (advx.guard.reload)
+        self.admin_token = admin_token or None
+        if reloader is not None:
+            reloader.attach(self.monitor.registry)
 
     # -- the model side (worker thread) ---------------------------------------------------------
 
-    def _warm_up(self) -> int:
-        lo, hi = self.guard.bounds
+    def _warm_up(self, guard: Guard | None = None) -> int:
+        guard = guard or self.guard
+        lo, hi = guard.bounds
         x = torch.full((1, *self.shape), (lo + hi) / 2)
         try:
             with torch.no_grad():
-                out = self.guard.model.scores(x.to(self.device))
+                out = guard.model.scores(x.to(getattr(guard.model, "device", None) or "cpu"))
         except Exception as e:
             raise InputError(
                 f"the model cannot run on one input of shape {list(self.shape)}: "
@@ -509,10 +516,32 @@ class GuardService:
 
     def _infer(self, x: Tensor, silent: Tensor) -> _Out:
         guard = self.guard
-        decisions = list(guard(x))
+        # The guard computes the model's probabilities on its way to the decisions but does
+        # not return them; rather than run the model a second time for the answer's scores,
+        # tap them from Guard.score for this one call (only this thread calls the guard).
+        tapped: list[Tensor] = []
+        score = guard.score
+
+        def tap(xs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            probs, det = score(xs)
+            tapped.append(probs)
+            return probs, det
+
+        own = vars(guard).get("score")
+        guard.score = tap  # type: ignore[method-assign,assignment]
+        try:
+            decisions = list(guard(x))
+        finally:
+            if own is None:
+                del guard.score
+            else:
+                guard.score = own  # type: ignore[method-assign]
         with torch.no_grad():
             xd = x.to(self.device)
-            probs = F.softmax(guard.model.scores(xd).float(), dim=1).cpu()
+            if len(tapped) == 1 and tapped[0].shape[0] == x.shape[0]:
+                probs = tapped[0].float().cpu()
+            else:  # a guard that scores differently: ask the model
+                probs = F.softmax(guard.model.scores(xd).float(), dim=1).cpu()
             silent_probs = None
             silent_labels: list[int | None] = [None] * x.shape[0]
             if bool(silent.any()):
@@ -523,7 +552,38 @@ class GuardService:
                     silent_probs[idx] = fb
                     for k, i in enumerate(idx.tolist()):
                         silent_labels[i] = int(fb[k].argmax())
-        return _Out(decisions, probs, silent_probs, silent_labels)
+        return _Out(decisions, probs, silent_probs, silent_labels, guard)
+
+    def swap_guard(self, guard: Guard) -> None:
+        """Serve ``guard`` from the next batch on (a batch in flight finishes with the old one).
+        Refused (:class:`InputError`, the old guard kept) when it cannot answer the same
+        requests: other bounds, another input shape or number of classes."""
+        if not isinstance(guard, Guard):
+            raise InputError(f"swap_guard: expected an advx.guard.Guard, got {type(guard)}")
+        if tuple(guard.bounds) != tuple(self.guard.bounds):
+            raise InputError(
+                f"the new model's bounds {list(guard.bounds)} differ from the served "
+                f"{list(self.guard.bounds)}; restart the service to change them"
+            )
+        if guard.input_shape is not None and tuple(guard.input_shape) != self.shape:
+            raise InputError(
+                f"the new model takes inputs of shape {list(guard.input_shape)}, the service "
+                f"{list(self.shape)}; restart the service to change it"
+            )
+        classes = self._warm_up(guard)
+        if classes != self.num_classes:
+            raise InputError(
+                f"the new model has {classes} classes, the served one {self.num_classes}; "
+                "restart the service to change them"
+            )
+        # one assignment: the model thread reads self.guard once per batch
+        self.guard = guard
+        mon = self.monitor
+        mon.detectors = tuple(guard.detectors)
+        mon.thresholds = dict(guard.policy.thresholds)
+        mon.set_versions(name=self.name, model_version=guard.version, policy_hash=guard.policy.hash)
+        if not self._expected_given:  # the drift tests restart against the new calibration
+            mon.set_expected(expected_rates(guard.policy))
 
     # -- request plumbing ------------------------------------------------------------------------
 
@@ -619,7 +679,7 @@ class GuardService:
                 await self._thread(self.alerts.alert, client, total, float(score))
         out = await self.batcher.submit(x, silent)
 
-        g = self.guard
+        g = out.guard or self.guard
         version, ph = g.version, g.policy.hash
         decisions: list[Decision | None] = [None] * n
         internal: list[Decision | None] = [None] * n
@@ -662,6 +722,8 @@ class GuardService:
             [d for d in internal if d is not None],
             scores,
             row_of,
+            version,
+            ph,
         )
         self.monitor.observe_decisions(served.internal)
         await self._to_review(served, client=client, request_id=request_id)
@@ -741,6 +803,8 @@ def create_app(
     api_keys: Mapping[str, str] | None = None,
     expected_rates: Mapping[str, float] | None = None,
     drift_alpha: float = 0.01,
+    reloader: Any = None,
+    admin_token: str | None = None,
 ) -> Any:
     """A Starlette app serving ``guard`` (see the module docstring for the endpoints).
 
@@ -748,7 +812,10 @@ def create_app(
     it at start-up, so a wrong shape fails here, not on the first request. ``max_batch=1``
     turns dynamic batching off. ``api_keys`` maps a bearer key to a client name (then every
     request needs one). ``expected_rates`` overrides the calibrated rates the drift tests
-    compare with (default: read from the policy's guarantees).
+    compare with (default: read from the policy's guarantees). ``reloader``
+    (:class:`~advx.guard.reload.ModelDirReloader`) serves a model directory's newly promoted
+    version on ``POST /admin/reload``, authenticated by ``Authorization: Bearer
+    <admin_token>``.
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -771,6 +838,8 @@ def create_app(
         api_keys=api_keys,
         expected=expected_rates,
         drift_alpha=drift_alpha,
+        reloader=reloader,
+        admin_token=admin_token,
     )
     mon = svc.monitor
 
@@ -868,8 +937,8 @@ def create_app(
                 "scores": served.scores,
                 "labels": labels,
                 "decisions": [d.to_json() for d in served.decisions],
-                "model_version": guard.version,
-                "policy_hash": guard.policy.hash,
+                "model_version": served.version,
+                "policy_hash": served.policy_hash,
                 "request_id": rid,
             }
         )
@@ -886,12 +955,12 @@ def create_app(
                 expected=f"the served model, {svc.name!r}",
             )
         version = request.path_params.get("version")
-        if version is not None and version not in ("1", guard.version):
+        if version is not None and version not in ("1", svc.guard.version):
             raise RequestError(
                 404,
                 f"no version {str(version)[:40]!r} of model {svc.name!r}",
                 field="version",
-                expected=f"'1' or {guard.version!r}",
+                expected=f"'1' or {svc.guard.version!r}",
             )
 
     async def v2_server(request: Request, rid: str) -> Response:
@@ -929,14 +998,30 @@ def create_app(
     async def health(request: Request, rid: str) -> Response:
         return json_response(svc.health())
 
+    async def admin_reload(request: Request, rid: str) -> Response:
+        _check_admin(request, svc)
+        if svc.reloader is None:
+            raise RequestError(
+                409,
+                "this service serves a fixed model, not a model directory",
+                field="path",
+                expected="advx serve --model-dir DIR for reloads",
+            )
+        # the loading runs beside the model thread; the swap happens between two batches
+        return json_response(await svc._thread(svc.reloader.reload, svc))
+
     async def metrics(request: Request, rid: str) -> Response:
         body, ctype = mon.exposition()
         return Response(body, media_type=ctype)
 
-    openapi = openapi_document(svc)
+    openapi = {svc.guard.version: openapi_document(svc)}  # built once per served version
 
     async def openapi_json(request: Request, rid: str) -> Response:
-        return json_response(openapi)
+        version = svc.guard.version
+        if version not in openapi:  # a reload changed the version the document names
+            openapi.clear()
+            openapi[version] = openapi_document(svc)
+        return json_response(openapi[version])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -958,6 +1043,9 @@ def create_app(
     routes = [
         Route("/predict", endpoint("predict", predict), methods=["POST"]),
         Route("/health", endpoint("health", health, timed=False), methods=["GET"]),
+        Route(
+            "/admin/reload", endpoint("admin_reload", admin_reload, timed=False), methods=["POST"]
+        ),
         Route("/metrics", endpoint("metrics", metrics, timed=False), methods=["GET"]),
         Route("/openapi.json", endpoint("openapi", openapi_json, timed=False), methods=["GET"]),
         Route("/v2", endpoint("v2_server", v2_server, timed=False), methods=["GET"]),
@@ -981,6 +1069,33 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
     app.state.service = svc
     return app
+
+
+def _check_admin(request: Any, svc: GuardService) -> None:
+    """401 without a bearer token, 403 with a wrong one or when no admin token is set."""
+    if svc.admin_token is None:
+        raise RequestError(
+            403,
+            "the admin endpoints are off: no admin token is configured",
+            field="Authorization",
+            expected="advx serve --admin-token T (or ADVX_ADMIN_TOKEN)",
+        )
+    auth = request.headers.get("authorization") or ""
+    if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+        raise RequestError(
+            401,
+            "missing admin token",
+            field="Authorization",
+            expected="Authorization: Bearer <the admin token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(auth[7:].strip().encode(), svc.admin_token.encode()):
+        raise RequestError(
+            403,
+            "wrong admin token",
+            field="Authorization",
+            expected="Authorization: Bearer <the admin token>",
+        )
 
 
 def _finite(v: Any) -> Any:
@@ -1307,13 +1422,13 @@ def _v2_response(
         out_docs.append(entry)
     doc: dict[str, Any] = {
         "model_name": svc.name,
-        "model_version": svc.guard.version,
+        "model_version": served.version,
         "outputs": out_docs,
         "parameters": {
             # v2 parameters are scalars: the decisions travel as one JSON string
             "decisions": json.dumps([d.to_json() for d in served.decisions]),
-            "policy_hash": svc.guard.policy.hash,
-            "model_version": svc.guard.version,
+            "policy_hash": served.policy_hash,
+            "model_version": served.version,
         },
     }
     if req_id is not None:
@@ -1559,6 +1674,38 @@ def openapi_document(svc: GuardService) -> dict[str, Any]:
         },
         "/health": {
             "get": {"summary": "Liveness, versions, drift verdicts", "responses": ok(any_obj)}
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "Serve the model directory's current version (advx serve --model-dir)",
+                "description": "Authenticated by the admin token. A version that fails to load "
+                "is not served: the answer has ok false, the version still served and the reason.",
+                "responses": {
+                    **ok(
+                        {
+                            "type": "object",
+                            "required": ["ok", "version"],
+                            "properties": {
+                                "ok": {"type": "boolean"},
+                                "changed": {"type": "boolean"},
+                                "version": {"type": "string"},
+                                "reason": {"type": "string"},
+                            },
+                        }
+                    ),
+                    **errors(401),
+                    **{
+                        str(c): {
+                            "description": why,
+                            "content": {"application/json": {"schema": err}},
+                        }
+                        for c, why in (
+                            (403, "Wrong admin token, or none configured"),
+                            (409, "Not serving a model directory"),
+                        )
+                    },
+                },
+            }
         },
         "/metrics": {
             "get": {

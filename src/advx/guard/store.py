@@ -132,7 +132,7 @@ class Store:
         except DBAPIError as e:
             self._engine.dispose()
             raise _unreachable(self.url, e) from None
-        self.classes = classes if classes is not None else self._classes_setting()
+        self.classes: int | None = classes if classes is not None else self._classes_setting()
 
     # ---- opening ------------------------------------------------------------------------------
     def _upgrade(self) -> None:
@@ -355,6 +355,14 @@ class Store:
         return {"path": str(path), "items": len(xs), "skipped": skipped, "shape": list(shapes[0])}
 
     # ---- settings -----------------------------------------------------------------------------
+    def set_classes(self, classes: int) -> None:
+        """Record the served model's number of classes (what a human label is checked against);
+        for a service that learns it only after opening the store."""
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            raise InputError(f"classes: expected an int >= 2, got {classes!r}")
+        self._set_setting("classes", str(classes))
+        self.classes = classes
+
     def _set_setting(self, key: str, value: str) -> None:
         with self._writer.begin() as conn:
             old = conn.execute(

@@ -1,16 +1,27 @@
 """Training: one plain fit loop, recipes as loss functions, checkpoints, data-parallel helpers.
 
-from advx.training import fit, fgsm_rs
-history = fit(net, x, y, loss=fgsm_rs(0.3), epochs=10, batch_size=100, lr=5e-3,
-              lr_schedule="cyclic", out="runs/fgsm")
+from advx.training import Checkpointing, Schedule, fgsm_rs, fit
+history = fit(net, x, y, loss=fgsm_rs(0.3), batch_size=100,
+              schedule=Schedule(epochs=10, lr=5e-3, lr_schedule="cyclic"),
+              checkpoint=Checkpointing("runs/fgsm"))
 model = advx.zoo.load("runs/fgsm")   # a ready advx.Classifier
+
+The loop is :mod:`.fit`, the held-out monitor and the overfitting check :mod:`.monitor`, the
+checkpoints, resume and history :mod:`.saver`, the schedule and precision settings :mod:`.options`.
 """
 
-from .fit import History, TrainingError, fit, lr_at
+from .fit import TrainingError, fit
 from .losses import RECIPES, Batch, Recipe, Step, distillation, fgsm_rs, pgd_at, standard, trades
+from .monitor import Monitor
+from .options import Precision, Schedule, lr_at
+from .saver import Checkpointing, History
 
 __all__ = [
     "fit",
+    "Schedule",
+    "Precision",
+    "Monitor",
+    "Checkpointing",
     "History",
     "TrainingError",
     "lr_at",

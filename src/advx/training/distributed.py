@@ -66,8 +66,9 @@ def batches(
     from torch.utils.data import DistributedSampler
 
     local = check_batch_size(group, batch_size)
-    sampler = DistributedSampler(
-        range(n),
+    # the sampler only takes len() of its dataset: a range of the sample ids is enough
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n),  # type: ignore[arg-type]
         num_replicas=group.world,
         rank=group.rank,
         shuffle=shuffle,

@@ -135,7 +135,8 @@ class Recipe:
         top = {"linf": hi - lo, "l2": math.inf, "l1": math.inf}[self.threat.norm]
         if not eps < top or eps <= 0:
             raise InputError(
-                f"{self.name}: eps must be in (0, {top:g}) for inputs in [{lo:g}, {hi:g}], got {eps:g}"
+                f"{self.name}: eps must be in (0, {top:g}) for inputs in [{lo:g}, {hi:g}], "
+                f"got {eps:g}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,7 +153,8 @@ def _threat(who: str, eps: float | ThreatModel) -> ThreatModel:
     if threat is None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
             raise InputError(
-                f"{who}: eps must be a number (Linf) or a ThreatModel such as advx.L2(1.5), got {eps!r}"
+                f"{who}: eps must be a number (Linf) or a ThreatModel such as advx.L2(1.5), "
+                f"got {eps!r}"
             )
         if not (math.isfinite(eps) and eps > 0):
             raise InputError(f"{who}: eps must be a finite number > 0, got {eps!r}")
@@ -357,7 +359,8 @@ def distillation(teacher, temperature: float = 100.0) -> Recipe:
     t = positive_float(temperature, name="temperature", who="distillation")
     if not isinstance(teacher, (nn.Module, Classifier)):
         raise InputError(
-            f"distillation: teacher must be an nn.Module or an advx.Classifier, got {type(teacher).__name__}"
+            "distillation: teacher must be an nn.Module or an advx.Classifier, "
+            f"got {type(teacher).__name__}"
         )
 
     def soft_labels(x: Tensor) -> Tensor:

@@ -1,0 +1,102 @@
+"""DDN: decoupled direction and norm (Rony et al., CVPR 2019), a minimum-norm L2 attack."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .._tensor import flat, per_sample
+from .._validate import check_float, positive_float, positive_int
+from ..threat import L2, ThreatModel
+from ._base import Attack, Problem, RunOutput
+from ._best import Best
+from ._losses import ce
+from ._minnorm import cosine, farthest, live_rows, need_two_classes
+from ._registry import register
+
+
+@register("ddn")
+@dataclass(kw_only=True, eq=False)
+class DDN(Attack):
+    """Gradient steps on the cross-entropy, each projected onto a sphere whose radius adapts.
+
+    The direction and the size of the perturbation are decoupled: a step of length ``alpha``
+    (cosine-annealed from ``alpha_init`` to ``alpha_final``) along the normalized gradient of the
+    cross-entropy sets the direction; the radius ``epsilon`` (``init_epsilon`` at first) shrinks
+    by a factor ``1 - gamma`` after a step that ended adversarial and grows by ``1 + gamma``
+    after one that did not, and the point is put back at that distance from the clean input,
+    then clipped to the bounds. The closest adversarial point seen is kept per sample.
+
+    With ``threat.eps = inf`` every sample runs every step (the search keeps shrinking); with a
+    finite eps the radius never exceeds it and a sample stops as soon as it has a success inside
+    it. Cost per step and sample: one forward and one backward pass, plus one forward pass to
+    check the last point.
+    """
+
+    threat: ThreatModel = field(default_factory=lambda: L2(math.inf), kw_only=False)
+    steps: int = 100
+    init_epsilon: float = 1.0
+    gamma: float = 0.05
+    alpha_init: float = 1.0
+    alpha_final: float = 0.01
+
+    norms = ("l2",)
+    minimum_norm = True
+
+    def _check(self) -> None:
+        positive_int(self.steps, name="steps", who="DDN")
+        positive_float(self.init_epsilon, name="init_epsilon", who="DDN")
+        check_float(self.gamma, name="gamma", who="DDN", low_open=True, high=1, high_open=True)
+        positive_float(self.alpha_init, name="alpha_init", who="DDN")
+        positive_float(self.alpha_final, name="alpha_final", who="DDN")
+
+    def _run(self, p: Problem) -> RunOutput:
+        need_two_classes(p, "DDN")
+        lo, hi = p.threat.bounds
+        eps = p.threat.eps_tensor(p.x)
+        best = Best.closest(p.x, eps)
+        # the radius never grows past the budget nor past the farthest corner of the box
+        cap = torch.minimum(farthest(p.threat, p.x), eps)
+        stop_early = bool(torch.isfinite(eps).any())
+        loss_fn = partial(ce, targeted=p.targeted)
+        rows = live_rows(p)
+        q = p.select(rows)
+        xa = q.x.clone()
+        radius = torch.full_like(cap[rows], float(self.init_epsilon)).minimum(cap[rows])
+        tiny = torch.finfo(xa.dtype).tiny
+        for k in q.progress(self.steps):
+            if rows.numel() == 0:
+                break
+            _, grad, logits = q.model.value_and_grad(xa, loss_fn, q.labels)
+            adv = q.is_adversarial(logits)
+            best.offer(rows, xa, q.threat.distance(xa, q.x), adv)
+            if stop_early:  # a success inside the budget ends the sample's search
+                go = (~best.done(rows)).nonzero().view(-1)
+                if go.numel() < rows.numel():
+                    rows, q, xa, grad, adv, radius = (
+                        rows[go],
+                        q.select(go),
+                        xa[go],
+                        grad[go],
+                        adv[go],
+                        radius[go],
+                    )
+                    if rows.numel() == 0:
+                        break
+            # direction: a step of length alpha along the normalized gradient (none where the
+            # gradient vanishes: there is no direction to take)
+            gnorm = flat(grad).norm(dim=1)
+            unit = grad * per_sample(torch.where(gnorm > 0, 1 / gnorm.clamp(min=tiny), 0.0), grad)
+            delta = xa - q.x + cosine(k, self.steps, self.alpha_init, self.alpha_final) * unit
+            # norm: shrink after an adversarial point, grow otherwise
+            radius = (radius * torch.where(adv, 1 - self.gamma, 1 + self.gamma)).minimum(cap[rows])
+            dnorm = flat(delta).norm(dim=1)
+            scale = torch.where(dnorm > 0, radius / dnorm.clamp(min=tiny), 0.0)
+            xa = (q.x + delta * per_sample(scale, delta)).clamp(lo, hi)
+        if rows.numel():  # the last step's point
+            adv = q.is_adversarial(q.model.logits(xa))
+            best.offer(rows, xa, q.threat.distance(xa, q.x), adv)
+        return best.output()
