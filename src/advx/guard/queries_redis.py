@@ -43,6 +43,7 @@ __all__ = ["RedisState", "redact"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CHUNK = 16  # rows per pipeline round trip
 
 _OBSERVE = """
 local p, cid = ARGV[1], ARGV[2]
@@ -282,13 +283,20 @@ class RedisState:
         ]
 
         def op() -> list[tuple[int, int, int]]:
-            pipe = self.redis.pipeline(transaction=False)
-            for fp, digest in zip(fps, digests, strict=True):
-                fp = fp[fp != 0]
-                self._observe(
-                    keys=[], args=[*head, digest, *(h.tobytes() for h in fp)], client=pipe
-                )
-            return [(int(g), int(c), int(n)) for g, c, n in pipe.execute()]
+            out: list[tuple[int, int, int]] = []
+            # Redis answers a pipeline once it has run all of it: chunks keep each wait short
+            # next to the socket timeout, even for a large batch on a busy server.
+            for start in range(0, len(fps), _CHUNK):
+                pipe = self.redis.pipeline(transaction=False)
+                for fp, digest in zip(
+                    fps[start : start + _CHUNK], digests[start : start + _CHUNK], strict=True
+                ):
+                    fp = fp[fp != 0]
+                    self._observe(
+                        keys=[], args=[*head, digest, *(h.tobytes() for h in fp)], client=pipe
+                    )
+                out += [(int(g), int(c), int(n)) for g, c, n in pipe.execute()]
+            return out
 
         return self._run(op, lambda: self.fallback.match_add(client, fps, digests))
 
