@@ -348,31 +348,36 @@ def cost(n_fill: int, redis_url: str | None, n_redis: int) -> dict:
     out["observe_us_median"] = pct(obs, 50) * 1e6
     out["observe_us_p99"] = pct(obs, 99) * 1e6
     if redis_url:
-        import redis
-
-        r = redis.Redis.from_url(redis_url)
-        r.flushdb()
-        before = int(r.info("memory")["used_memory"])
-        rd = QueryDetector(spec="mnist", state=redis_url, capacity=n_fill, client_capacity=1000)
-        t0 = time.perf_counter()
-        for i in range(0, n_redis, 500):
-            rd.observe(f"filler{i // 5000}", pool[i : i + 500])
-        rfill = time.perf_counter() - t0
-        used = int(r.info("memory")["used_memory"]) - before
-        robs = []
-        for i in range(300):
-            t = time.perf_counter()
-            rd.observe("probe", xte[i : i + 1] * 0.7)
-            robs.append(time.perf_counter() - t)
-        out["redis"] = {
-            "remembered": n_redis,
-            "bytes_per_query": used / n_redis,
-            "fill_us_per_query": rfill / n_redis * 1e6,
-            "observe_us_median": pct(robs, 50) * 1e6,
-            "observe_us_p99": pct(robs, 99) * 1e6,
-            "note": "used_memory includes the per-client memories of the 1000-query clients",
-        }
+        out["redis"] = redis_cost(pool, xte, redis_url, n_fill, n_redis)
     return out
+
+
+def redis_cost(pool, xte, redis_url: str, capacity: int, n_redis: int) -> dict:
+    """Redis: bytes per remembered query (used_memory growth) and observe() latency."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    before = int(r.info("memory")["used_memory"])
+    rd = QueryDetector(spec="mnist", state=redis_url, capacity=capacity, client_capacity=1000)
+    t0 = time.perf_counter()
+    for i in range(0, n_redis, 500):
+        rd.observe(f"filler{i // 5000}", pool[i : i + 500])
+    rfill = time.perf_counter() - t0
+    used = int(r.info("memory")["used_memory"]) - before
+    robs = []
+    for i in range(300):
+        t = time.perf_counter()
+        rd.observe("probe", xte[i : i + 1] * 0.7)
+        robs.append(time.perf_counter() - t)
+    return {
+        "remembered": n_redis,
+        "bytes_per_query": used / n_redis,
+        "fill_us_per_query": rfill / n_redis * 1e6,
+        "observe_us_median": pct(robs, 50) * 1e6,
+        "observe_us_p99": pct(robs, 99) * 1e6,
+        "note": "used_memory includes the per-client memories of the 1000-query clients",
+    }
 
 
 def lookup_latency(n_fill: int) -> dict:
@@ -527,6 +532,11 @@ def main() -> None:
     if "cost" in parts:
         res["cost"] = cost(a.fill, a.redis, a.redis_n)
         print(res["cost"], flush=True)
+    if "redis" in parts:
+        xtr, _ = load(SHARED / "data" / "mnist", split="train")
+        xte, _ = load(SHARED / "data" / "mnist", split="test")
+        res["redis"] = redis_cost(xtr, xte, a.redis, a.fill, a.redis_n)
+        print(res["redis"], flush=True)
     if "lookup" in parts:
         res["lookup"] = lookup_latency(a.fill)
         print(res["lookup"], flush=True)
@@ -673,8 +683,8 @@ def render(res: dict, a) -> str:
             f"observe() of a single query (fingerprint, both lookups, insert): median "
             f"{c['observe_us_median']:.0f} us, p99 {c['observe_us_p99']:.0f} us.",
         ]
-        if "redis" in c:
-            r = c["redis"]
+        if "redis" in res or "redis" in c:
+            r = res.get("redis") or c["redis"]
             lines += [
                 "",
                 f"Redis (redis-server 7.0 on the same machine, no persistence): "
