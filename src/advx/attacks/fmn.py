@@ -27,12 +27,12 @@ class FMN(Attack):
     DDN does and as adv-lib's FMN does in effect), intersected with the box. The radius follows
     the paper's rule: after an adversarial point it shrinks to ``min((1 - gamma) epsilon, best
     distance)``; before any success it is set to the current norm plus the linearized distance
-    to the boundary, ``|margin| / ||grad||_dual``, here times ``1 + gamma`` (without that
-    overshoot the search can approach the boundary from inside forever, as it does on a ReLU
-    MLP in L2); after a failed step that follows a success it grows by ``1 + gamma``. ``alpha``
-    and ``gamma`` are cosine-annealed from ``alpha_init``/``gamma_init`` to ``alpha_final``
-    (default ``alpha_init / 100``)/``gamma_final``. The closest adversarial point seen is kept
-    per sample.
+    to the boundary, ``|margin| / ||grad||_dual``, here at least ``1 + gamma`` times the last
+    radius (the paper's rule alone can approach the boundary from inside forever, as it does on
+    a ReLU MLP in L2); after a failed step that follows a success it grows by ``1 + gamma``.
+    ``alpha`` and ``gamma`` are cosine-annealed from ``alpha_init`` (default 1 for L2, 10 for
+    Linf and L1) and ``gamma_init`` to ``alpha_final`` (default ``alpha_init / 100``) and
+    ``gamma_final``. The closest adversarial point seen is kept per sample.
 
     With ``threat.eps = inf`` every sample runs every step; with a finite eps the radius never
     exceeds it and a sample stops at its first success inside it. Cost per step and sample: one
@@ -40,7 +40,7 @@ class FMN(Attack):
     """
 
     steps: int = 100
-    alpha_init: float = 1.0
+    alpha_init: float | None = None
     alpha_final: float | None = None
     gamma_init: float = 0.05
     gamma_final: float = 0.001
@@ -49,7 +49,8 @@ class FMN(Attack):
 
     def _check(self) -> None:
         positive_int(self.steps, name="steps", who="FMN")
-        positive_float(self.alpha_init, name="alpha_init", who="FMN")
+        if self.alpha_init is not None:
+            positive_float(self.alpha_init, name="alpha_init", who="FMN")
         if self.alpha_final is not None:
             positive_float(self.alpha_final, name="alpha_final", who="FMN")
         for name in ("gamma_init", "gamma_final"):
@@ -64,7 +65,11 @@ class FMN(Attack):
         cap = torch.minimum(farthest(p.threat, p.x), eps)
         stop_early = bool(torch.isfinite(eps).any())
         loss_fn = partial(margin, targeted=p.targeted)
-        alpha_final = self.alpha_final if self.alpha_final is not None else self.alpha_init / 100
+        # Linf and L1 balls reach much farther than a unit L2 step (up to 1 per pixel; up to D
+        # in L1): on the TRADES SmallCNN alpha 1 broke about half the points within the whole
+        # box, alpha 10 all of them (bench_minnorm.py)
+        alpha_init = self.alpha_init or (1.0 if p.threat.norm == "l2" else 10.0)
+        alpha_final = self.alpha_final if self.alpha_final is not None else alpha_init / 100
         rows = live_rows(p)
         q = p.select(rows)
         xa = q.x.clone()
@@ -93,13 +98,15 @@ class FMN(Attack):
             radius = torch.where(
                 adv,
                 torch.minimum(radius * (1 - gamma), best.score.index_select(0, rows)),
-                # before a success: just past the linearized boundary
-                torch.where(found, radius * (1 + gamma), reach * (1 + gamma)),
+                # before a success: the linearized distance, but never less than 1 + gamma times
+                # the last radius, so that a search approaching the boundary from inside (the
+                # linearization undershoots on a ReLU net) still crosses it
+                torch.where(found, radius, reach).maximum(radius * (1 + gamma)),
             ).minimum(cap[rows])
             # a step of length alpha along the L2-normalized gradient, onto the ball and the box
             gnorm = flat(grad).norm(dim=1)
             unit = grad * per_sample(torch.where(gnorm > 0, 1 / gnorm.clamp(min=tiny), 0.0), grad)
-            step = xa + cosine(k, self.steps, self.alpha_init, alpha_final) * unit
+            step = xa + cosine(k, self.steps, alpha_init, alpha_final) * unit
             if q.threat.norm == "l2":
                 # onto the sphere, not into the ball (as DDN does): on a model whose gradients
                 # are flat near x (TRADES), steps inside the ball stall far from any boundary
