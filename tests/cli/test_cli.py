@@ -165,6 +165,13 @@ def test_the_quick_demo_tells_the_whole_story(tmp_path):
         assert m["model"] in stdout
     std, robust, distilled = story["models"]
     assert std["clean_accuracy"] > 0.9 and std["robust_accuracy"] < 0.1, std
+    # the guard in front of the standard model: accepts most clean digits, holds back most of
+    # the PGD digits that fool the model, and says so in the table
+    g = summary["guard"]
+    assert g["clean"]["accept"] >= 0.8 * g["n"], g
+    assert g["adversarial"]["accept"] <= 0.2 * g["n"], g
+    assert g["adversarial_accepted_wrong"] <= 0.2 * g["n"], g
+    assert "behind a calibrated guard" in stdout and "wrong & accepted" in stdout
     assert robust["robust_accuracy"] > 0.5 and robust["reliable"], robust
     assert "masked-gradients" in distilled["findings"] and not distilled["reliable"], distilled
     hidden = story["distilled_attacks"]

@@ -28,6 +28,7 @@ from .. import attacks
 from .._io import atomic_open, write_json
 from .._provenance import provenance
 from ..data import data_sha256, load
+from ..errors import InputError
 from ..models import Classifier
 from ..threat import L2, Linf
 from ..training import History, Schedule, distillation, fgsm_rs, fit, standard
@@ -265,7 +266,7 @@ def compare(demo: Demo) -> None:
 
 def guard(demo: Demo) -> None:
     """6. The standard model deployed behind a guard: calibrated on held-out clean digits (5%
-    of clean inputs flagged, the error on accepted ones at most 2% with probability 95%), then
+    of clean inputs flagged, the error on accepted ones at most 5% with probability 95%), then
     shown clean digits and PGD's adversarial versions of them. Nothing is served: the decisions
     are those ``advx serve`` would answer with."""
     from ..guard import Guard
@@ -276,14 +277,18 @@ def guard(demo: Demo) -> None:
     # calibration digits the shown ones never overlap: the end of the embedded test split
     x_all, y_all = load("mnist-demo", split="test")
     k = min(len(demo.x), 100)
-    x_cal, y_cal = x_all[-400:], y_all[-400:]
+    x_cal, y_cal = x_all[2 * k :], y_all[2 * k :]
     x_show, y_show = demo.x[:k], demo.y[:k]
     echo(
         f"guarding the standard model: feature squeezing + energy OOD score, calibrated on "
         f"{len(x_cal)} other held-out digits"
     )
     g = Guard(model, detectors=build_detectors("feature_squeezing,energy", model))
-    report = g.calibrate(x_cal, y_cal, fpr=0.05, risk=0.02, delta=0.05, seed=seed)
+    try:
+        report = g.calibrate(x_cal, y_cal, fpr=RISK, risk=RISK, delta=0.05, seed=seed)
+    except InputError as e:  # too few digits to certify the risk: say so, keep the FPR target
+        echo(f"  {e}; calibrating the false-positive rate only")
+        report = g.calibrate(x_cal, y_cal, fpr=RISK, seed=seed)
     x_adv = attacks.PGD(Linf(STORY_EPS), steps=40, seed=seed)(model, x_show, y_show).x_adv
     table = show_decisions(g, x_show, x_adv, y=y_show)
     clean, adv = g(x_show), g(x_adv)
@@ -299,6 +304,8 @@ def guard(demo: Demo) -> None:
         ),
     }
 
+
+RISK = 0.05  # the guard's targets: clean inputs flagged, and errors among the accepted ones
 
 # The demo's steps, in order. A new step goes last.
 STEPS: list[Callable[[Demo], None]] = [break_standard, harden, distill, compare, guard]
@@ -415,7 +422,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines += [
             "",
             f"the standard model behind a calibrated guard: {guarded['n']} clean digits and "
-            f"their PGD versions ({t['norm']} eps {t['eps']:g})",
+            f"their PGD versions ({t['norm']} eps {t['eps']:g}; a PGD that does not know the "
+            "guard: an adaptive one does better, see benchmarks/RESULTS.md)",
             *guarded["table"],
         ]
     return "\n".join(lines)
