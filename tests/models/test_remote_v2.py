@@ -151,6 +151,7 @@ def make_limited_app(net):
             return JSONResponse({"error": "bad key"}, status_code=403)
         doc = await request.json()
         t = doc["inputs"][0]
+        log.setdefault("input names", []).append(t["name"])
         x = torch.tensor(t["data"], dtype=torch.float32).reshape(t["shape"])
         with torch.no_grad():
             z = net(x)
@@ -235,11 +236,17 @@ def test_a_long_retry_after_is_capped_and_counted_against_the_retries(limited, b
 def test_headers_are_sent_and_a_wrong_one_stops_at_once(limited, batch):
     url, log = limited
     x, _ = batch
-    box = advx.BlackBox.from_http(
-        url, protocol="v2", model_name="keyed", output_name="logits", headers={"X-Api-Key": "k1"}
+    box = advx.BlackBox.from_spec(
+        url,
+        protocol="v2",
+        model_name="keyed",
+        input_name="INPUT__0",
+        output_name="logits",
+        headers={"X-Api-Key": "k1"},
     )
     assert _view(box, len(x)).logits(x).shape == (len(x), 10)
     assert log["keyed"][-1][1]["x-api-key"] == "k1"
+    assert log["input names"][-1] == "INPUT__0"
     n = len(log["keyed"])
     box = advx.BlackBox.from_http(
         url, protocol="v2", model_name="keyed", headers=parse_headers(["X-Api-Key: k2"]), retries=3

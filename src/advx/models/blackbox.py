@@ -142,16 +142,18 @@ class BlackBox(Model):
         token_env: str | None = None,
         protocol: str = "advx",
         model_name: str | None = None,
+        input_name: str | None = None,
         output_name: str | None = None,
         **kwargs: Any,
     ) -> BlackBox:
         """``http(s)://...``, ``path/to/model.onnx`` or ``pkg.module:fn`` (a callable, or a
         factory of one when called with no arguments returns a callable).
 
-        ``headers``, ``token_env``, ``protocol``, ``model_name`` and ``output_name`` are the
-        HTTP options of :meth:`from_http` (the CLI's ``--header``, ``--token-env``,
-        ``--protocol``, ``--model-name``, ``--output-name``); given with a spec that is not a
-        URL they are refused rather than ignored."""
+        ``headers``, ``token_env``, ``protocol``, ``model_name``, ``input_name`` and
+        ``output_name`` are the HTTP options of :meth:`from_http` (the CLI's ``--header``,
+        ``--token-env``, ``--protocol``, ``--model-name``, ``--input-name``, ``--output-name``;
+        None: the default); given with a spec that is not a URL they are refused rather than
+        ignored."""
         spec = str(spec)
         if spec.startswith(("http://", "https://")):
             return cls.from_http(
@@ -160,6 +162,7 @@ class BlackBox(Model):
                 token_env=token_env,
                 protocol=protocol,
                 model_name=model_name,
+                input_name="input" if input_name is None else input_name,
                 output_name=output_name,
                 **kwargs,
             )
@@ -168,6 +171,7 @@ class BlackBox(Model):
             "token_env": token_env,
             "protocol": protocol,
             "model_name": model_name,
+            "input_name": input_name,
             "output_name": output_name,
         }
         given = [
