@@ -46,6 +46,7 @@ def main() -> None:
             t0 = time.perf_counter()
             attack(clf, x, y)
             times[t].append(time.perf_counter() - t0)
+            print(f"threads {t}: {times[t][-1]:.2f} s", flush=True)
     load1 = os.getloadavg()
     best = min(counts, key=lambda t: statistics.median(times[t]))
     rows = [

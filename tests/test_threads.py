@@ -13,10 +13,12 @@ from advx.errors import InputError
 
 @pytest.fixture(autouse=True)
 def machine(monkeypatch, tmp_path):
-    """A pretend machine: 16 CPUs in the affinity mask, no cgroup files, no thread variables;
-    torch's own count restored afterwards."""
+    """A pretend machine: 16 CPUs, all in the affinity mask, nearly idle, no cgroup files, no
+    thread variables; torch's own count restored afterwards."""
     before = torch.get_num_threads()
     monkeypatch.setattr(_threads.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(_threads.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(_threads.os, "getloadavg", lambda: (0.3, 0.2, 0.1), raising=False)
     monkeypatch.setattr(_threads, "CGROUP_ROOT", tmp_path)
     for name in ("OMP_NUM_THREADS", "ADVX_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -30,7 +32,7 @@ def test_the_cgroup_v2_quota_caps_the_threads(machine, caplog):
     with caplog.at_level(logging.INFO, logger="advx.threads"):
         assert _threads.configure() == 2
     assert torch.get_num_threads() == 2
-    assert "torch threads: 2, was 16 (CPUs available: affinity 16, cgroup quota 1.5)" in caplog.text
+    assert "torch threads: 2, was 16 (CPUs available: affinity 16, cgroup quota 1.5" in caplog.text
 
 
 def test_no_quota_leaves_the_affinity_mask(machine, monkeypatch):
@@ -52,6 +54,21 @@ def test_cgroup_v1_and_unreadable_files(machine):
     (machine / "cpu.max").write_text("garbage")
     assert _threads.cgroup_cpu_limit() is None
     assert _threads.available_cpus() == 16
+
+
+def test_a_loaded_machine_leaves_fewer_threads(monkeypatch, caplog):
+    torch.set_num_threads(16)
+    monkeypatch.setattr(_threads.os, "getloadavg", lambda: (14.2, 9.0, 5.0))  # others' threads
+    assert _threads.idle_cpus() == 2
+    with caplog.at_level(logging.INFO, logger="advx.threads"):
+        assert _threads.configure() == 2
+    assert torch.get_num_threads() == 2
+    assert "2 idle at load 14.2 on 16 CPUs" in caplog.text
+    monkeypatch.setattr(_threads.os, "getloadavg", lambda: (40.0, 40.0, 40.0))  # oversubscribed
+    assert _threads.available_cpus() == 1
+    assert _threads.available_cpus(load_aware=False) == 16
+    torch.set_num_threads(16)
+    assert _threads.configure(load_aware=False) == 16
 
 
 def test_a_lower_count_the_user_chose_is_kept(machine):

@@ -1,12 +1,15 @@
 """How many CPU threads torch should use: the CPUs this process may actually run on.
 
 torch sizes its intra-op pool from the machine (or the affinity mask), not from a container's
-CPU quota: on a 64-core host with a 2-CPU quota it starts 64 threads that then wait on each
-other's time slices, and every parallel region pays for it. :func:`configure` lowers the count
-to the CPUs available (the affinity mask and the cgroup quota, whichever is smaller), never
-raises it, and leaves alone a count the user chose (``OMP_NUM_THREADS``, a lower
-``torch.set_num_threads``). ``ADVX_NUM_THREADS`` forces a count. Call it where work starts
-(the CLI's entry point); a library import must not change a user's process-wide settings.
+CPU quota nor from what other processes already keep busy: on a 64-core host with a 2-CPU quota
+it starts 64 threads, and on a shared machine its threads wait on each other's time slices at
+every parallel region (PGD-40 on a loaded 2-core machine: 16-43 s with one thread, 239 s with
+two; benchmarks/RESULTS.md). :func:`configure` lowers the count to the CPUs available (the
+affinity mask, the cgroup quota and the CPUs the load average leaves idle, whichever is
+smallest), never raises it, and leaves alone a count the user chose (``OMP_NUM_THREADS``, a lower
+``torch.set_num_threads``). ``ADVX_NUM_THREADS`` forces a count. Call it where work starts (the
+CLI's entry point, before any work of its own loads the machine); a library import must not
+change a user's process-wide settings.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["available_cpus", "cgroup_cpu_limit", "configure"]
+__all__ = ["available_cpus", "cgroup_cpu_limit", "configure", "idle_cpus"]
 
 log = logging.getLogger("advx.threads")
 
@@ -62,13 +65,30 @@ def _affinity() -> int:
         return os.cpu_count() or 1
 
 
-def available_cpus() -> int:
+def idle_cpus() -> int | None:
+    """The machine's CPUs less its 1-minute load average (other processes' runnable threads),
+    rounded, at least 1; None where there is no load average. A thread more than this waits
+    for a time slice while the others wait for it at the next barrier."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return None
+    if not math.isfinite(load):
+        return None
+    return max(1, int((os.cpu_count() or 1) - load + 0.5))
+
+
+def available_cpus(*, load_aware: bool = True) -> int:
     """The CPUs this process may use: the affinity mask, capped by the cgroup quota (rounded
-    up: a 1.5-CPU quota keeps two threads busy half the time, better than one all the time)."""
+    up: a 1.5-CPU quota keeps two threads busy half the time, better than one all the time)
+    and, with ``load_aware``, by the CPUs the machine's load leaves idle."""
     n = _affinity()
     quota = cgroup_cpu_limit()
     if quota is not None:
         n = min(n, math.ceil(quota))
+    idle = idle_cpus() if load_aware else None
+    if idle is not None:
+        n = min(n, idle)
     return max(1, n)
 
 
@@ -85,7 +105,7 @@ def _positive_env(name: str) -> int | None:
     return value
 
 
-def configure() -> int:
+def configure(*, load_aware: bool = True) -> int:
     """Set torch's intra-op thread count from the CPUs available; returns the count in use.
 
     ``ADVX_NUM_THREADS`` wins; with ``OMP_NUM_THREADS`` set the user's choice (which torch has
@@ -104,9 +124,12 @@ def configure() -> int:
     if omp:
         log.info("torch threads: %d (OMP_NUM_THREADS=%s is set; left as it is)", current, omp)
         return current
-    avail = available_cpus()
+    avail = available_cpus(load_aware=load_aware)
     quota = cgroup_cpu_limit()
+    idle = idle_cpus() if load_aware else None
     where = f"affinity {_affinity()}" + ("" if quota is None else f", cgroup quota {quota:g}")
+    if idle is not None:
+        where += f", {idle} idle at load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if current > avail:
         torch.set_num_threads(avail)
         log.info("torch threads: %d, was %d (CPUs available: %s)", avail, current, where)
