@@ -3,13 +3,13 @@
 torch sizes its intra-op pool from the machine (or the affinity mask), not from a container's
 CPU quota nor from what other processes already keep busy: on a 64-core host with a 2-CPU quota
 it starts 64 threads, and on a shared machine its threads wait on each other's time slices at
-every parallel region (PGD-40 on a loaded 2-core machine: 16-43 s with one thread, 239 s with
-two; benchmarks/RESULTS.md). :func:`configure` lowers the count to the CPUs available (the
-affinity mask, the cgroup quota and the CPUs the load average leaves idle, whichever is
-smallest), never raises it, and leaves alone a count the user chose (``OMP_NUM_THREADS``, a lower
-``torch.set_num_threads``). ``ADVX_NUM_THREADS`` forces a count. Call it where work starts (the
-CLI's entry point, before any work of its own loads the machine); a library import must not
-change a user's process-wide settings.
+every parallel region (PGD-40 on a loaded 2-core machine: a median of 16 s with one thread,
+239 s with two; benchmarks/RESULTS.md). :func:`configure` lowers the count to the CPUs
+available (the affinity mask, the cgroup quota and the CPUs the load average leaves idle,
+whichever is smallest), never raises it, and leaves alone a count the user chose
+(``OMP_NUM_THREADS``, a lower ``torch.set_num_threads``). ``ADVX_NUM_THREADS`` forces a count.
+Call it where work starts (the CLI's entry point, before any work of its own loads the
+machine); a library import must not change a user's process-wide settings.
 """
 
 from __future__ import annotations
