@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared or small machine
+# spinning threads made the suite 10-25x slower with 2 threads than with 1 (tests/training).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 import torch.nn.functional as F

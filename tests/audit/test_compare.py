@@ -146,6 +146,11 @@ def test_files_json_markdown_and_junit(good_report, weak_report, tmp_path):
     assert doc["schema"] == "advx-comparison/1" and doc["newly_broken"] == c.newly_broken
     assert doc["per_class"][0]["class"] == c.per_class[0].label
     assert doc["robust_accuracy"]["delta_ci"] == c.robust_accuracy.delta_ci
+    c.save(tmp_path / "c.json")
+    back = Comparison.load(tmp_path / "c.json")
+    assert back.to_dict() == doc and back.checks == c.checks and not back.passed
+    with pytest.raises(InputError, match="not an advx-comparison/1"):
+        Comparison.load(tmp_path / "base.json")
     with pytest.raises(InputError, match="no report file"):
         compare(tmp_path / "nope.json", good_report)
 

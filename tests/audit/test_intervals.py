@@ -108,3 +108,21 @@ def test_the_summary_and_the_page_show_the_intervals(report):
     assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in page and 'id="robust-accuracy-ci"' in page
     row = report.per_class[0]
     assert f"[{100 * row.robust_accuracy_ci[0]:.1f}, {100 * row.robust_accuracy_ci[1]:.1f}]" in page
+
+
+def test_the_page_explains_the_eps_curve_and_hides_an_infinite_margin(report):
+    import dataclasses
+
+    from advx.audit.report import Gate
+
+    page = report.to_html()
+    assert 'id="eps-curve-note"' in page and "much weaker than the cascade" in page
+    stage = dataclasses.replace(
+        report.cascade[-1], gate=Gate(closest=0.15, margin_at_most=float("inf"), attacked=3)
+    )
+    gated = dataclasses.replace(report, cascade=[*report.cascade[:-1], stage])
+    page = gated.to_html()
+    assert "only on the 3 points closest" in page and "&le; inf" not in page
+    stage = dataclasses.replace(stage, gate=Gate(closest=0.15, margin_at_most=1.5, attacked=3))
+    page = dataclasses.replace(report, cascade=[*report.cascade[:-1], stage]).to_html()
+    assert "logit margin &le; 1.5" in page

@@ -193,7 +193,9 @@ def test_demo_options_override_the_preset(tmp_path, monkeypatch):
     code, _, err = run("demo", "--quick", "--n", "30", "--out", str(tmp_path / "d"))
     assert code == 0, err
     (demo,) = seen
-    assert demo.size == _story.replace(_story.QUICK, n=30, audit_n=30, cw_n=30)
+    # --n 30 caps the audited and CW digits to the 30 attacked
+    q = _story.QUICK
+    assert demo.size == _story.replace(q, n=30, audit_n=min(30, q.audit_n), cw_n=min(30, q.cw_n))
     assert demo.x.shape[0] == 30 and demo.x_train.shape[0] == _story.QUICK.train_n
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["files"]["summary"]
     code, _, _ = run("demo", "--out", str(tmp_path / "e"))

@@ -108,3 +108,39 @@ def test_serve_model_dir_refuses_a_bad_start(tmp_path):
     assert code == 2 and "no current version" in err
     code, _, err = run("serve", "--model-dir", tmp_path, "--model", "lenet")
     assert code == 2 and "leave out --model" in err
+
+
+def test_versions_and_a_rollback(files, tmp_path, mnist_test):
+    md = tmp_path / "models"
+    code, _, err = run(
+        "guard", "init", "--model-dir", md, "--model", SPEC, "--weights", files / "w.pt",
+        "--data", "mnist-demo", "--split", "test", "--detectors", "none",
+    )  # fmt: skip
+    assert code == 0, err
+    d = ModelDir(md)
+    v1 = d.load()
+    d.add(v1.model, v1.policy, model_spec=SPEC, parent="v0001")  # the same weights, again
+    code, out, err = run("guard", "promote", "--model-dir", md, "v0002")
+    assert code == 0 and "v0002 is current" in out and "(was v0001)" in out
+    code, out, _ = run("guard", "versions", "--model-dir", md)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("  v0001") and lines[1].startswith("* v0002")
+    code, out, _ = run("guard", "versions", "--model-dir", md, "--json")
+    doc = json.loads(out)
+    assert doc["current"] == "v0002" and [m["parent"] for m in doc["versions"]] == [None, "v0001"]
+    # roll back while a service serves v0002: it follows
+    reloader = ModelDirReloader(md)
+    with serve(create_app(reloader.load(), name="d", reloader=reloader, admin_token="t")) as url:
+        code, out, err = run(
+            "guard", "promote", "--model-dir", md, "v0001", "--reload-url", url,
+            "--admin-token", "t",
+        )  # fmt: skip
+        assert code == 0 and "serving v0001" in err
+        assert httpx.get(f"{url}/health").json()["model_version"] == "v0001"
+    # a damaged version is refused and the pointer stays
+    weights = next((md / "v0002").glob("model-*.safetensors"))
+    weights.write_bytes(b"not weights")
+    code, _, err = run("guard", "promote", "--model-dir", md, "v0002")
+    assert code == 2 and "v0002 cannot be loaded" in err
+    assert ModelDir(md).current() == "v0001"

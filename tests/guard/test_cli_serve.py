@@ -226,13 +226,16 @@ def test_guard_status_reports_versions_and_drift(guarded):
     assert r.exit_code == 2 and "cannot reach" in r.output
 
 
-def test_guard_canary_attacks_the_live_guard(guarded):
+def test_guard_canary_attacks_the_live_guard(guarded, tmp_path):
     with serve(create_app(guarded, name="m")) as url:
+        out = tmp_path / "canary.json"
         r = CliRunner().invoke(
-            cli, ["guard", "canary", "--url", url, "-n", "12", "--queries", "150"]
+            cli,
+            ["guard", "canary", "--url", url, "-n", "12", "--queries", "150", "--out", str(out)],
         )
         assert r.exit_code == 0, r.output
         doc = json.loads(r.stdout)
+        assert json.loads(out.read_text()) == doc and doc["time"]
         assert doc["clean_accepted_correct"] > 0
         assert doc["fooled_model"] > 0  # square at eps 0.3 fools an undefended MLP
         assert doc["caught"] + doc["evaded"] <= doc["fooled_model"]
@@ -256,3 +259,27 @@ def test_guard_canary_attacks_the_live_guard(guarded):
                 ],
             )
             assert r.exit_code == 1
+
+
+def test_guard_canary_with_a_decision_based_attack(guarded):
+    with serve(create_app(guarded, name="m")) as url:
+        r = CliRunner().invoke(
+            cli,
+            [
+                "guard",
+                "canary",
+                "--url",
+                url,
+                "--attack",
+                "hopskipjump",
+                "-n",
+                "6",
+                "--queries",
+                "200",
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert doc["attack"] == "hopskipjump" and doc["clean_accepted_correct"] > 0
+        assert doc["median_queries"] > 1  # it queried the live labels
+        assert doc["caught"] + doc["evaded"] <= doc["fooled_model"]

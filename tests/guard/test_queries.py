@@ -253,3 +253,11 @@ def test_bad_arguments_are_named():
         det.observe("c", torch.zeros(1, 10))
     with pytest.raises(InputError, match=r"\bn\b"):
         det.admit("c", -1)
+
+
+def test_client_memories_are_bounded_in_number(mnist_test):
+    x = mnist_test[0]
+    det = QueryDetector(spec="mnist", client_memories=3, capacity=10)
+    for i in range(5):
+        det.observe(f"c{i}", x[i : i + 1])
+    assert list(det.state.clients) == ["c2", "c3", "c4"]  # the least recently seen forgotten

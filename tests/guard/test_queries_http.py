@@ -166,3 +166,25 @@ def test_serve_refuses_bad_query_options():
     assert r.exit_code == 2 and "--api-key" in r.output
     r = runner.invoke(cli, ["serve", "--model", "lenet", "--detect-queries", "loud"])
     assert r.exit_code == 2
+
+
+def test_the_query_options_build_the_monitor(mnist_test):
+    from advx.cli.serve import build_queries, parse_api_keys
+    from advx.errors import InputError
+
+    assert build_queries({"detect_queries": "off"}, SHAPE) is None
+    limits = build_queries({"detect_queries": "off", "query_budget": 5}, SHAPE)
+    x = mnist_test[0][:1]
+    limits.observe("c", x)
+    assert limits.observe("c", patched(x, 0)) == [(False, 0.0)]  # nothing fingerprinted
+    assert limits.admit("c", 5) is None and limits.admit("c", 1) is not None
+    det = build_queries({"detect_queries": "silent"}, SHAPE)
+    assert det.spec.window == 50 and det.observe("c", x) == [(False, 0.0)]
+    assert det.observe("c", patched(x, 0))[0][0]
+    with pytest.raises(InputError, match="too small"):
+        build_queries({"detect_queries": "reject"}, (10,))
+    assert parse_api_keys(["k1=alice", "k2 = bob"]) == {"k1": "alice", "k2": "bob"}
+    assert parse_api_keys([]) is None
+    with pytest.raises(InputError, match="KEY=CLIENT") as e:
+        parse_api_keys(["secretkey"])
+    assert "secretkey" not in str(e.value)  # a key is never echoed whole

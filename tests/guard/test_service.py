@@ -391,6 +391,11 @@ def test_logs_are_json_with_the_request_id(url, caplog):
     assert records
     doc = json.loads(JsonLogFormatter().format(records[-1]))
     assert doc["request_id"] == "trace-42" and doc["status"] == 200 and doc["endpoint"] == "health"
+    x = torch.rand(1, *SHAPE).tolist()
+    httpx.post(f"{url}/predict", json={"inputs": x}, headers={"X-Client-Id": "carol"})
+    last = [r for r in caplog.records if r.name == "advx.guard.service"][-1]
+    doc = json.loads(JsonLogFormatter().format(last))
+    assert doc["client"] == "carol" and doc["endpoint"] == "predict"
 
 
 # -- plug points ----------------------------------------------------------------------------------
@@ -719,3 +724,35 @@ def test_one_model_pass_per_batch(trained_mlp):
             probs = torch.softmax(trained_mlp(x), 1)
         assert torch.allclose(torch.tensor(doc["scores"]), probs, atol=1e-5)
     assert "score" not in vars(g)  # the guard is left as it was
+
+
+def test_compressed_bodies_as_tritonclient_sends_them(guard, model):
+    import gzip
+
+    th = pytest.importorskip("tritonclient.http")
+    with serve(create_app(guard, name="mnist", max_body_bytes=200_000)) as url:
+        client = th.InferenceServerClient(url.removeprefix("http://"))
+        x = torch.rand(2, *SHAPE).numpy()
+        with torch.no_grad():
+            probs = torch.softmax(model.scores(torch.from_numpy(x)), 1).numpy()
+        for algo in ("gzip", "deflate"):
+            inp = th.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            res = client.infer("mnist", [inp], request_compression_algorithm=algo)
+            np.testing.assert_allclose(res.as_numpy("scores"), probs, atol=1e-5)
+        client.close()
+        h = {"content-type": "application/json", "content-encoding": "gzip"}
+        body = json.dumps({"inputs": x.tolist()}).encode()
+        r = httpx.post(f"{url}/predict", content=gzip.compress(body), headers=h)
+        assert r.status_code == 200 and len(r.json()["decisions"]) == 2
+        # a small bomb: 1 MB of zeros in about 1 kB is refused once 200 kB have come out
+        bomb = gzip.compress(b'{"inputs": [' + b" " * 1_000_000 + b"]}")
+        assert len(bomb) < 5_000
+        r = httpx.post(f"{url}/predict", content=bomb, headers=h)
+        assert r.status_code == 413 and r.json()["field"] == "body"
+        for bad in (b"not gzip at all", gzip.compress(body)[:-20]):
+            r = httpx.post(f"{url}/predict", content=bad, headers=h)
+            assert r.status_code == 400 and r.json()["field"] == "Content-Encoding"
+        r = httpx.post(f"{url}/predict", content=body, headers={**h, "content-encoding": "br"})
+        assert r.status_code == 415
+        healthy(url)

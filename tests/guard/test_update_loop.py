@@ -159,6 +159,8 @@ def test_the_loop_through_a_running_service(tmp_path, v1_model, mnist_train, mni
         assert result.new["clean_accuracy"] >= result.old["clean_accuracy"] - 0.02
         v2 = md.load()
         assert v2.meta["parent"] == "v0001" and v2.meta["data"]["reviewed"]["n"] == queued
+        labelled = [i["id"] for i in store.list(status="labelled", limit=1000)]
+        assert v2.meta["data"]["reviewed"]["items"] == labelled  # which reviews made v0002
         assert v2.meta["audit"]["new"]["robust_accuracy"] == result.new["robust_accuracy"]
         # recalibrated for the new weights, to the same target
         assert v2.policy.model_fingerprint == v2.model.fingerprint() != v1.model.fingerprint()
@@ -193,6 +195,9 @@ def test_the_loop_through_a_running_service(tmp_path, v1_model, mnist_train, mni
         assert set(seen[:k]) == {"v0001"} and set(seen[k:]) == {"v0002"}  # one clean switch
         health = httpx.get(f"{url}/health").json()
         assert health["model_version"] == "v0002" and health["policy_hash"] == v2.policy.hash
+        meta = httpx.get(f"{url}/v2/models/digits").json()
+        assert meta["versions"] == ["1", "v0002"]
+        assert "v0002" in httpx.get(f"{url}/openapi.json").text
 
         # 5. a careless reviewer labels the next batch wrongly: the fine-tune regresses, refused
         bad = Store(f"sqlite:///{tmp_path / 'review2.db'}", classes=10)
@@ -245,8 +250,9 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_a_promoted_version_that_fails_to_load_leaves_the_old_one_serving(
-    tmp_path, v1_model, mnist_test
+    tmp_path, v1_model, mnist_test, caplog
 ):
+    caplog.set_level("INFO", logger="advx.guard.service")
     md = _two_versions(tmp_path, v1_model, mnist_test)
     # v0002 damaged after its promotion (a bad disk, a hand edit): the pointer names it
     md.promote("v0002")
@@ -263,6 +269,12 @@ def test_a_promoted_version_that_fails_to_load_leaves_the_old_one_serving(
         doc = answer.json()
         assert not doc["ok"] and doc["version"] == "v0001" and doc["current"] == "v0002"
         assert "v0002 cannot be loaded" in doc["reason"]
+        failed = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
+        assert (
+            failed
+            and failed[0].levelname == "ERROR"
+            and "v0001 keeps serving" in (failed[0].getMessage())
+        )
         n = len(client.answers)
         while len(client.answers) < n + 3 and not client.errors:
             time.sleep(0.01)

@@ -23,15 +23,16 @@ class FMN(Attack):
 
     Each step moves by ``alpha`` along the L2-normalized gradient of the margin (the best other
     logit minus the true one; targeted: the target's logit minus the best other one), then
-    projects onto the ball of radius ``epsilon`` in the threat's norm, intersected with the box.
-    The radius follows the paper's rule: after an adversarial point it shrinks to
-    ``min((1 - gamma) epsilon, best distance)``; before any success it is set to the current
-    norm plus the linearized distance to the boundary, ``|margin| / ||grad||_dual`` (here: at
-    least ``1 + gamma`` times the last radius -- the paper's rule alone can approach the boundary
-    from inside forever, as it does on a ReLU MLP in L2); after a failed step that follows a
-    success it grows by ``1 + gamma``. ``alpha`` and ``gamma`` are
-    cosine-annealed from ``alpha_init``/``gamma_init`` to ``alpha_final`` (default
-    ``alpha_init / 100``)/``gamma_final``. The closest adversarial point seen is kept per sample.
+    projects onto the ball of radius ``epsilon`` in the threat's norm (L2: onto its sphere, as
+    DDN does and as adv-lib's FMN does in effect), intersected with the box. The radius follows
+    the paper's rule: after an adversarial point it shrinks to ``min((1 - gamma) epsilon, best
+    distance)``; before any success it is set to the current norm plus the linearized distance
+    to the boundary, ``|margin| / ||grad||_dual``, here times ``1 + gamma`` (without that
+    overshoot the search can approach the boundary from inside forever, as it does on a ReLU
+    MLP in L2); after a failed step that follows a success it grows by ``1 + gamma``. ``alpha``
+    and ``gamma`` are cosine-annealed from ``alpha_init``/``gamma_init`` to ``alpha_final``
+    (default ``alpha_init / 100``)/``gamma_final``. The closest adversarial point seen is kept
+    per sample.
 
     With ``threat.eps = inf`` every sample runs every step; with a finite eps the radius never
     exceeds it and a sample stops at its first success inside it. Cost per step and sample: one
@@ -92,18 +93,22 @@ class FMN(Attack):
             radius = torch.where(
                 adv,
                 torch.minimum(radius * (1 - gamma), best.score.index_select(0, rows)),
-                # before a success: the linearized distance, but growing by at least 1 + gamma a
-                # step, so that a search approaching the boundary from inside (the linearization
-                # undershoots on a piecewise-linear net) still crosses it
-                torch.where(
-                    found, radius * (1 + gamma), torch.maximum(reach, radius * (1 + gamma))
-                ),
+                # before a success: just past the linearized boundary
+                torch.where(found, radius * (1 + gamma), reach * (1 + gamma)),
             ).minimum(cap[rows])
             # a step of length alpha along the L2-normalized gradient, onto the ball and the box
             gnorm = flat(grad).norm(dim=1)
             unit = grad * per_sample(torch.where(gnorm > 0, 1 / gnorm.clamp(min=tiny), 0.0), grad)
             step = xa + cosine(k, self.steps, self.alpha_init, alpha_final) * unit
-            xa = q.threat.with_eps(radius).project(step, q.x).clamp(lo, hi)
+            if q.threat.norm == "l2":
+                # onto the sphere, not into the ball (as DDN does): on a model whose gradients
+                # are flat near x (TRADES), steps inside the ball stall far from any boundary
+                delta = flat(step - q.x)
+                dnorm = delta.norm(dim=1)
+                scale = torch.where(dnorm > 0, radius / dnorm.clamp(min=tiny), 0.0)
+                xa = (q.x + (delta * scale.view(-1, 1)).view_as(q.x)).clamp(lo, hi)
+            else:
+                xa = q.threat.with_eps(radius).project(step, q.x).clamp(lo, hi)
         if rows.numel():  # the last step's point
             adv = q.is_adversarial(q.model.logits(xa))
             best.offer(rows, xa, q.threat.distance(xa, q.x), adv)

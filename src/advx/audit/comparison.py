@@ -18,7 +18,7 @@ from typing import Any
 from .._io import atomic_open
 from .._provenance import now
 from ..errors import InputError
-from ._codec import encode
+from ._codec import decode, encode
 from ._text import fmt_ci, plural
 from .gate import Check, reliable_check
 from .report import DataInfo, Report, SuiteInfo, ThreatInfo, stage_labels
@@ -113,6 +113,23 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "comparison") -> Comparison:
+        """The comparison a JSON document (``to_dict``, ``advx compare --json``) describes."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{where}: not an {SCHEMA} document (schema: {found!r})")
+        return decode(cls, data, where)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Comparison:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"comparison: cannot read {path} as JSON ({e})") from None
+        return cls.from_dict(data, where=str(path))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -32,7 +32,7 @@ def _env():
         autoescape=jinja2.select_autoescape(["html", "j2"]),
         undefined=jinja2.StrictUndefined,
     )
-    env.globals.update(zip=zip, stage_labels=stage_labels)
+    env.globals.update(zip=zip, stage_labels=stage_labels, inf=float("inf"))
     return env
 
 

@@ -59,9 +59,8 @@ def model_options(f):
     """--model, --weights, --mean, --std, --bounds."""
     f = click.option(
         "--bounds",
-        default="0,1",
-        show_default=True,
-        help="Valid input range, before normalization.",
+        default=None,
+        help="Valid input range, before normalization [default: 0,1, or the checkpoint's].",
     )(f)
     f = click.option(
         "--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225."
@@ -73,9 +72,11 @@ def model_options(f):
     )(f)
     f = click.option(
         "--weights",
-        type=click.Path(dir_okay=False),
+        type=click.Path(),
         default=None,
-        help="State dict (.pt/.pth/.th or .safetensors).",
+        help="State dict (.pt/.pth/.th or .safetensors), or what advx train --out wrote (the "
+        "folder or its checkpoint.json: --model, --mean, --std and --bounds then default to "
+        "what it records).",
     )(f)
     f = click.option(
         "--model",
@@ -98,9 +99,27 @@ def build_classifier(
     **classifier_kw,
 ):
     from ..models import Classifier
-    from ..zoo import build
+    from ..zoo import build, resolve_weights
 
-    obj = build(model_spec, weights=weights)
+    recorded: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    if weights is not None:
+        weights, info_ = resolve_weights(weights)
+        recorded = info_ or {}
+    if model_spec is None:
+        if not recorded.get("spec"):
+            raise InputError(
+                "--model is required: a built-in name, pkg.module:factory or file.py:factory "
+                "(or --weights DIR of an advx training run that recorded its model)"
+            )
+        model_spec, kwargs = recorded["spec"], dict(recorded.get("kwargs") or {})
+    if mean is None and recorded.get("mean") is not None:
+        mean = ",".join(str(v) for v in recorded["mean"])
+    if std is None and recorded.get("std") is not None:
+        std = ",".join(str(v) for v in recorded["std"])
+    if bounds is None:
+        bounds = ",".join(str(v) for v in recorded.get("bounds") or (0, 1))
+    obj = build(model_spec, weights=weights, **kwargs)
     if isinstance(obj, Classifier):
         for key, value in classifier_kw.items():
             if value:
@@ -109,6 +128,13 @@ def build_classifier(
     lo_hi = parse_floats(bounds, "bounds")
     if not lo_hi or len(lo_hi) != 2:
         raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
+    m, s = parse_floats(mean, "mean"), parse_floats(std, "std")
+    if m is not None and s is not None and len(m) != len(s):
+        raise InputError(
+            f"--mean has {plural(len(m), 'value')} and --std {len(s)}: give one value per "
+            "channel, as many for both (e.g. --mean 0.1307 --std 0.3081 for MNIST, or "
+            "--mean 0.4914,0.4822,0.4465 --std 0.247,0.243,0.261 for CIFAR-10)"
+        )
     net = obj.to(device).eval()  # our own freshly built module: moving it is fine
     return Classifier(
         net,
@@ -146,6 +172,41 @@ def data_option(f=None, *, required: bool = False):
         **default,
     )(f)
     return f
+
+
+def check_channels(model, x: torch.Tensor) -> None:
+    """--mean/--std against the data's channels, before any work (not a shape error mid-attack)."""
+    for name in ("std", "mean"):  # std first: a mean given alone gets a std of ones, and back
+        stat = getattr(model, name, None)
+        if stat is None or x.dim() < 2 or stat.numel() in (1, x.shape[1]):
+            continue
+        raise InputError(
+            f"--{name}: {plural(stat.numel(), 'value')} but the data has "
+            f"{plural(x.shape[1], 'channel')} (dimension 1 of {tuple(x.shape)}): give one value "
+            "per channel"
+        )
+
+
+def warn_threat(threat, bounds: tuple[float, float], x: torch.Tensor) -> None:
+    """Warn when eps allows any input in the box: robust accuracy is then 0 by construction, and
+    the usual cause is an eps on the 0..255 scale for images in [0, 1] (30 for 30/255)."""
+    import math
+
+    eps = threat.eps
+    if not isinstance(eps, (int, float)) or math.isinf(eps) or x.dim() < 2:
+        return
+    width = float(bounds[1]) - float(bounds[0])
+    d = x[0].numel()
+    whole = {"linf": width, "l2": width * math.sqrt(d), "l1": width * d}.get(threat.norm)
+    if whole is None or eps < whole:
+        return
+    hint = f"; did you mean {threat.norm}:{eps:g}/255?" if threat.norm == "linf" and eps > 1 else ""
+    info(
+        f"advx: warning: {threat.norm} eps {eps:g} covers the whole input box "
+        f"[{bounds[0]:g}, {bounds[1]:g}] (any input is allowed, so robust accuracy is 0 by "
+        f"construction){hint}",
+        always=True,
+    )
 
 
 def info(msg: str, *, always: bool = False) -> None:

@@ -12,6 +12,7 @@ from ..errors import InputError
 from . import cli
 from ._common import (
     build_classifier,
+    check_channels,
     data_option,
     emit_json,
     info,
@@ -19,6 +20,8 @@ from ._common import (
     parse_floats,
     parse_params,
     pick_device,
+    plural,
+    warn_threat,
 )
 
 
@@ -121,19 +124,18 @@ def attack_command(
     from ..attacks._result import concat_results
     from ..data import data_sha256, load
     from ..threat import parse_threat
+    from ..zoo import resolve_weights
 
     out_path = check_writable(out, name="out")
     dev = pick_device(device)
     threat = parse_threat(threat_spec)
     attack = attacks.create(name, threat, seed=seed, **parse_params(params))
-    if (model_spec is None) == (blackbox is None):
-        raise InputError(
-            "give either --model (white-box) or --blackbox (query access), not both and not neither"
-        )
+    if blackbox is not None and model_spec is not None:
+        raise InputError("give either --model (white-box) or --blackbox (query access), not both")
     if blackbox is not None:
         from ..models import BlackBox
 
-        lo_hi = parse_floats(bounds, "bounds")
+        lo_hi = parse_floats(bounds or "0,1", "bounds")
         if not lo_hi or len(lo_hi) != 2:
             raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
         model = BlackBox.from_spec(
@@ -144,6 +146,8 @@ def attack_command(
         if budget is not None:
             model.budget = budget
     x, y = load(data, split=split, n=n)
+    check_channels(model, x)
+    warn_threat(threat, model.bounds, x)
     x, y = x.to(dev), y.to(dev)
     index = torch.arange(len(x), device=dev)
     num_classes = _num_classes(model, x, num_classes)
@@ -164,7 +168,8 @@ def attack_command(
             keep = y != k
             if not bool(keep.all()):
                 info(
-                    f"skipping {int((~keep).sum())} sample(s) whose label is already the target {k}"
+                    f"skipping {plural(int((~keep).sum()), 'sample')} whose label is already "
+                    f"the target {k}"
                 )
             x, y, index = x[keep], y[keep], index[keep]
             tgt = torch.full_like(y, k)
@@ -205,7 +210,7 @@ def attack_command(
                 device=dev,
                 seed=seed,
                 model=model_spec or blackbox,
-                weights_sha256=sha256_file(weights) if weights else None,
+                weights_sha256=sha256_file(resolve_weights(weights)[0]) if weights else None,
                 data=str(data),
                 data_sha256=data_sha256(x, y),
             ),

@@ -18,6 +18,7 @@ from ..errors import InputError
 from . import cli
 from ._common import (
     build_classifier,
+    check_channels,
     data_option,
     emit_json,
     exit_on,
@@ -27,6 +28,7 @@ from ._common import (
     parse_floats,
     pick_device,
     plural,
+    warn_threat,
     write_gate,
 )
 
@@ -161,10 +163,6 @@ def audit_command(
     from ..data import load
     from ..threat import parse_threat
 
-    if model_spec is None:
-        raise InputError(
-            "--model is required: a built-in name, pkg.module:factory or file.py:factory"
-        )
     group = init_from_env(device)
     rank, world = group.rank, group.world
     for path, name in (
@@ -204,6 +202,8 @@ def audit_command(
         autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast],
     )
     x, y = load(data, split=split, n=n)
+    check_channels(model, x)
+    warn_threat(threat, model.bounds, x)
     if base_report is not None:  # refuse an incomparable baseline before the audit, not after
         from ..audit.comparison import check_comparable
         from ..audit.report import DataInfo
@@ -226,8 +226,10 @@ def audit_command(
         "data": str(data) + (f":{split}" if split else "") + (f"[:{n}]" if n else ""),
     }
     if weights is not None:
+        from ..zoo import resolve_weights
+
         meta["weights"] = str(weights)
-        meta["weights_sha256"] = sha256_file(weights)
+        meta["weights_sha256"] = sha256_file(resolve_weights(weights)[0])
     try:
         report = run_audit(
             model,

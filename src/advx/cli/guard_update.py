@@ -235,6 +235,70 @@ def update_command(
     raise SystemExit(0 if ok else 1)
 
 
+def _reload_options(f):
+    f = click.option(
+        "--admin-token", default=None, help=f"Its admin token (default: ${ADMIN_TOKEN_ENV})."
+    )(f)
+    return click.option(
+        "--reload-url", default=None, help="A running advx serve to reload afterwards."
+    )(f)
+
+
+@guard_group.command("versions")
+@_model_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print every version's meta as JSON.")
+def versions_command(model_dir, as_json) -> None:
+    """List a model directory's versions, the current one marked, with their provenance."""
+    from ..guard.versions import ModelDir
+
+    md = ModelDir(model_dir)
+    current = md.current()
+    metas = [md.meta(v) for v in md.versions()]
+    if as_json:
+        emit_json({"current": current, "versions": metas})
+        return
+    if not metas:
+        info(f"{model_dir} holds no versions; create one with advx guard init")
+    for m in metas:
+        new = (m.get("audit") or {}).get("new") or {}
+        figures = (
+            f"clean {new['clean_accuracy']:.4f} robust {new['robust_accuracy']:.4f}" if new else "-"
+        )
+        click.echo(
+            f"{'*' if m['version'] == current else ' '} {m['version']}  {m['created']}  "
+            f"parent {m.get('parent') or '-':5}  policy {m['policy_hash']}  {figures}"
+        )
+
+
+@guard_group.command("promote")
+@_model_dir_option
+@click.argument("version")
+@_reload_options
+def promote_command(model_dir, version, reload_url, admin_token) -> None:
+    """Make VERSION current (e.g. roll back to an earlier one), once it loads completely.
+
+    Exit status: 0 promoted (and served, with --reload-url), 1 not served, 2 bad input or a
+    version that does not load (the current one is left as it was)."""
+    from ..guard.versions import ModelDir
+
+    token = admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+    if reload_url and not token:
+        raise InputError(
+            f"--reload-url needs the service's admin token: --admin-token or ${ADMIN_TOKEN_ENV}"
+        )
+    md = ModelDir(model_dir)
+    previous = md.current()
+    md.promote(version)
+    click.echo(f"{version} is current in {model_dir} (was {previous})")
+    if reload_url:
+        r = reload(reload_url, token)
+        if r.get("ok") and r.get("version") == version:
+            info(f"service {reload_url}: serving {version}")
+        else:
+            info(f"service {reload_url} did not switch to {version}: {r.get('reason') or r}")
+            raise SystemExit(1)
+
+
 def reload(url: str, token: str | None, *, timeout: float = 60.0) -> dict:
     """Ask a running ``advx serve --model-dir`` to serve the current version; its answer, or
     ``{"ok": False, "reason": ...}`` when it could not be reached or refused the call."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from .._io import check_writable, write_json
+from .._provenance import now
 from ..errors import InputError, ModelError
 from ..models._base import Access
 from ._common import emit_json, info
@@ -129,13 +131,20 @@ def status_cmd(url: str, headers: tuple[str, ...], timeout: float) -> None:
     help="Extra header, 'Name: value' (e.g. 'Authorization: Bearer KEY').",
 )
 @click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report here (JSON, with the time): keep one per run to follow the "
+    "detection rate over time.",
+)
+@click.option(
     "--fail-under",
     type=click.FloatRange(0, 1),
     default=None,
     help="Exit 1 when the share caught is below this.",
 )
 def canary_cmd(
-    url, data, split, attack_name, n, threat_spec, queries, seed, headers, fail_under
+    url, data, split, attack_name, n, threat_spec, queries, seed, headers, out, fail_under
 ) -> None:
     """Attack the live guard with advx's black-box attacks; report how many it still catches."""
     import httpx
@@ -147,6 +156,8 @@ def canary_cmd(
     from ..threat import parse_threat
 
     base = _base(url)
+    if out is not None:
+        check_writable(out, name="out")
     hdrs = {"X-Client-Id": "advx-canary", **_headers(headers)}
     threat = parse_threat(threat_spec or _DEFAULT_THREAT[attack_name])
     budget = {"square": {"queries": queries}}.get(attack_name, {"max_queries": queries})
@@ -228,6 +239,9 @@ def canary_cmd(
             f"model; the guard caught {report['caught']}"
             + ("" if rate is None else f" ({rate:.0%}), {report['evaded']} evaded it")
         )
+    report["time"] = now()
     emit_json(report)
+    if out is not None:
+        write_json(out, report)
     if fail_under is not None and rate is not None and rate < fail_under:
         raise SystemExit(1)

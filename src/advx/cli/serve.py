@@ -489,7 +489,7 @@ def serve_cmd(
                 "advx serve: each worker keeps its own query memory; pass --state redis://... "
                 "so that an attack spread over workers is seen whole"
             )
-    common = dict(
+    common: dict[str, Any] = dict(
         host=host,
         port=port,
         log_config=None,
@@ -503,4 +503,10 @@ def serve_cmd(
     else:
         os.environ[_CONFIG_ENV] = json.dumps(cfg)
         os.environ["ADVX_SERVE_LOG_LEVEL"] = log_level
+        import inspect
+
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # a worker loads torch and the model before it answers the supervisor's ping; on a
+            # busy machine that takes longer than uvicorn's default, which then restarts it
+            common["timeout_worker_healthcheck"] = 120
         uvicorn.run("advx.cli.serve:app_factory", factory=True, workers=workers, **common)

@@ -296,11 +296,13 @@ class LocalState:
         capacity: int,
         client_capacity: int,
         max_clients: int,
+        client_memories: int = 1024,
         posting_cap: int = 64,
     ) -> None:
         self.capacity = capacity
         self.client_capacity = client_capacity
         self.max_clients = max_clients
+        self.client_memories = client_memories
         self.posting_cap = posting_cap
         self.memory = Memory(capacity, posting_cap=posting_cap)
         # client -> [memory, queries seen]; least recently seen first
@@ -310,11 +312,13 @@ class LocalState:
         self.alerted: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def _touch(self, table: OrderedDict, client: str, make: Callable[[], Any]) -> Any:
+    def _touch(
+        self, table: OrderedDict, client: str, make: Callable[[], Any], limit: int | None = None
+    ) -> Any:
         entry = table.get(client)
         if entry is None:
             entry = table[client] = make()
-            if len(table) > self.max_clients:
+            if len(table) > (limit or self.max_clients):
                 table.popitem(last=False)
         else:
             table.move_to_end(client)
@@ -335,6 +339,7 @@ class LocalState:
                 self.clients,
                 client,
                 lambda: [Memory(self.client_capacity, posting_cap=self.posting_cap), 0, b""],
+                self.client_memories,
             )
             for fp, digest in zip(fps, digests, strict=True):
                 entry[1] += 1
@@ -411,8 +416,13 @@ class QueryDetector:
         threshold: overrides the spec's (flag when more than this many hashes match).
         capacity: queries the account-oblivious memory holds (all clients).
         client_capacity: queries each client's own memory holds.
-        max_clients: clients whose memories, buckets and budgets are kept (least recently seen
-            are forgotten first); in-process state only.
+        client_memories: clients whose own memories are kept (least recently seen forgotten
+            first). In process, the memories take at most about
+            ``(capacity + client_memories * client_capacity) * 16 * hashes`` bytes (about 290 MB
+            with the defaults and 50 hashes; :meth:`stats` reports what they hold). With Redis,
+            a client's keys expire after a day of silence instead.
+        max_clients: clients whose buckets, budgets and alert times are kept (least recently
+            seen are forgotten first; about 200 bytes each); in-process state only.
         rate, burst: a token bucket per client, ``rate`` queries per second refilled up to
             ``burst`` (default: 2 seconds' worth); None: no rate limit.
         budget, budget_period: at most ``budget`` queries per client per period (seconds,
@@ -434,8 +444,9 @@ class QueryDetector:
         spec: FingerprintSpec | str | None = None,
         threshold: int | None = None,
         capacity: int = 100_000,
-        client_capacity: int = 1_000,
-        max_clients: int = 10_000,
+        client_capacity: int = 256,
+        client_memories: int = 1024,
+        max_clients: int = 100_000,
         rate: float | None = None,
         burst: float | None = None,
         budget: int | None = None,
@@ -460,6 +471,7 @@ class QueryDetector:
         check_int(capacity, name="capacity", who=who)
         check_int(client_capacity, name="client_capacity", who=who)
         check_int(max_clients, name="max_clients", who=who)
+        check_int(client_memories, name="client_memories", who=who)
         check_int(posting_cap, name="posting_cap", who=who)
         check_float(rate, name="rate", who=who, low=0, low_open=True, allow_none=True)
         check_float(burst, name="burst", who=who, low=1, allow_none=True)
@@ -484,6 +496,7 @@ class QueryDetector:
             capacity=capacity,
             client_capacity=client_capacity,
             max_clients=max_clients,
+            client_memories=client_memories,
             posting_cap=posting_cap,
         )
         self.state: Any

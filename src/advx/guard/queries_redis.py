@@ -2,10 +2,11 @@
 
 Keys (under ``prefix``, default ``advx:q:``), all bounded:
 
-- ``g:h:<hash>`` a list of the most recent sequence numbers of queries holding ``<hash>``
-  (the inverted index; at most ``posting_cap`` long), ``g:ring`` the fingerprint of each of
-  the last ``capacity`` queries by slot (so the query a new one displaces is unindexed),
-  ``g:seq`` the global query counter;
+- ``g:b:<bucket>`` the inverted index: Redis hashes whose fields are window hashes and whose
+  values are the sequence numbers of the most recent queries holding them (newest first, at
+  most ``posting_cap``); about 64 fields per bucket so that Redis stores them compactly;
+  ``g:ring`` the fingerprint of each of the last ``capacity`` queries by slot (so the query a
+  new one displaces is unindexed), ``g:seq`` the global query counter;
 - the same under ``c:<client digest>:`` for each client's own memory, plus ``n`` (its query
   count) and ``last`` (a digest of its last query), all expiring after ``client_ttl`` seconds
   of silence;
@@ -42,47 +43,83 @@ __all__ = ["RedisState", "redact"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_CHUNK = 16  # rows per pipeline round trip
 
 _OBSERVE = """
 local p, cid = ARGV[1], ARGV[2]
 local cap, ccap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local L, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local nb, cnb = tonumber(ARGV[7]), tonumber(ARGV[8])
+local FIRST = 10
 local cbase = p .. 'c:' .. cid .. ':'
 local count = redis.call('INCR', cbase .. 'n')
 redis.call('EXPIRE', cbase .. 'n', ttl)
-if redis.call('GET', cbase .. 'last') == ARGV[7] then
+if redis.call('GET', cbase .. 'last') == ARGV[9] then
   return {0, 0, count}
 end
-redis.call('SET', cbase .. 'last', ARGV[7], 'EX', ttl)
-local function scope(base, capacity, expire)
+redis.call('SET', cbase .. 'last', ARGV[9], 'EX', ttl)
+-- the index: hash -> its queries' sequence numbers, newest first, comma-separated, as fields of
+-- a few Redis hashes (buckets of about 64 fields, which Redis stores compactly)
+local function bucket(base, h, buckets)
+  local b1, b2, b3, b4 = string.byte(h, 1, 4)
+  return base .. 'b:' .. ((((b1 * 256 + b2) * 256 + b3) * 256 + b4) % buckets)
+end
+local function scope(base, capacity, buckets, expire)
   local seq = redis.call('INCR', base .. 'seq')
   local oldest = seq - capacity
   local counts, best = {}, 0
-  for i = 8, #ARGV do
-    local postings = redis.call('LRANGE', base .. 'h:' .. ARGV[i], 0, L - 1)
-    for _, s in ipairs(postings) do
-      local v = tonumber(s)
-      if v > oldest then
-        local c = (counts[v] or 0) + 1
-        counts[v] = c
-        if c > best then best = c end
+  for i = FIRST, #ARGV do
+    local v = redis.call('HGET', bucket(base, ARGV[i], buckets), ARGV[i])
+    if v then
+      local n = 0
+      for s in string.gmatch(v, '%d+') do
+        n = n + 1
+        if n > L then break end
+        local q = tonumber(s)
+        if q > oldest then
+          local c = (counts[q] or 0) + 1
+          counts[q] = c
+          if c > best then best = c end
+        end
       end
     end
   end
+  -- unindex the query whose ring slot this one takes
   local ring = base .. 'ring'
   local slot = seq % capacity
   local old = redis.call('HGET', ring, slot)
   if old then
-    local gone = seq - capacity
-    for i = 1, #old, 8 do
-      redis.call('LREM', base .. 'h:' .. string.sub(old, i, i + 7), 1, gone)
+    local gone = tostring(seq - capacity)
+    for j = 1, #old, 8 do
+      local h = string.sub(old, j, j + 7)
+      local k = bucket(base, h, buckets)
+      local v = redis.call('HGET', k, h)
+      if v then
+        local kept = {}
+        for s in string.gmatch(v, '%d+') do
+          if s ~= gone then kept[#kept + 1] = s end
+        end
+        if #kept == 0 then
+          redis.call('HDEL', k, h)
+        else
+          redis.call('HSET', k, h, table.concat(kept, ','))
+        end
+      end
     end
   end
-  redis.call('HSET', ring, slot, table.concat(ARGV, '', 8))
-  for i = 8, #ARGV do
-    local k = base .. 'h:' .. ARGV[i]
-    redis.call('LPUSH', k, seq)
-    redis.call('LTRIM', k, 0, L - 1)
+  redis.call('HSET', ring, slot, table.concat(ARGV, '', FIRST))
+  for i = FIRST, #ARGV do
+    local h = ARGV[i]
+    local k = bucket(base, h, buckets)
+    local v = redis.call('HGET', k, h)
+    local kept = {tostring(seq)}
+    if v then
+      for s in string.gmatch(v, '%d+') do
+        if #kept >= L then break end
+        kept[#kept + 1] = s
+      end
+    end
+    redis.call('HSET', k, h, table.concat(kept, ','))
     if expire > 0 then redis.call('EXPIRE', k, expire) end
   end
   if expire > 0 then
@@ -91,8 +128,8 @@ local function scope(base, capacity, expire)
   end
   return best
 end
-local g = scope(p .. 'g:', cap, 0)
-local c = scope(cbase, ccap, ttl)
+local g = scope(p .. 'g:', cap, nb, 0)
+local c = scope(cbase, ccap, cnb, ttl)
 return {g, c, count}
 """
 
@@ -138,6 +175,12 @@ def redact(url: str) -> str:
         host = f"{host}:{parts.port}"
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + host))
+
+
+def _buckets(capacity: int) -> int:
+    # About 64 index entries per Redis hash at 50 hashes per query: small enough for Redis's
+    # compact encoding (hash-max-listpack-entries is 128 by default).
+    return max(1, capacity * 50 // 64)
 
 
 def _cid(client: str) -> str:
@@ -235,16 +278,25 @@ class RedisState:
             ccap,
             self.fallback.posting_cap,
             self.client_ttl,
+            _buckets(cap),
+            _buckets(ccap),
         ]
 
         def op() -> list[tuple[int, int, int]]:
-            pipe = self.redis.pipeline(transaction=False)
-            for fp, digest in zip(fps, digests, strict=True):
-                fp = fp[fp != 0]
-                self._observe(
-                    keys=[], args=[*head, digest, *(h.tobytes() for h in fp)], client=pipe
-                )
-            return [(int(g), int(c), int(n)) for g, c, n in pipe.execute()]
+            out: list[tuple[int, int, int]] = []
+            # Redis answers a pipeline once it has run all of it: chunks keep each wait short
+            # next to the socket timeout, even for a large batch on a busy server.
+            for start in range(0, len(fps), _CHUNK):
+                pipe = self.redis.pipeline(transaction=False)
+                for fp, digest in zip(
+                    fps[start : start + _CHUNK], digests[start : start + _CHUNK], strict=True
+                ):
+                    fp = fp[fp != 0]
+                    self._observe(
+                        keys=[], args=[*head, digest, *(h.tobytes() for h in fp)], client=pipe
+                    )
+                out += [(int(g), int(c), int(n)) for g, c, n in pipe.execute()]
+            return out
 
         return self._run(op, lambda: self.fallback.match_add(client, fps, digests))
 

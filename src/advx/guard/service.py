@@ -36,6 +36,7 @@ import re
 import struct
 import time
 import uuid
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -209,13 +210,18 @@ async def read_body(request: Any, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from
     Content-Length before reading anything, else while streaming (chunked uploads)."""
     enc = request.headers.get("content-encoding", "identity").strip().lower()
-    if enc not in ("", "identity"):
+    if enc not in ("", "identity", "gzip", "deflate"):
         raise RequestError(
             415,
             f"Content-Encoding {enc!r} is not supported",
             field="Content-Encoding",
-            expected="an uncompressed body (identity)",
+            expected="identity, gzip or deflate",
         )
+    inflate = None
+    if enc in ("gzip", "deflate"):
+        # tritonclient's request_compression_algorithm; the limit applies to the inflated
+        # bytes too, checked as they come out (a small bomb cannot expand past it)
+        inflate = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -233,9 +239,28 @@ async def read_body(request: Any, limit: int) -> bytes:
             raise _too_large(size, limit)
     buf = bytearray()
     async for chunk in request.stream():
+        if inflate is not None:
+            try:
+                chunk = inflate.decompress(chunk, limit + 1 - len(buf))
+            except zlib.error as e:
+                raise RequestError(
+                    400,
+                    f"the body is not valid {enc} ({e})",
+                    field="Content-Encoding",
+                    expected=f"a {enc}-compressed body",
+                ) from None
+            if inflate.unconsumed_tail:
+                raise _too_large(limit + 1, limit, partial=True)
         buf += chunk
         if len(buf) > limit:
             raise _too_large(len(buf), limit, partial=True)
+    if inflate is not None and not inflate.eof:
+        raise RequestError(
+            400,
+            f"the {enc} body is truncated",
+            field="Content-Encoding",
+            expected=f"a complete {enc} stream",
+        )
     return bytes(buf)
 
 
@@ -588,6 +613,11 @@ class GuardService:
     # -- request plumbing ------------------------------------------------------------------------
 
     def client_of(self, request: Any) -> str:
+        client = self._client_of(request)
+        request.state.client = client  # for the request's log line
+        return client
+
+    def _client_of(self, request: Any) -> str:
         auth = request.headers.get("authorization")
         if self.api_keys is not None:
             key = ""
@@ -893,6 +923,7 @@ def create_app(
                             "status": response.status_code,
                             "ms": round(dt * 1000, 3),
                             "peer": request.client.host if request.client else None,
+                            "client": getattr(request.state, "client", None),
                         }
                     },
                 )
@@ -1014,10 +1045,14 @@ def create_app(
         body, ctype = mon.exposition()
         return Response(body, media_type=ctype)
 
-    openapi = openapi_document(svc)
+    openapi = {svc.guard.version: openapi_document(svc)}  # built once per served version
 
     async def openapi_json(request: Request, rid: str) -> Response:
-        return json_response(openapi)
+        version = svc.guard.version
+        if version not in openapi:  # a reload changed the version the document names
+            openapi.clear()
+            openapi[version] = openapi_document(svc)
+        return json_response(openapi[version])
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)

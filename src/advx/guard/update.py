@@ -143,6 +143,19 @@ def _data(value: Data, name: str) -> tuple[Tensor, Tensor]:
     )
 
 
+def _review_ids(reviewed: Data) -> list[int] | None:
+    """The review items' ids an ``advx review export`` file records (provenance), else None."""
+    if not isinstance(reviewed, (str, os.PathLike)) or not str(reviewed).endswith(".npz"):
+        return None
+    import numpy as np
+
+    try:
+        with np.load(reviewed) as f:
+            return [int(i) for i in f["ids"]] if "ids" in f.files else None
+    except (OSError, ValueError):
+        return None
+
+
 def _threat(threat: ThreatModel | str) -> ThreatModel:
     if isinstance(threat, ThreatModel):
         return threat
@@ -352,7 +365,11 @@ def update(
                 f"{list(xr.shape[1:])}; they must be the same data"
             )
     data = {
-        "reviewed": {"sha256": data_sha256(xr, yr), "n": int(xr.shape[0])},
+        "reviewed": {
+            "sha256": data_sha256(xr, yr),
+            "n": int(xr.shape[0]),
+            "items": _review_ids(reviewed),
+        },
         "train": {"sha256": data_sha256(xt, yt), "n": int(xt.shape[0])},
         "audit": {"sha256": data_sha256(xa, ya), "n": int(xa.shape[0])},
         "calibration": {"sha256": data_sha256(xc, yc), "n": int(xc.shape[0])},

@@ -18,7 +18,7 @@ from .._io import import_object
 from ..errors import InputError
 from . import nets
 
-__all__ = ["build", "load", "load_weights", "describe", "BUILTIN", "nets"]
+__all__ = ["build", "load", "load_weights", "resolve_weights", "describe", "BUILTIN", "nets"]
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": nets.smallcnn,
@@ -158,11 +158,28 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(net: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state dict into ``net`` strictly; a mismatch names the keys that differ."""
+def resolve_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+    """(the weights file, the model the checkpoint records or None) for a weights file, or for
+    what ``advx train --out DIR`` / ``fit(..., out=DIR)`` writes: the folder, its
+    ``checkpoint.json`` or the ``.safetensors`` beside it (the sidecar's sha256 checked)."""
+    from .._checkpoint import SIDECAR, read_sidecar
+
     path = Path(path)
     if not path.exists():
-        raise InputError(f"weights: no file {path}")
+        raise InputError(f"weights: no file or folder {path}")
+    sidecar = path.is_dir() or path.suffix == ".json"
+    if path.suffix == ".safetensors" and (path.parent / SIDECAR).exists():
+        sidecar = True
+    if not sidecar:
+        return path, None
+    meta, weights = read_sidecar(path)
+    return weights, dict(meta.get("model") or {})
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict into ``net`` strictly; a mismatch names the keys that differ. ``path``
+    is a weights file or an advx training checkpoint (its folder or its ``checkpoint.json``)."""
+    path, _ = resolve_weights(path)
     state = _read_state(path)
     own = net.state_dict()
     # checkpoints from before PyTorch 0.4.1 lack batch norm's bookkeeping counter: not a mismatch
