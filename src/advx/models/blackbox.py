@@ -79,15 +79,40 @@ class BlackBox(Model):
         retries: int = 3,
         backoff: float = 0.5,
         headers: dict[str, str] | None = None,
+        token_env: str | None = None,
+        protocol: str = "advx",
+        model_name: str | None = None,
+        input_name: str = "input",
+        output_name: str | None = None,
+        max_retry_after: float = 60.0,
         batch_size: int | None = 64,
         **kwargs: Any,
     ) -> BlackBox:
-        """A model behind an HTTP endpoint (the JSON protocol of :mod:`advx.models.remote`):
-        timeouts, retries with exponential backoff, and a clear error when the server misbehaves."""
+        """A model behind an HTTP endpoint (see :mod:`advx.models.remote`): timeouts, retries
+        with exponential backoff, 429/503 retried after the server's ``Retry-After`` (at most
+        ``max_retry_after`` seconds), and a clear error when the server misbehaves.
+
+        ``protocol="advx"`` posts ``{"inputs": [...]}`` to ``url``; ``protocol="v2"`` speaks the
+        Open Inference Protocol (KServe, Triton, advx's guard) to
+        ``{url}/v2/models/{model_name}/infer``, sending one FP32 tensor named ``input_name`` and
+        reading the first output (or ``output_name``). ``headers`` go with every request;
+        ``token_env`` names an environment variable whose value is sent as
+        ``Authorization: Bearer <value>`` (read now; the token never appears in messages)."""
         from .remote import http_fn
 
         fn = http_fn(
-            url, kind=kind, timeout=timeout, retries=retries, backoff=backoff, headers=headers
+            url,
+            kind=kind,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            headers=headers,
+            token_env=token_env,
+            protocol=protocol,
+            model_name=model_name,
+            input_name=input_name,
+            output_name=output_name,
+            max_retry_after=max_retry_after,
         )
         return cls(fn, kind=kind, batch_size=batch_size, **kwargs)
 
@@ -109,12 +134,54 @@ class BlackBox(Model):
         )
 
     @classmethod
-    def from_spec(cls, spec: str, **kwargs: Any) -> BlackBox:
+    def from_spec(
+        cls,
+        spec: str,
+        *,
+        headers: dict[str, str] | None = None,
+        token_env: str | None = None,
+        protocol: str = "advx",
+        model_name: str | None = None,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        **kwargs: Any,
+    ) -> BlackBox:
         """``http(s)://...``, ``path/to/model.onnx`` or ``pkg.module:fn`` (a callable, or a
-        factory of one when called with no arguments returns a callable)."""
+        factory of one when called with no arguments returns a callable).
+
+        ``headers``, ``token_env``, ``protocol``, ``model_name``, ``input_name`` and
+        ``output_name`` are the HTTP options of :meth:`from_http` (the CLI's ``--header``,
+        ``--token-env``, ``--protocol``, ``--model-name``, ``--input-name``, ``--output-name``;
+        None: the default); given with a spec that is not a URL they are refused rather than
+        ignored."""
         spec = str(spec)
         if spec.startswith(("http://", "https://")):
-            return cls.from_http(spec, **kwargs)
+            return cls.from_http(
+                spec,
+                headers=headers,
+                token_env=token_env,
+                protocol=protocol,
+                model_name=model_name,
+                input_name="input" if input_name is None else input_name,
+                output_name=output_name,
+                **kwargs,
+            )
+        http: dict[str, Any] = {
+            "headers": headers,
+            "token_env": token_env,
+            "protocol": protocol,
+            "model_name": model_name,
+            "input_name": input_name,
+            "output_name": output_name,
+        }
+        given = [
+            k for k, v in http.items() if (v not in (None, {}) if k != "protocol" else v != "advx")
+        ]
+        if given:
+            raise InputError(
+                f"{', '.join(given)}: only for a black box behind HTTP; {spec!r} is not an "
+                "http:// or https:// URL"
+            )
         if spec.endswith(".onnx"):
             return cls.from_onnx(spec, **kwargs)
         fn = import_object(spec, name="model")
