@@ -150,4 +150,9 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .._threads import configure
+
+    # torch's default thread count is the machine's cores, even when the process may use fewer
+    # or they are busy: on a shared 2-core machine that made PGD-40 many times slower
+    configure()
     cli.main(args=argv, prog_name="advx")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import time
 
 import click
@@ -57,6 +59,32 @@ def _attack_names() -> list[str]:
     default=None,
     help="Classes of a label-only black box.",
 )
+@click.option(
+    "--header",
+    "headers",
+    multiple=True,
+    metavar="NAME:VALUE",
+    help="HTTP header sent to a --blackbox URL, repeatable (--header 'X-Client-Id: audit').",
+)
+@click.option(
+    "--token-env",
+    default=None,
+    metavar="VAR",
+    help="Send 'Authorization: Bearer $VAR' to a --blackbox URL (the token stays out of argv).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["advx", "v2"]),
+    default="advx",
+    show_default=True,
+    help="Wire format of a --blackbox URL: advx's {'inputs': ...} or the Open Inference "
+    "Protocol v2 (Triton, KServe).",
+)
+@click.option(
+    "--model-name",
+    default=None,
+    help="The served model's name for --protocol v2 (POST URL/v2/models/NAME/infer).",
+)
 @data_option
 @click.option(
     "--threat",
@@ -102,6 +130,10 @@ def attack_command(
     kind,
     budget,
     num_classes,
+    headers,
+    token_env,
+    protocol,
+    model_name,
     data,
     split,
     n,
@@ -138,8 +170,23 @@ def attack_command(
         lo_hi = parse_floats(bounds or "0,1", "bounds")
         if not lo_hi or len(lo_hi) != 2:
             raise InputError(f"--bounds: expected LOW,HIGH such as 0,1, got {bounds!r}")
+        from ..models.remote import parse_headers
+
+        http: dict[str, Any] = {}
+        if headers or token_env or protocol != "advx" or model_name:
+            http = dict(
+                headers=parse_headers(list(headers)) if headers else None,
+                token_env=token_env,
+                protocol=protocol,
+                model_name=model_name,
+            )
         model = BlackBox.from_spec(
-            blackbox, kind=kind, budget=budget, num_classes=num_classes, bounds=(lo_hi[0], lo_hi[1])
+            blackbox,
+            kind=kind,
+            budget=budget,
+            num_classes=num_classes,
+            bounds=(lo_hi[0], lo_hi[1]),
+            **http,
         )
     else:
         model = build_classifier(model_spec, weights, mean, std, bounds, dev)
