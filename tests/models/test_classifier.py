@@ -87,6 +87,10 @@ def test_training_mode_is_used_as_eval_and_restored_with_one_warning(trained_mlp
 
 def test_grad_mode_and_param_grads_are_untouched(trained_mlp, batch):
     x, y = batch
+    # the session's shared model may carry gradients from another test's own backward pass:
+    # start clean, so that any gradient found afterwards is the attack's
+    for p in trained_mlp.parameters():
+        p.grad = None
     with torch.no_grad():
         r = advx.PGD(advx.Linf(0.1), steps=3)(trained_mlp, x, y)
         assert not torch.is_grad_enabled()
