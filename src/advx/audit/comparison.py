@@ -21,7 +21,7 @@ from ..errors import InputError
 from ._codec import decode, encode
 from ._text import fmt_ci, plural
 from .gate import Check, reliable_check
-from .report import DataInfo, Report, SuiteInfo, ThreatInfo, stage_labels
+from .report import DataInfo, Page, Report, SuiteInfo, ThreatInfo, stage_labels
 from .stats import LEVEL, count_of, newcombe, wilson
 
 __all__ = [
@@ -79,7 +79,7 @@ class ClassDelta:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Comparison:
+class Comparison(Page):
     """What changed from the base audit to the new one. ``passed``: every check held."""
 
     schema: str = SCHEMA
@@ -144,13 +144,6 @@ class Comparison:
         from .html import render_diff
 
         return render_diff(self)
-
-    def save_html(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        page = self.to_html()
-        with atomic_open(path, "w") as f:
-            f.write(page)
-        return path
 
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal."""

@@ -180,8 +180,23 @@ class Provenance:
         return list(encode(self).items())
 
 
+class Page:
+    """A document that renders to one self-contained HTML page (a report, a comparison)."""
+
+    def to_html(self) -> str:
+        raise NotImplementedError
+
+    def save_html(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_html` to ``path`` atomically; returns the path."""
+        path = Path(path)
+        page = self.to_html()
+        with atomic_open(path, "w") as f:
+            f.write(page)
+        return path
+
+
 @dataclass(frozen=True, kw_only=True)
-class Report:
+class Report(Page):
     """An audit's outcome. ``to_dict()`` is the JSON document (schema ``advx-report/1``)."""
 
     schema: str = SCHEMA
@@ -264,13 +279,6 @@ class Report:
         from .html import render_html
 
         return render_html(self)
-
-    def save_html(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        page = self.to_html()
-        with atomic_open(path, "w") as f:
-            f.write(page)
-        return path
 
     def summary_lines(self) -> list[str]:
         """A few lines for a terminal."""
