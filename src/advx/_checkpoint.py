@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import sha256_bytes, sha256_file, write_bytes
+from ._io import fsync_dir, sha256_bytes, sha256_file, write_bytes
 from ._provenance import now, versions
 from .errors import InputError
 
@@ -77,19 +77,6 @@ def _dump_state(state: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open a folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     folder: str | os.PathLike,
     weights: dict[str, torch.Tensor],
@@ -127,7 +114,7 @@ def save_checkpoint(
     write_bytes(
         folder / SIDECAR, (json.dumps(sidecar, indent=2, default=str) + "\n").encode()
     )  # the commit
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in list(folder.glob("model-e*.safetensors")) + list(folder.glob("state-e*.pt")):
         if old.name not in (w_name, s_name):
             try:

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_open",
     "write_json",
     "write_bytes",
+    "fsync_dir",
     "check_writable",
     "sha256_bytes",
     "sha256_file",
@@ -164,3 +165,17 @@ def import_object(spec: str, *, name: str = "spec") -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise InputError(f"{name}: {module_name} has no attribute {attr!r}") from None
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (fsync the folder itself)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

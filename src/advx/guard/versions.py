@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .._io import write_bytes, write_json
+from .._io import fsync_dir, write_bytes, write_json
 from .._provenance import now, versions
 from ..errors import InputError
 from .guard import Guard
@@ -67,19 +67,6 @@ class ModelVersion:
         """The guard this version describes; its decisions carry the version's name."""
         kw.setdefault("version", self.name)
         return Guard.from_policy(self.model, self.policy, fallback=fallback, **kw)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - a platform that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class ModelDir:
@@ -261,7 +248,7 @@ class ModelDir:
                     if (self.root / name).exists():
                         continue
                     raise
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 log.info("model dir: wrote %s (parent %s)", name, parent)
                 return name
             raise InputError(f"model dir: could not find a free version name in {self.root}")
@@ -274,6 +261,6 @@ class ModelDir:
         raises :class:`VersionError` and the pointer is left as it was."""
         loaded = self.load(version, device=device)
         write_bytes(self.root / POINTER, f"{version}\n".encode())
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.info("model dir: %s is now current in %s", version, self.root)
         return loaded
