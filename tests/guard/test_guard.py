@@ -211,3 +211,16 @@ def test_decisions_do_not_change_the_policy(model):
     pol = Policy(min_confidence=0.3)
     g = Guard(model, policy=pol)
     assert dataclasses.asdict(g.policy) == dataclasses.asdict(pol)
+
+
+def test_decide_returns_the_probabilities_the_decisions_came_from(model, digits):
+    x, _ = digits
+    guard = Guard(model, input_shape=x.shape[1:])
+    rows = [x[0], torch.full_like(x[1], float("nan")), x[2]]
+    decisions, probs = guard.decide(rows)
+    assert probs is not None and probs.shape == (3, 10)
+    assert torch.isnan(probs[1]).all() and decisions[1].action == "reject"
+    want = torch.softmax(model.scores(torch.stack([x[0], x[2]])).float(), dim=1)
+    assert torch.allclose(probs[[0, 2]], want, atol=1e-6)
+    assert [d.predicted for d in (decisions[0], decisions[2])] == want.argmax(1).tolist()
+    assert decisions[0].confidence == pytest.approx(float(want[0].max()))

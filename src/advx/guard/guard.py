@@ -185,6 +185,12 @@ class Guard:
 
     def __call__(self, x: Any) -> Decisions:
         """One :class:`Decision` per row of ``x`` (a tensor, an array or a list of rows)."""
+        return self.decide(x)[0]
+
+    def decide(self, x: Any) -> tuple[Decisions, Tensor | None]:
+        """The decisions for the rows of ``x`` and the model's softmax probabilities ``(N, C)``
+        they were made from (a row that failed validation gets NaN; ``None`` when no row was
+        valid): what a service answers with, from the one model pass the guard made."""
         try:
             good, index, bad = check_rows(
                 x, shape=self.input_shape, bounds=self.bounds, max_rows=self.max_rows
@@ -198,21 +204,31 @@ class Guard:
             out[i] = Decision(
                 "reject", None, None, None, {}, (f"invalid input: {why}",), version, ph
             )
+        all_probs: Tensor | None = None
         if good is not None:
             good = good.to(getattr(self.model, "device", "cpu"))
-            for j, d in zip(index, self._decide(good), strict=True):
+            decided, probs = self._decide(good)
+            for j, d in zip(index, decided, strict=True):
                 out[j] = d
-        return Decisions([d for d in out if d is not None])
+            if bad:
+                all_probs = probs.new_full((n, probs.shape[1]), float("nan"))
+                all_probs[torch.tensor(index, device=probs.device)] = probs
+            else:
+                all_probs = probs
+        return Decisions([d for d in out if d is not None]), all_probs
 
-    def _decide(self, x: Tensor) -> list[Decision]:
+    def _decide(self, x: Tensor) -> tuple[list[Decision], Tensor]:
         pol = self.policy
         probs, scores = self.score(x)
-        conf, pred = probs.max(dim=1)
+        # to the host once: the rules below are per-row Python
+        conf_t, pred_t = probs.max(dim=1)
+        conf, pred = conf_t.tolist(), pred_t.tolist()
+        rows_by_name = {name: s.tolist() for name, s in scores.items()}
         fb_labels = None
         decisions = []
         for i in range(x.shape[0]):
-            c = float(conf[i])
-            row = {name: float(s[i]) for name, s in scores.items()}
+            c = conf[i]
+            row = {name: vals[i] for name, vals in rows_by_name.items()}
             actions: list[Action] = ["accept"]
             reasons: list[str] = []
             for name, t in pol.thresholds.items():
@@ -223,7 +239,7 @@ class Guard:
                 actions.append(pol.on_low_confidence)
                 reasons.append(f"confidence {c:.4g} < {pol.min_confidence:.4g}")
             action = _strictest(actions)
-            label: int | None = int(pred[i]) if action == "accept" else None
+            label: int | None = pred[i] if action == "accept" else None
             if action == "fallback":
                 if self.fallback is None:
                     action = "abstain"
@@ -231,15 +247,13 @@ class Guard:
                 else:
                     if fb_labels is None:
                         with torch.no_grad():
-                            fb_labels = self.fallback.labels(x)
-                    label = int(fb_labels[i])
+                            fb_labels = self.fallback.labels(x).tolist()
+                    label = fb_labels[i]
             row["confidence"] = c
             decisions.append(
-                Decision(
-                    action, label, int(pred[i]), c, row, tuple(reasons), self.version, pol.hash
-                )
+                Decision(action, label, pred[i], c, row, tuple(reasons), self.version, pol.hash)
             )
-        return decisions
+        return decisions, probs
 
     def __repr__(self) -> str:
         return (

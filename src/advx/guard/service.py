@@ -541,31 +541,14 @@ class GuardService:
 
     def _infer(self, x: Tensor, silent: Tensor) -> _Out:
         guard = self.guard
-        # The guard computes the model's probabilities on its way to the decisions but does
-        # not return them; rather than run the model a second time for the answer's scores,
-        # tap them from Guard.score for this one call (only this thread calls the guard).
-        tapped: list[Tensor] = []
-        score = guard.score
-
-        def tap(xs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-            probs, det = score(xs)
-            tapped.append(probs)
-            return probs, det
-
-        own = vars(guard).get("score")
-        guard.score = tap  # type: ignore[method-assign,assignment]
-        try:
-            decisions = list(guard(x))
-        finally:
-            if own is None:
-                del guard.score
-            else:
-                guard.score = own  # type: ignore[method-assign]
+        # the answer's scores are the probabilities the guard decided from: no second pass
+        decided, guard_probs = guard.decide(x)
+        decisions = list(decided)
         with torch.no_grad():
             xd = x.to(self.device)
-            if len(tapped) == 1 and tapped[0].shape[0] == x.shape[0]:
-                probs = tapped[0].float().cpu()
-            else:  # a guard that scores differently: ask the model
+            if guard_probs is not None:
+                probs = guard_probs.float().cpu()
+            else:  # no row passed the guard's own validation (the service checked them first)
                 probs = F.softmax(guard.model.scores(xd).float(), dim=1).cpu()
             silent_probs = None
             silent_labels: list[int | None] = [None] * x.shape[0]
