@@ -224,3 +224,21 @@ def test_decide_returns_the_probabilities_the_decisions_came_from(model, digits)
     assert torch.allclose(probs[[0, 2]], want, atol=1e-6)
     assert [d.predicted for d in (decisions[0], decisions[2])] == want.argmax(1).tolist()
     assert decisions[0].confidence == pytest.approx(float(want[0].max()))
+
+
+def test_detectors_reuse_the_guards_pass_over_the_input(trained_mlp, digits):
+    """Feature squeezing and the energy score need the model's logits at x, which the guard
+    has already computed: scoring costs 1 pass + 1 per squeezer, not 2 more, and the scores
+    are the same as each detector's own."""
+    x, _ = digits
+    calls = []
+    hook = trained_mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model = Classifier(trained_mlp)
+        guard = Guard(model, detectors=build_detectors("feature_squeezing,energy", model))
+        _, scores = guard.score(x)
+        assert len(calls) == 1 + 2  # the input, then bits:1 and median:2
+        for name, d in guard.detectors.items():
+            assert torch.allclose(scores[name], d.score(x).float())
+    finally:
+        hook.remove()

@@ -38,12 +38,16 @@ class Detector:
     """Scores inputs for a model; ``detect`` flags the scores above ``threshold``.
 
     Subclasses implement ``_score(x, bpda=True)``: one score per input, differentiable with
-    respect to x when autograd is on (through BPDA where a part is not differentiable).
+    respect to x when autograd is on (through BPDA where a part is not differentiable). A
+    subclass that needs the model's logits at ``x`` itself sets ``takes_logits`` and accepts
+    ``logits=``: a caller that already ran the model on ``x`` (the guard) passes them and the
+    detector skips that pass.
     """
 
     model: Model
     threshold: float | None = None
     fpr: float | None = None
+    takes_logits: bool = False
 
     def __init__(self, model) -> None:
         self.model = as_model(model)
@@ -55,12 +59,25 @@ class Detector:
     def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
         raise NotImplementedError
 
-    def score(self, x: Tensor) -> Tensor:
-        """How suspicious each input is, shape (N,): higher is more suspicious."""
+    def score(self, x: Tensor, *, logits: Tensor | None = None) -> Tensor:
+        """How suspicious each input is, shape (N,): higher is more suspicious. ``logits``: the
+        model's scores at ``x`` (N, C), when the caller has them (used if ``takes_logits``)."""
         x = check_images(x, self.bounds, name="x")
         self.model.check_input(x)
+        size = self.model.batch_size_for(x, grad=False)
         with self.model.prepared(), torch.no_grad():
-            return chunked(self._score, x, self.model.batch_size_for(x, grad=False))
+            if logits is None or not self.takes_logits:
+                return chunked(self._score, x, size)
+            z = logits
+
+            def part(rows: Tensor) -> Tensor:
+                return self._score(x[rows], logits=z[rows])  # type: ignore[call-arg]
+
+            return chunked(part, torch.arange(x.shape[0], device=x.device), size)
+
+    def _logits(self, x: Tensor, logits: Tensor | None) -> Tensor:
+        """The model's logits at ``x``: the caller's when given, else one pass."""
+        return graph(self.model, x) if logits is None else logits
 
     def calibrate(self, x_clean: Tensor, fpr: float = 0.05) -> Detector:
         """Set the threshold to the (1 - fpr) quantile of the scores of clean inputs, so that
@@ -154,8 +171,10 @@ class FeatureSqueezing(Detector):
         }[kind]
         return f"{kind}:{n}", fn
 
-    def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
-        p = F.softmax(graph(self.model, x), dim=1)
+    takes_logits = True
+
+    def _score(self, x: Tensor, *, bpda: bool = True, logits: Tensor | None = None) -> Tensor:
+        p = F.softmax(self._logits(x, logits), dim=1)
         through = bpda and torch.is_grad_enabled()
         dists = []
         for fn in self.squeezers:

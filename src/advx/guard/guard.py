@@ -179,8 +179,14 @@ class Guard:
     def score(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Softmax probabilities ``(N, C)`` and each detector's scores ``(N,)`` for valid ``x``."""
         with torch.no_grad():
-            probs = F.softmax(self.model.scores(x).float(), dim=1)
-            scores = {name: d.score(x).float() for name, d in self.detectors.items()}
+            logits = self.model.scores(x)
+            probs = F.softmax(logits.float(), dim=1)
+            # a detector watching this same model reuses its logits at x: one pass, not one
+            # per detector
+            scores = {
+                name: d.score(x, logits=logits if d.model is self.model else None).float()
+                for name, d in self.detectors.items()
+            }
         return probs, scores
 
     def __call__(self, x: Any) -> Decisions:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import check_float, positive_float
-from ..defenses._base import graph
 from ..defenses.detectors import Detector
 from ..errors import InputError
 
@@ -31,8 +30,10 @@ class EnergyScore(Detector):
         super().__init__(model)
         self.temperature = positive_float(temperature, name="temperature", who="EnergyScore")
 
-    def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
-        z = graph(self.model, x).float()
+    takes_logits = True
+
+    def _score(self, x: Tensor, *, bpda: bool = True, logits: Tensor | None = None) -> Tensor:
+        z = self._logits(x, logits).float()
         t = self.temperature
         return -t * torch.logsumexp(z / t, dim=1)  # (N, C) -> (N,)
 
@@ -45,8 +46,10 @@ class MaxLogitScore(Detector):
     detection for real-world settings"): unlike the softmax, it keeps how far the input is
     from every class, so an input that is far from all of them scores high."""
 
-    def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
-        return -graph(self.model, x).float().amax(dim=1)  # (N, C) -> (N,)
+    takes_logits = True
+
+    def _score(self, x: Tensor, *, bpda: bool = True, logits: Tensor | None = None) -> Tensor:
+        return -self._logits(x, logits).float().amax(dim=1)  # (N, C) -> (N,)
 
     def spec(self) -> dict:
         return {"kind": "max_logit"}
@@ -56,8 +59,10 @@ class LowConfidence(Detector):
     """One minus the model's top softmax probability: the guard's low-confidence rule as a
     detector, so that an adaptive attack can be asked to evade it too."""
 
-    def _score(self, x: Tensor, *, bpda: bool = True) -> Tensor:
-        return 1.0 - F.softmax(graph(self.model, x).float(), dim=1).amax(dim=1)
+    takes_logits = True
+
+    def _score(self, x: Tensor, *, bpda: bool = True, logits: Tensor | None = None) -> Tensor:
+        return 1.0 - F.softmax(self._logits(x, logits).float(), dim=1).amax(dim=1)
 
     def spec(self) -> dict:
         return {"kind": "low_confidence"}
