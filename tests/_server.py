@@ -40,3 +40,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_up(proc, url: str, *, timeout: float = 120) -> None:
+    """Wait for a server started as the subprocess ``proc`` to answer ``GET url/health`` with
+    200; fail with its stderr if it exits first, or after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            if isinstance(err, bytes):
+                err = err.decode(errors="replace")
+            raise AssertionError(f"the server exited {proc.returncode}: {err}")
+        assert time.monotonic() < deadline, f"the server at {url} did not start"
+        time.sleep(0.2)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,13 @@ from advx.defenses import FeatureSqueezing
 from advx.guard import Guard, Policy
 from advx.guard.service import create_app
 from advx.models import Classifier
-from tests._server import free_port, serve
+from tests._server import free_port, serve, wait_until_up
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-
-
-def _wait_up(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"advx serve exited {proc.returncode}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "advx serve did not start"
-        time.sleep(0.2)
 
 
 def test_advx_serve_serves_both_protocols_and_stops_on_sigterm():
@@ -64,7 +49,7 @@ def test_advx_serve_serves_both_protocols_and_stops_on_sigterm():
         text=True,
     )
     try:
-        _wait_up(proc, url)
+        wait_until_up(proc, url)
         x = torch.rand(2, 1, 28, 28)
         r = httpx.post(
             f"{url}/predict", json={"inputs": x.tolist()}, headers={"X-Request-Id": "cli-1"}
@@ -162,7 +147,7 @@ def test_advx_serve_wires_the_store_query_detection_and_api_keys(tmp_path, batch
         text=True,
     )
     try:
-        _wait_up(proc, url)
+        wait_until_up(proc, url)
         x = torch.rand(3, 1, 28, 28)
         assert httpx.post(f"{url}/predict", json={"inputs": x.tolist()}).status_code == 401
         auth = {"Authorization": "Bearer k-123"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from advx.guard.queries import QueryDetector
 from advx.guard.service import create_app
 from advx.models import Classifier
 from tests._redis import redis_server
-from tests._server import free_port, serve
+from tests._server import free_port, serve, wait_until_up
 
 from .test_queries import Alerts, patched
 
@@ -110,20 +109,6 @@ def _serve(port: int, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait_up(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"advx serve exited {proc.returncode}: {proc.stderr.read()}")
-        assert time.monotonic() < deadline, "advx serve did not start"
-        time.sleep(0.2)
-
-
 @pytest.mark.slow  # ~30 s of process start-up; test_queries_redis.py covers the sharing
 def test_two_serve_processes_sharing_redis_catch_an_attack_spread_over_them(mnist_test):
     x = mnist_test[0][:1]
@@ -133,7 +118,7 @@ def test_two_serve_processes_sharing_redis_catch_an_attack_spread_over_them(mnis
         try:
             urls = [f"http://127.0.0.1:{p}" for p in ports]
             for proc, url in zip(procs, urls, strict=True):
-                _wait_up(proc, url)
+                wait_until_up(proc, url)
             first = predict(urls[0], x, **{"X-Client-Id": "sybil-1"})["decisions"][0]
             assert "query attack suspected" not in first["reasons"]
             # a near copy sent to the other process by another account is refused there

@@ -26,7 +26,7 @@ from advx.errors import InputError, ModelError
 from advx.guard import Guard, Policy
 from advx.guard.service import JsonLogFormatter, create_app
 from advx.models import Classifier
-from tests._server import free_port, serve
+from tests._server import free_port, serve, wait_until_up
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -675,16 +675,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_up(proc, url, timeout=60)
         result: dict = {}
 
         def call():
