@@ -67,6 +67,28 @@ def _private_state_directory(tmp_path_factory):
         os.environ["XDG_STATE_HOME"] = old
 
 
+@pytest.fixture(autouse=True)
+def _logging_left_as_found():
+    """A CLI command run in-process (CliRunner) configures logging for its process: advx serve
+    gives advx.guard and uvicorn their own JSON handler and stops them propagating. Left in
+    place, that hides later tests' records from caplog, so each test gets the loggers back as
+    it found them."""
+    import logging
+
+    names = ("", "advx", "advx.guard", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = {}
+    for name in names:
+        lg = logging.getLogger(name)
+        saved[name] = (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
+    yield
+    for name, (handlers, level, propagate, disabled) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.disabled = disabled
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _reports_match_their_schema():
     """Every audit report a test serializes (to_dict, hence save, to_json and the CLI's output)
