@@ -30,7 +30,15 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["ZOOS", "Preprocessing", "is_zoo_spec", "load", "preprocessing_of", "suggest"]
+__all__ = [
+    "ZOOS",
+    "Preprocessing",
+    "is_zoo_spec",
+    "load",
+    "save",
+    "preprocessing_of",
+    "suggest",
+]
 
 #: zoo prefix -> the extra that installs it
 ZOOS: dict[str, str] = {
@@ -179,34 +187,7 @@ def _weights_file(folder: Path) -> Path | None:
 def _timm(name: str, *, download: bool, weights: Any, **kwargs: Any):
     local = name[len("local-dir:") :] if name.startswith("local-dir:") else name
     if Path(local).is_dir():
-        # timm's hub layout, saved by timm.models.push_to_hf_hub / save_for_hf:
-        # config.json (architecture, num_classes, pretrained_cfg) beside model.safetensors
-        folder = Path(local)
-        cfg_path = folder / "config.json"
-        if not cfg_path.is_file():
-            raise InputError(
-                f"model: timm:{name}: the folder has no config.json (timm's hub layout: "
-                "config.json with architecture and pretrained_cfg, and model.safetensors)"
-            )
-        config = json.loads(cfg_path.read_text())
-        if "architecture" not in config:
-            raise InputError(f"model: timm:{name}: {cfg_path} names no architecture")
-        timm = _require("timm", "timm")
-        args = {k: config[k] for k in ("num_classes", "in_chans") if k in config}
-        args.update(kwargs)
-        args.pop("pretrained", None)
-        net = timm.create_model(config["architecture"], pretrained=False, **args)
-        if weights is None:
-            file = _weights_file(folder)
-            if file is None:
-                raise InputError(
-                    f"model: timm:{name}: no model.safetensors or pytorch_model.bin in {folder}"
-                )
-            from . import load_weights
-
-            load_weights(net, file)
-        return net, timm_preprocessing(config.get("pretrained_cfg") or {}, source=str(cfg_path))
-
+        return _timm_folder(name, Path(local), weights=weights, **kwargs)
     timm = _require("timm", "timm")
     known = set(timm.list_models()) | set(timm.list_models(pretrained=True))
     if name not in known and name.split(".")[0] not in known:
@@ -223,6 +204,110 @@ def _timm(name: str, *, download: bool, weights: Any, **kwargs: Any):
     )
     data_cfg = timm.data.resolve_data_config({}, model=net)
     return net, timm_preprocessing(data_cfg, source=f"timm pretrained_cfg of {name}")
+
+
+def _advx_architecture(arch: str) -> bool:
+    from . import BUILTIN
+
+    return arch.lower() in BUILTIN or ":" in arch
+
+
+def _timm_folder(name: str, folder: Path, *, weights: Any, **kwargs: Any):
+    """A model in timm's hub layout (what ``timm.models.push_to_hf_hub`` writes, and
+    :func:`save`): config.json (architecture, num_classes, model_args, pretrained_cfg) beside
+    model.safetensors. The architecture is a timm model name, or an advx built-in name or
+    ``pkg.module:factory`` spec (built by advx: timm is then not needed)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(
+            f"model: timm:{name}: the folder has no config.json (timm's hub layout: "
+            "config.json with architecture and pretrained_cfg, and model.safetensors)"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise InputError(f"model: timm:{name}: {cfg_path} is not JSON ({e})") from None
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not arch:
+        raise InputError(f"model: timm:{name}: {cfg_path} names no architecture")
+    args = dict(config.get("model_args") or {})
+    if _advx_architecture(arch):
+        # advx's factories take what model_args records (num_classes is timm's own key)
+        from ..models import Classifier
+        from . import build
+
+        args.update(kwargs)
+        args.pop("pretrained", None)
+        obj = build(arch, **args)
+        net = obj.net if isinstance(obj, Classifier) else obj
+        if not isinstance(net, nn.Module):
+            raise InputError(f"model: timm:{name}: {arch} returned no nn.Module")
+    else:
+        timm = _require("timm", "timm")
+        args.update({k: config[k] for k in ("num_classes", "in_chans") if k in config})
+        args.update(kwargs)
+        args.pop("pretrained", None)
+        net = timm.create_model(arch, pretrained=False, **args)
+    if weights is None:
+        file = _weights_file(folder)
+        if file is None:
+            raise InputError(
+                f"model: timm:{name}: no model.safetensors or pytorch_model.bin in {folder}"
+            )
+        from . import load_weights
+
+        load_weights(net, file)
+    return net, timm_preprocessing(config.get("pretrained_cfg") or {}, source=str(cfg_path))
+
+
+def save(
+    model: Any,
+    folder: str | os.PathLike,
+    *,
+    architecture: str,
+    model_args: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> Path:
+    """Write ``model`` (an :class:`advx.Classifier`, whose mean and std are recorded) in timm's
+    hub layout, so that ``timm:FOLDER`` loads it with its preprocessing: config.json
+    (``architecture``: a timm name, an advx built-in or ``pkg.module:factory``; ``model_args``
+    for it; ``pretrained_cfg`` with mean, std, input_size) and model.safetensors."""
+    from ..models import Classifier
+
+    if not isinstance(model, Classifier):
+        raise InputError(
+            "model: expected an advx.Classifier (it carries the mean and std to record)"
+        )
+    if model.bounds != (0.0, 1.0):
+        raise InputError(
+            f"model: timm's layout assumes inputs in [0, 1]; this model's bounds are {model.bounds}"
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    pretrained_cfg: dict[str, Any] = {}
+    if model.mean is not None and model.std is not None:
+        pretrained_cfg["mean"] = [float(v) for v in model.mean.tolist()]
+        pretrained_cfg["std"] = [float(v) for v in model.std.tolist()]
+    if input_size is not None:
+        pretrained_cfg["input_size"] = [int(v) for v in input_size]
+    config: dict[str, Any] = {"architecture": architecture, "pretrained_cfg": pretrained_cfg}
+    if model.num_classes is not None:
+        config["num_classes"] = model.num_classes
+    if model_args is None:
+        from . import describe
+
+        model_args = (describe(model.net) or {}).get("kwargs")
+    if model_args:
+        config["model_args"] = dict(model_args)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:  # the train extra is not installed: timm reads the .bin as well
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 def _timm_cached(timm: Any, name: str) -> Path:
@@ -422,22 +507,29 @@ def _robustbench(name: str, *, download: bool, weights: Any, **kwargs: Any):
             f"--model-arg: RobustBench takes dataset, threat and model_dir, not {', '.join(kwargs)}"
         )
     path = model_dir / dataset / threat / f"{name}.pt"
-    if weights is None and not path.is_file() and not download:
-        raise _not_cached(
-            f"robustbench:{name} ({dataset}, {threat})",
-            path.resolve(),
-            "rerun with --download (download=True), or put the checkpoint there "
-            "(--model-arg model_dir=DIR to search another folder)",
-        )
-    _require("robustbench", "robustbench")
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
-
+    try:
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    except Exception:  # not installed: say where the weights would be first, then the extra
+        model_dicts = None
+    missing = weights is None and not path.is_file() and not download
+    not_cached = _not_cached(
+        f"robustbench:{name} ({dataset}, {threat})",
+        path.resolve(),
+        "rerun with --download (download=True), or put the checkpoint there "
+        "(--model-arg model_dir=DIR to search another folder)",
+    )
+    if model_dicts is None:
+        if missing:
+            raise not_cached
+        _require("robustbench", "robustbench")
     entries = model_dicts[BenchmarkDataset(dataset)][ThreatModel(threat)]
     if name not in entries:
         raise InputError(
             f"model: RobustBench has no {dataset} {threat} model {name!r}{suggest(name, entries)}"
         )
+    if missing:
+        raise not_cached
     entry = entries[name]
     prep = robustbench_preprocessing(entry, dataset, name)
     if weights is None and not path.is_file():
