@@ -224,6 +224,7 @@ def _save_tiny_vit(folder):
     return processor
 
 
+@pytest.mark.slow  # importing transformers alone takes seconds
 @_skip_unless("transformers")
 def test_hf_model_saved_locally_matches_its_own_processor(tmp_path):
     processor = _save_tiny_vit(tmp_path / "vit")
@@ -240,6 +241,7 @@ def test_hf_model_saved_locally_matches_its_own_processor(tmp_path):
     torch.testing.assert_close(clf(pixels.float() / 255), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @_skip_unless("transformers")
 def test_hf_not_cached_names_the_cache_path_and_close_cached_names(tmp_path):
     cache = tmp_path / "cache"
