@@ -97,3 +97,15 @@ def test_bad_zoo_specs_exit_2_with_a_hint(tmp_path, spec, expected):
         str(tmp_path / "o.npz"),
     )
     assert code == 2 and expected in err, err
+
+
+def test_images_of_another_size_than_the_config_get_a_warning(tmp_path):
+    torch.manual_seed(0)
+    clf = advx.Classifier(build("lenet"), mean=(0.5,), std=(0.25,))
+    hub.save(clf, tmp_path / "m", architecture="lenet", input_size=(1, 32, 32))
+    out = str(tmp_path / "o.npz")
+    code, _, err = run(*ATTACK, "--model", f"timm:{tmp_path / 'm'}", "--out", out)
+    assert "the images are 28x28 but the model was trained at 32x32" in err
+    hub.save(clf, tmp_path / "m", architecture="lenet", input_size=(3, 28, 28))
+    code, _, err = run(*ATTACK, "--model", f"timm:{tmp_path / 'm'}", "--out", out)
+    assert code == 2 and "the images have 1 channel but the model takes 3" in err

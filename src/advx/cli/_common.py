@@ -293,6 +293,31 @@ def check_channels(model, x: torch.Tensor) -> None:
             f"{plural(x.shape[1], 'channel')} (dimension 1 of {tuple(x.shape)}): give one value "
             "per channel"
         )
+    check_input_size(model, x)
+
+
+def check_input_size(model, x: torch.Tensor) -> None:
+    """A zoo model's config says what it was trained on: channels that differ are an error
+    (it would fail mid-attack), a different height and width a warning (a CNN with global
+    pooling runs, but its accuracy there is not the one published)."""
+    from ..zoo import hub
+
+    net = getattr(model, "net", None)
+    prep = hub.preprocessing_of(net) if isinstance(net, torch.nn.Module) else None
+    if prep is None or prep.input_size is None or x.dim() != 4:
+        return
+    c, h, w = prep.input_size
+    if x.shape[1] != c:
+        raise InputError(
+            f"--data: the images have {plural(x.shape[1], 'channel')} but the model takes {c} "
+            f"(its config: {prep.source})"
+        )
+    if tuple(x.shape[2:]) != (h, w):
+        info(
+            f"advx: warning: the images are {x.shape[2]}x{x.shape[3]} but the model was trained "
+            f"at {h}x{w} (its config: {prep.source}); resize or crop them to {h}x{w}",
+            always=True,
+        )
 
 
 def warn_threat(threat, bounds: tuple[float, float], x: torch.Tensor) -> None:
