@@ -133,7 +133,7 @@ def load(
         from . import load_weights
 
         load_weights(net, weights)
-    net.eval()  # attacks evaluate in eval mode; a zoo model is never meant to be trained here
+    net.eval()  # attacks evaluate in eval mode (fit switches to training mode itself)
     _INFO[net] = prep
     return Classifier(net, bounds=prep.bounds, mean=prep.mean, std=prep.std)
 
