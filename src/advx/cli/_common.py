@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import sys
 from typing import Any
@@ -56,36 +57,95 @@ def emit_json(obj: Any) -> None:
 
 
 def model_options(f):
-    """--model, --weights, --mean, --std, --bounds."""
-    f = click.option(
+    """--model, --model-arg, --download, --weights, --mean, --std, --bounds.
+
+    --model-arg and --download are taken off the command's arguments and kept in the click
+    context, where :func:`build_classifier` reads them: every command gets them without
+    changing its signature."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context(silent=True)
+        model_args = kwargs.pop("model_args", ())
+        download = kwargs.pop("download", False)
+        if ctx is not None:
+            ctx.meta["advx.model_args"] = parse_model_args(model_args)
+            ctx.meta["advx.download"] = bool(download)
+        return f(*args, **kwargs)
+
+    g = wrapper
+    g = click.option(
         "--bounds",
         default=None,
-        help="Valid input range, before normalization [default: 0,1, or the checkpoint's].",
-    )(f)
-    f = click.option(
-        "--std", default=None, help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225."
-    )(f)
-    f = click.option(
+        help="Valid input range, before normalization [default: 0,1, the checkpoint's or the "
+        "zoo model's].",
+    )(g)
+    g = click.option(
+        "--std",
+        default=None,
+        help="Per-channel std used inside the model, e.g. 0.229,0.224,0.225 (a zoo model's "
+        "comes from its config).",
+    )(g)
+    g = click.option(
         "--mean",
         default=None,
-        help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406.",
-    )(f)
-    f = click.option(
+        help="Per-channel mean used inside the model, e.g. 0.485,0.456,0.406 (a zoo model's "
+        "comes from its config).",
+    )(g)
+    g = click.option(
         "--weights",
         type=click.Path(),
         default=None,
         help="State dict (.pt/.pth/.th or .safetensors), or what advx train --out wrote (the "
         "folder or its checkpoint.json: --model, --mean, --std and --bounds then default to "
         "what it records).",
-    )(f)
-    f = click.option(
+    )(g)
+    g = click.option(
+        "--download",
+        is_flag=True,
+        default=False,
+        help="Let a zoo model (timm:, torchvision:, hf:, robustbench:) download weights that are "
+        "not cached; nothing is downloaded without it.",
+    )(g)
+    g = click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Keyword argument for the model's factory or zoo, repeatable: num_classes=10, "
+        "dataset=cifar10, threat=Linf (robustbench:), model_dir=DIR, cache_dir=DIR.",
+    )(g)
+    g = click.option(
         "--model",
         "model_spec",
         required=False,
         default=None,
-        help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory or file.py:factory.",
-    )(f)
-    return f
+        help="Built-in name (smallcnn, lenet, resnet20), pkg.module:factory, file.py:factory, "
+        "timm:NAME, torchvision:NAME[:WEIGHTS], hf:ORG/NAME or robustbench:NAME.",
+    )(g)
+    return g
+
+
+def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--model-arg num_classes=10 --model-arg threat=Linf`` -> {"num_classes": 10, ...}."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(
+                f"--model-arg: expected KEY=VALUE such as num_classes=10, got {pair!r}"
+            )
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word such as cifar10 or Linf
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _context_meta(key: str, default: Any) -> Any:
+    ctx = click.get_current_context(silent=True)
+    return default if ctx is None else ctx.meta.get(key, default)
 
 
 def build_classifier(
@@ -96,31 +156,62 @@ def build_classifier(
     bounds,
     device: torch.device,
     batch_size="auto",
+    *,
+    model_args: dict[str, Any] | None = None,
+    download: bool | None = None,
     **classifier_kw,
 ):
     from ..models import Classifier
-    from ..zoo import build, resolve_weights
+    from ..zoo import build, hub, resolve_weights
 
+    if model_args is None:
+        model_args = _context_meta("advx.model_args", {})
+    if download is None:
+        download = _context_meta("advx.download", False)
     recorded: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
+    given = {"mean": mean, "std": std, "bounds": bounds}  # what the user typed, not defaults
     if weights is not None:
         weights, info_ = resolve_weights(weights)
         recorded = info_ or {}
     if model_spec is None:
         if not recorded.get("spec"):
             raise InputError(
-                "--model is required: a built-in name, pkg.module:factory or file.py:factory "
+                "--model is required: a built-in name, pkg.module:factory, file.py:factory, "
+                "timm:NAME, torchvision:NAME[:WEIGHTS], hf:ORG/NAME or robustbench:NAME "
                 "(or --weights DIR of an advx training run that recorded its model)"
             )
         model_spec, kwargs = recorded["spec"], dict(recorded.get("kwargs") or {})
+    kwargs.update(model_args or {})
     if mean is None and recorded.get("mean") is not None:
         mean = ",".join(str(v) for v in recorded["mean"])
     if std is None and recorded.get("std") is not None:
         std = ",".join(str(v) for v in recorded["std"])
     if bounds is None:
         bounds = ",".join(str(v) for v in recorded.get("bounds") or (0, 1))
-    obj = build(model_spec, weights=weights, **kwargs)
-    if isinstance(obj, Classifier):
+    zoo = hub.is_zoo_spec(model_spec)
+    obj = build(model_spec, weights=weights, download=bool(download), **kwargs)
+    if isinstance(obj, Classifier) and zoo:
+        obj.net.to(device).eval()  # built here from the zoo: moving it is fine
+        prep = hub.preprocessing_of(obj.net)
+        if prep is not None:
+            info(f"{model_spec}: input space from {prep.source}: {_describe_space(prep)}")
+        typed = {k: v for k, v in given.items() if v is not None}
+        if not typed:
+            obj.batch_size = batch_size
+            for key, value in classifier_kw.items():
+                if value:
+                    setattr(obj, key, value)
+            return obj
+        # the user's --mean/--std/--bounds win over the config (said, since it is unusual)
+        info(
+            f"{model_spec}: {', '.join('--' + k for k in typed)} given: used instead of the config"
+        )
+        mean = given["mean"] or _join(obj.mean)
+        std = given["std"] or _join(obj.std)
+        bounds = given["bounds"] or _join(obj.bounds)
+        obj = obj.net
+    elif isinstance(obj, Classifier):
         for key, value in classifier_kw.items():
             if value:
                 setattr(obj, key, value)
@@ -144,6 +235,23 @@ def build_classifier(
         batch_size=batch_size,
         **classifier_kw,
     )
+
+
+def _join(values) -> str | None:
+    if values is None:
+        return None
+    vals = values.tolist() if hasattr(values, "tolist") else list(values)
+    return ",".join(repr(float(v)) for v in vals)
+
+
+def _describe_space(prep) -> str:
+    parts = [f"bounds {prep.bounds[0]:g},{prep.bounds[1]:g}"]
+    if prep.mean is not None:
+        parts.append("mean " + ",".join(f"{v:g}" for v in prep.mean))
+        parts.append("std " + ",".join(f"{v:g}" for v in (prep.std or ())))
+    if prep.input_size is not None:
+        parts.append("input " + "x".join(str(v) for v in prep.input_size))
+    return ", ".join(parts)
 
 
 def data_option(f=None, *, required: bool = False):
@@ -184,6 +292,31 @@ def check_channels(model, x: torch.Tensor) -> None:
             f"--{name}: {plural(stat.numel(), 'value')} but the data has "
             f"{plural(x.shape[1], 'channel')} (dimension 1 of {tuple(x.shape)}): give one value "
             "per channel"
+        )
+    check_input_size(model, x)
+
+
+def check_input_size(model, x: torch.Tensor) -> None:
+    """A zoo model's config says what it was trained on: channels that differ are an error
+    (it would fail mid-attack), a different height and width a warning (a CNN with global
+    pooling runs, but its accuracy there is not the one published)."""
+    from ..zoo import hub
+
+    net = getattr(model, "net", None)
+    prep = hub.preprocessing_of(net) if isinstance(net, torch.nn.Module) else None
+    if prep is None or prep.input_size is None or x.dim() != 4:
+        return
+    c, h, w = prep.input_size
+    if x.shape[1] != c:
+        raise InputError(
+            f"--data: the images have {plural(x.shape[1], 'channel')} but the model takes {c} "
+            f"(its config: {prep.source})"
+        )
+    if tuple(x.shape[2:]) != (h, w):
+        info(
+            f"advx: warning: the images are {x.shape[2]}x{x.shape[3]} but the model was trained "
+            f"at {h}x{w} (its config: {prep.source}); resize or crop them to {h}x{w}",
+            always=True,
         )
 
 

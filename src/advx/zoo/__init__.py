@@ -1,4 +1,6 @@
-"""Building and loading models: built-in architectures, ``pkg.module:factory`` specs and weights.
+"""Building and loading models: built-in architectures, ``pkg.module:factory`` specs, models
+from the zoos by name (``timm:``, ``torchvision:``, ``hf:``, ``robustbench:``, see
+:mod:`advx.zoo.hub`) and weights.
 
 Only ``torch.load(..., weights_only=True)`` and safetensors are used to read weights: advx never
 unpickles arbitrary objects.
@@ -6,6 +8,7 @@ unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +19,18 @@ from torch import nn
 
 from .._io import import_object
 from ..errors import InputError
-from . import nets
+from . import hub, nets
 
-__all__ = ["build", "load", "load_weights", "resolve_weights", "describe", "BUILTIN", "nets"]
+__all__ = [
+    "build",
+    "load",
+    "load_weights",
+    "resolve_weights",
+    "describe",
+    "BUILTIN",
+    "nets",
+    "hub",
+]
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": nets.smallcnn,
@@ -36,25 +48,55 @@ _BUILTIN_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
+_FORMS = (
+    "a built-in name ({builtin}), pkg.module:factory, path/to/file.py:factory, timm:NAME, "
+    "torchvision:NAME[:WEIGHTS], hf:ORG/NAME or robustbench:NAME"
+)
+
+
 def _factory(spec: str) -> Callable[..., Any]:
     if spec.lower() in BUILTIN:
         return BUILTIN[spec.lower()]
     if ":" not in spec:
         raise InputError(
-            f"model: expected a built-in name ({', '.join(BUILTIN)}) or pkg.module:factory "
-            f"(or path/to/file.py:factory), got {spec!r}"
+            f"model: expected {_FORMS.format(builtin=', '.join(BUILTIN))}, got {spec!r}"
+            + hub.suggest(spec.lower(), BUILTIN)
         )
-    return import_object(spec, name="model")
+    try:
+        return import_object(spec, name="model")
+    except InputError as e:
+        prefix, _, rest = spec.partition(":")
+        near = difflib.get_close_matches(prefix.lower(), hub.ZOOS, n=1, cutoff=0.6)
+        if near and "." not in prefix:  # tim:resnet18 is a misspelt zoo, not a module
+            raise InputError(
+                f"model: no zoo or module {prefix!r}; did you mean {near[0]}:{rest}?"
+            ) from None
+        raise e from None
 
 
-def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any):
-    """Call the factory named by ``spec`` and load ``weights`` into what it returns.
+def build(
+    spec: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    download: bool = False,
+    **kwargs: Any,
+):
+    """Call the factory named by ``spec`` and load ``weights`` into what it returns; the model
+    comes back in eval mode (attacks evaluate in eval mode).
 
     The factory may return an ``nn.Module`` or an :class:`advx.Classifier` (to declare
-    bounds and normalization together with the architecture).
+    bounds and normalization together with the architecture). A zoo spec (``timm:NAME``,
+    ``torchvision:NAME[:WEIGHTS]``, ``hf:ORG/NAME``, ``robustbench:NAME``) gives an
+    :class:`advx.Classifier` whose bounds, mean and std come from the model's own config;
+    ``download=True`` lets it fetch weights that are not cached (nothing is downloaded
+    otherwise). ``kwargs`` go to the factory (or the zoo, see :func:`advx.zoo.hub.load`).
     """
     from ..models import Classifier
 
+    if hub.is_zoo_spec(spec):
+        return hub.load(spec, download=download, weights=weights, **kwargs)
+    if download:
+        kwargs["download"] = download  # a factory of the user's own may take it
     obj = _factory(spec)(**kwargs)
     net = obj.net if isinstance(obj, Classifier) else obj
     if not isinstance(net, nn.Module):
@@ -64,6 +106,7 @@ def build(spec: str, *, weights: str | os.PathLike | None = None, **kwargs: Any)
         )
     if weights is not None:
         load_weights(net, weights)
+    net.eval()
     return obj
 
 
