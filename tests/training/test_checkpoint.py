@@ -66,9 +66,9 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
     )
     assert side["model"]["spec"] == "lenet" and side["model"]["kwargs"]["width"] == 4
     assert h.checkpoint == str(tmp_path / "checkpoint.json")
-    # only the current checkpoint's files are left
+    # only the current checkpoint's files are left, and the training curve beside them
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["checkpoint.json", side["weights"], side["state"]]
+        ["checkpoint.json", side["weights"], side["state"], "training-curve.png"]
     )
 
     for path in (tmp_path, tmp_path / "checkpoint.json", tmp_path / side["weights"]):
