@@ -21,12 +21,12 @@ log = logging.getLogger("advx")
 
 CURVE_FILE = "training-curve.png"
 
-# (key in the history, label, colour, line style)
+# (key in the history, label, colour, training batches: dashed, hollow markers)
 _ACCURACIES = (
-    ("train_clean_accuracy", "clean (training batches)", "tab:blue", "--"),
-    ("train_adv_accuracy", "robust (training batches, the recipe's attack)", "tab:red", "--"),
-    ("monitor_clean_accuracy", "clean (monitor set)", "tab:blue", "-"),
-    ("monitor_adv_accuracy", "robust (monitor set, PGD)", "tab:red", "-"),
+    ("train_clean_accuracy", "clean (training batches)", "tab:blue", True),
+    ("train_adv_accuracy", "robust (training batches, the recipe's attack)", "tab:red", True),
+    ("monitor_clean_accuracy", "clean (monitor set)", "tab:blue", False),
+    ("monitor_adv_accuracy", "robust (monitor set, PGD)", "tab:red", False),
 )
 
 
@@ -44,11 +44,17 @@ def curve_figure(history: History | dict[str, Any], *, title: str | None = None)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss (mean over the epoch's samples)")
     ax_loss.set_title("loss")
-    for key, label, colour, style in _ACCURACIES:
+    for key, label, colour, batches in _ACCURACIES:
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
             ax_acc.plot(
-                epochs, _nan(values), linestyle=style, marker="o", color=colour, label=label
+                epochs,
+                _nan(values),
+                linestyle="--" if batches else "-",
+                marker="o" if batches else "s",
+                markerfacecolor="white" if batches else colour,
+                color=colour,
+                label=label,
             )
     ax_acc.set_ylim(-0.02, 1.02)
     ax_acc.set_xlabel("epoch")
@@ -60,13 +66,14 @@ def curve_figure(history: History | dict[str, Any], *, title: str | None = None)
             ax.axvline(at, color="tab:purple", linestyle=":", linewidth=2)
         ax_acc.annotate(
             f"catastrophic overfitting\nat epoch {at}: stopped,\nepoch {h.best_epoch} kept",
-            xy=(at, 0.5),
-            xytext=(-6, 0),
+            xy=(at, 1.0),
+            xytext=(-6, -4),
             textcoords="offset points",
             ha="right",
-            va="center",
+            va="top",
             color="tab:purple",
             fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "tab:purple", "alpha": 0.9},
         )
         if h.best_epoch is not None:
             best = next((r for r in rows if r["epoch"] == h.best_epoch), None)
@@ -87,7 +94,7 @@ def curve_figure(history: History | dict[str, Any], *, title: str | None = None)
         if len(epochs) <= 20:
             ax.set_xticks(epochs)
     if ax_acc.lines:
-        ax_acc.legend(fontsize=8, loc="lower left")
+        ax_acc.legend(fontsize=8, loc="best", framealpha=0.85)
     if title:
         fig.suptitle(title)
     return fig
