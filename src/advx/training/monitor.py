@@ -39,7 +39,9 @@ class Monitor:
 
     ``data``: ``(x, y)``, an int k (k training samples, chosen by the seed, are held out of
     training for it), None, or ``"auto"`` (512 samples, at most a tenth of the data, held out
-    when the recipe checks overfitting). ``steps``: PGD steps for the adversarial accuracy.
+    when the recipe checks overfitting). A DataLoader cannot be split: k (or ``"auto"``) then
+    takes the first k samples of a seeded pass over it, trained on as well. ``steps``: PGD
+    steps for the adversarial accuracy.
     ``overfit_check`` (default: when the recipe asks, i.e. FGSM-RS): when the monitor's PGD
     accuracy drops more than ``overfit_drop`` below the best epoch's, or under
     ``overfit_floor`` after the best epoch was above it, the best epoch's weights are restored

@@ -99,9 +99,10 @@ class Saver:
         self.out = Path(settings.out)
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"fit: out={self.out} is a file; give a folder")
-        self.net, self.group, self.config = net, group, config
-        # a torch.compile'd or (Distributed)DataParallel module: the built-in net is inside
+        # a torch.compile'd or (Distributed)DataParallel module: the net is inside, and its
+        # weights are saved without the wrapper's key prefix, so that zoo.load rebuilds it
         base = _unwrapped(net)
+        self.net, self.group, self.config = base, group, config
         spec = settings.model_spec if settings.model_spec is not None else describe(base)
         if isinstance(spec, str):
             spec = {"spec": spec, "kwargs": {}}
