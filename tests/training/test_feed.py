@@ -134,6 +134,11 @@ def test_a_shuffled_dataloader_is_reproducible_with_the_seed(cifar_like):
         runs.append(weights(net))
         assert len(h.epochs) == 2 and h.epochs[-1]["loss"] > 0
     assert same(runs[0], runs[1]) and not same(runs[0], runs[2])
+    # the caller's RNG is left as it was, monitor drawn from the loader included
+    torch.manual_seed(42)
+    before = torch.random.get_rng_state()
+    fit(tiny_cnn(), DataLoader(Listy(x, y), batch_size=16, shuffle=True), **{**KW, "monitor": 8})
+    assert torch.equal(torch.random.get_rng_state(), before)
     # a loader with its own generator is seeded by fit too
     gen_runs = []
     for _ in range(2):

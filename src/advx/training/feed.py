@@ -149,8 +149,10 @@ class Source:
         """One sample (1, ...): the model's number of classes is read off it."""
         if self.indexable:
             return self.take(torch.zeros(1, dtype=torch.long))[0]
-        for batch in self.loader:
-            return self.checked(*_pair(batch, "DataLoader"))[0][:1]
+        # a shuffling loader draws from torch's global RNG: the caller's is left as it was
+        with torch.random.fork_rng(devices=[]):
+            for batch in self.loader:
+                return self.checked(*_pair(batch, "DataLoader"))[0][:1]
         raise InputError("fit: the DataLoader yields no batches")
 
     def stream(self, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -167,12 +169,13 @@ class Source:
     def gather(self, k: int, seed: int) -> tuple[Tensor, Tensor]:
         """The first ``k`` samples of a seeded pass over a DataLoader (its monitor set)."""
         xs, ys, got = [], [], 0
-        for xb, yb in self.stream(seed, -1):
-            xs.append(xb[: k - got].cpu())
-            ys.append(yb[: k - got].cpu())
-            got += xs[-1].shape[0]
-            if got >= k:
-                break
+        with torch.random.fork_rng(devices=[]):  # stream seeds the global RNG: not the caller's
+            for xb, yb in self.stream(seed, -1):
+                xs.append(xb[: k - got].cpu())
+                ys.append(yb[: k - got].cpu())
+                got += xs[-1].shape[0]
+                if got >= k:
+                    break
         return torch.cat(xs), torch.cat(ys)
 
     def fingerprint(self) -> dict[str, Any]:
