@@ -295,7 +295,8 @@ def train_command(
                     f"auditing the trained model on {len(xa)} held-out samples with the "
                     f"{audit_suite!r} suite at {threat_spec} -- this can take minutes "
                     "(--no-audit or --audit-n 0 skips it; advx audit --weights "
-                    f"{out_path} runs it later)"
+                    f"{out_path} --data {audit_data or data} --threat {threat_spec} runs it "
+                    "later)"
                 )
             report = run_audit(
                 model,
