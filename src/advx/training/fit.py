@@ -3,13 +3,17 @@
     history = fit(net, x, y, loss=fgsm_rs(0.3), batch_size=100,
                   schedule=Schedule(epochs=10, lr=5e-3, lr_schedule="cyclic"),
                   checkpoint=Checkpointing("runs/fgsm"))
+    history = fit(net, loader, loss=pgd_at(8 / 255), augment="crop-flip", out="runs/pgd")
 
-What happens, in order, every epoch: the data order comes from a ``DistributedSampler`` seeded
-with ``seed + epoch`` (one process or K, see :mod:`advx.training.distributed`); for every batch
-the learning rate is set from the schedule, the recipe gives one loss per sample, their mean over
-the global batch is back-propagated and the optimizer steps. After the epoch the monitor
+The data may be tensors, a Dataset or a DataLoader (:mod:`advx.training.feed`). What happens,
+in order, every epoch: the data order comes from a ``DistributedSampler`` seeded with
+``seed + epoch`` (one process or K, see :mod:`advx.training.distributed`; a DataLoader's own
+sampler is seeded from (seed, epoch)); for every batch the learning rate is set from the
+schedule, the batch is augmented when asked, the recipe gives one loss per sample, their mean
+over the global batch is back-propagated and the optimizer steps. After the epoch the monitor
 (:mod:`advx.training.monitor`) scores its held-out set and checks for catastrophic overfitting,
-and the saver (:mod:`advx.training.saver`) writes a checkpoint.
+and the saver (:mod:`advx.training.saver`) writes a checkpoint and the training curve
+(:mod:`advx.training.plot`).
 
 Determinism: the weights after ``fit`` depend only on the initial weights, the data, the
 arguments and ``seed`` (bit for bit on a CPU). The global torch RNG (dropout) is re-seeded from
