@@ -222,6 +222,13 @@ def test_bad_data_arguments(cifar_like):
         fit(tiny_cnn(), DataLoader(TensorDataset(x, y + 5), batch_size=16), **KW)
     with pytest.raises(InputError, match="float"):
         fit(tiny_cnn(), TensorDataset((x * 255).to(torch.uint8), y), **KW)
+    onehot = torch.nn.functional.one_hot(y, 10)
+    with pytest.raises(InputError, match="one-hot"):
+        fit(tiny_cnn(), TensorDataset(x, onehot), **KW)
+    with pytest.raises(InputError, match="one-hot"):
+        fit(tiny_cnn(), DataLoader(TensorDataset(x, onehot), batch_size=16), **KW)
+    with pytest.raises(InputError, match="ToTensor"):
+        fit(tiny_cnn(), Listy([object()] * 64, y), **KW)
 
 
 # ---- the training curve --------------------------------------------------------------------

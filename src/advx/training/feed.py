@@ -108,6 +108,28 @@ def _pair(item: Any, what: str) -> tuple[Any, Any]:
     )
 
 
+def _image(xi: Any) -> Tensor:
+    if isinstance(xi, Tensor):
+        return xi
+    try:
+        return torch.as_tensor(xi)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(
+            f"fit: the Dataset yields {type(xi).__name__} images; fit needs tensors in the "
+            "model's bounds, e.g. with transform=torchvision.transforms.ToTensor()"
+        ) from None
+
+
+def _label(yi: Any) -> int:
+    t = torch.as_tensor(yi)
+    if t.numel() != 1 or torch.is_floating_point(t) and float(t) != round(float(t)):
+        raise InputError(
+            f"fit: the Dataset yields labels of shape {tuple(t.shape)} ({t.dtype}); fit needs "
+            "one class index per sample (one-hot? convert with label.argmax())"
+        )
+    return int(t)
+
+
 @dataclass
 class Source:
     """The training data as fit sees it: ``n`` samples (None: a DataLoader of unknown size)
@@ -133,8 +155,8 @@ class Source:
         xs, ys = [], []
         for i in idx.tolist():
             xi, yi = _pair(self.dataset[i], "Dataset")
-            xs.append(xi if isinstance(xi, Tensor) else torch.as_tensor(xi))
-            ys.append(int(yi))
+            xs.append(_image(xi))
+            ys.append(_label(yi))
         if not xs:
             return torch.zeros(0), torch.zeros(0, dtype=torch.long)
         return self.checked(torch.stack(xs), torch.tensor(ys, dtype=torch.long))
