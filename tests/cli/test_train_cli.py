@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from advx.cli import cli
@@ -64,8 +65,12 @@ def test_train_checkpoints_and_audits_the_model(tmp_path, suite):
         )
     )
     assert code == 0, err
+    # it says it will audit, before it does, and how to skip that
+    assert "then auditing it on 40 held-out samples (--no-audit skips that)" in err
+    assert re.search(r"auditing the trained model on 40 held-out samples .*--no-audit", err)
     summary = json.loads(out)
     assert summary["recipe"]["name"] == "fgsm_rs" and summary["recipe"]["params"]["alpha"] == 0.12
+    assert (tmp_path / "run" / "training-curve.png").exists()
     assert summary["history"]["epochs"][0]["monitor_adv_accuracy"] is not None
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["data"]["n"] == 40 and report["threat"]["eps"] == 0.1
@@ -157,3 +162,81 @@ def test_resuming_a_checkpoint_of_another_architecture_exits_2_naming_the_keys(t
     argv[argv.index("lenet")] = "wong_cnn"
     code, _, err = run(argv)
     assert code == 2 and "does not fit WongCNN" in err and "conv1.weight" in err, err
+
+
+def test_no_audit_trains_only_and_recipes_take_either_spelling(tmp_path):
+    code, out, err = run(
+        base(tmp_path / "a", "--recipe", "pgd_at", "-p", "steps=2", "--threat", "linf:0.1")
+        + ["--no-audit"]
+    )
+    assert code == 0, err
+    assert json.loads(out)["recipe"]["name"] == "pgd_at" and "audit" not in json.loads(out)
+    assert "auditing" not in err and not (tmp_path / "a" / "report.json").exists()
+    assert (tmp_path / "a" / "checkpoint.json").exists()
+    code, _, err = run(base(tmp_path / "b", "--recipe", "fgsm_r", "--no-audit"))
+    assert code == 2 and "did you mean 'fgsm-rs'" in err, err
+
+
+CIFAR_FACTORY = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+def loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 3, 32, 32, generator=g)
+    y = torch.arange(48) % 10
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+
+class Dicts(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return {"image": torch.zeros(3, 32, 32), "label": 1}
+
+def net():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10)
+    )
+"""
+
+
+def test_a_dataloader_factory_with_crop_flip_augmentation(tmp_path):
+    load_file = pytest.importorskip("safetensors.torch").load_file
+    f = tmp_path / "cifarish.py"
+    f.write_text(CIFAR_FACTORY)
+    argv = [
+        "train",
+        "--model",
+        f"{f}:net",
+        "--data",
+        f"{f}:loader",
+        "--epochs",
+        "1",
+        "--augment",
+        "crop-flip",
+        "--no-audit",
+        "--out",
+        tmp_path / "run",
+    ]
+    code, out, err = run(argv)
+    assert code == 0, err
+    assert "on 48 samples (DataLoader)" in err
+    side = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert side["training"]["augment"] == "crop-flip" and side["training"]["batch_size"] == 16
+    assert side["data"]["source"] == "DataLoader(TensorDataset)"
+    # the same seed trains the same weights
+    argv[argv.index(tmp_path / "run")] = tmp_path / "again"
+    assert run(argv)[0] == 0
+    a = json.loads((tmp_path / "again" / "checkpoint.json").read_text())
+    first = load_file(tmp_path / "run" / side["weights"])
+    second = load_file(tmp_path / "again" / a["weights"])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    # a factory of dicts is refused saying how to map them; no audit data for a factory
+    argv[argv.index(f"{f}:loader")] = f"{f}:Dicts"
+    code, _, err = run(argv)
+    assert code == 2 and "yields dicts" in err and "collate_fn" in err, err
+    argv[argv.index(f"{f}:Dicts")] = f"{f}:loader"
+    argv.remove("--no-audit")
+    code, _, err = run(argv)
+    assert code == 2 and "--audit-data" in err, err

@@ -66,9 +66,9 @@ def test_the_sidecar_says_what_made_the_weights_and_zoo_load_gives_a_ready_class
     )
     assert side["model"]["spec"] == "lenet" and side["model"]["kwargs"]["width"] == 4
     assert h.checkpoint == str(tmp_path / "checkpoint.json")
-    # only the current checkpoint's files are left
+    # only the current checkpoint's files are left, and the training curve beside them
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["checkpoint.json", side["weights"], side["state"]]
+        ["checkpoint.json", side["weights"], side["state"], "training-curve.png"]
     )
 
     for path in (tmp_path, tmp_path / "checkpoint.json", tmp_path / side["weights"]):
@@ -272,3 +272,18 @@ def test_wong_cnn_has_the_published_shape():
         (10,),
     ]
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_wrapped_built_in_net_is_recorded_as_itself_and_loads_back(data, tmp_path):
+    """A DataParallel (or torch.compile) wrapper around advx.zoo.nets.smallcnn(): the sidecar
+    names smallcnn, the weights are saved without the wrapper's prefix, zoo.load rebuilds it."""
+    x, y = data
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = advx.zoo.nets.smallcnn()
+    fit(nn.DataParallel(net), x[:100], y[:100], batch_size=50, progress=False, out=tmp_path)
+    side = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert side["model"]["spec"] == "smallcnn" and side["model"]["class"].endswith("SmallCNN")
+    loaded = load(tmp_path).net
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k

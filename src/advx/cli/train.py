@@ -7,6 +7,8 @@ closing audit is split across the processes as ``advx audit`` does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 import torch
 
@@ -14,14 +16,29 @@ from ..errors import InputError
 from . import cli
 from ._common import build_classifier, data_option, emit_json, info, model_options, parse_params
 
-_RECIPES = ("standard", "fgsm-rs", "pgd-at", "trades", "distillation")
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _recipe_option(ctx, param, value: str) -> str:
+    """Either spelling, fgsm_rs or fgsm-rs (the README's and the command line's)."""
+    from ..training import recipe_name
+
+    try:
+        return recipe_name(value)
+    except InputError as e:
+        raise click.BadParameter(str(e).removeprefix("recipe: ")) from None
 
 
 @cli.command("train")
 @model_options
 @data_option
-@click.option("--recipe", type=click.Choice(_RECIPES), default="standard", show_default=True)
+@click.option(
+    "--recipe",
+    default="standard",
+    show_default=True,
+    callback=_recipe_option,
+    help="standard, fgsm-rs, pgd-at, trades or distillation (fgsm_rs and pgd_at too).",
+)
 @click.option(
     "--threat",
     "threat_spec",
@@ -89,6 +106,14 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 )
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option(
+    "--augment",
+    type=click.Choice(["none", "crop-flip"]),
+    default="none",
+    show_default=True,
+    help="crop-flip: random crop with 4 pixels of padding and horizontal flip, per batch on the "
+    "device (the CIFAR-10 recipe).",
+)
+@click.option(
     "--monitor",
     default="auto",
     show_default=True,
@@ -101,6 +126,11 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     default=200,
     show_default=True,
     help="Held-out samples for the closing audit (0: no audit).",
+)
+@click.option(
+    "--no-audit",
+    is_flag=True,
+    help="Train only: skip the closing audit (it takes minutes; same as --audit-n 0).",
 )
 @click.option(
     "--audit-suite",
@@ -151,8 +181,10 @@ def train_command(
     seed,
     out,
     resume,
+    augment,
     monitor,
     audit_n,
+    no_audit,
     audit_suite,
     audit_data,
     eps_curve,
@@ -161,8 +193,12 @@ def train_command(
     device,
 ) -> None:
     """Train a model with a recipe (standard, fgsm-rs, pgd-at, trades, distillation), save a
-    checkpoint after every epoch, then audit it on held-out data (report.json and report.html in
-    --out). A JSON summary goes to stdout."""
+    checkpoint and training-curve.png after every epoch, then audit it on held-out data
+    (report.json and report.html in --out; --no-audit skips it). A JSON summary goes to stdout.
+
+    --data may also name a factory, pkg.module:make or path/to/file.py:make, returning a
+    torch Dataset or DataLoader of (image, label) pairs: training then streams it (the audit
+    needs --audit-data)."""
     from pathlib import Path
 
     from .. import audit as run_audit
@@ -176,6 +212,8 @@ def train_command(
     from .audit import _curve
 
     require_safetensors()
+    if no_audit:
+        audit_n = 0
     group = init_from_env(device)
     try:
         dev = pick_device(device) if group.world == 1 or device != "auto" else local_device(device)
@@ -198,16 +236,33 @@ def train_command(
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)  # the initial weights come from --seed too
             model = build_classifier(model_spec, weights, mean, std, bounds, dev)
-        x, y = load(data, split=split or "train", n=n)
+        stream = _data_factory(data, split, n)
+        x: Any
+        y: Any = None
+        if stream is not None:
+            x, size = stream, _size(stream)
+        else:
+            x, y = load(data, split=split or "train", n=n)
+            size = f"{len(x):,} samples"
         xa = ya = None
         if audit_n:
+            if stream is not None and audit_data is None:
+                raise InputError(
+                    "--audit-data: a --data factory has no held-out split; name the audit's "
+                    "data, or pass --no-audit"
+                )
             xa, ya, x, y = _audit_data(data, audit_data, audit_n, x, y)
         out_path = Path(out)
         if group.main:
             info(
-                f"training {model_spec} with {the_recipe.name} on {len(x):,} samples "
+                f"training {model_spec} with {the_recipe.name} on {size} "
                 f"for {epochs} epoch(s)"
                 + (f" in {group.world} processes" if group.world > 1 else "")
+                + (
+                    f", then auditing it on {audit_n} held-out samples (--no-audit skips that)"
+                    if audit_n
+                    else ""
+                )
             )
         history = fit(
             model,
@@ -225,12 +280,24 @@ def train_command(
                 model_spec=model_spec,
                 data_name=_data_name(data, split, n),
             ),
+            augment=None if augment == "none" else augment,
             desc="train",
         )
         if history.stopped and group.main:
             info(f"training stopped early: {history.stopped}")
+        if group.main and history.checkpoint:
+            png = out_path / "training-curve.png"
+            info(f"wrote {history.checkpoint}" + (f", {png}" if png.exists() else ""))
         report = None
         if xa is not None and ya is not None:  # audit_n > 0
+            if group.main:
+                info(
+                    f"auditing the trained model on {len(xa)} held-out samples with the "
+                    f"{audit_suite!r} suite at {threat_spec} -- this can take minutes "
+                    "(--no-audit or --audit-n 0 skips it; advx audit --weights "
+                    f"{out_path} --data {audit_data or data} --threat {threat_spec} runs it "
+                    "later)"
+                )
             report = run_audit(
                 model,
                 xa.to(dev),
@@ -316,6 +383,46 @@ def _build_recipe(name: str, threat, params: dict, teacher, temperature, device)
     }[name]
     no_extra(allowed)
     return losses.RECIPES[name](threat, **params)
+
+
+def _data_factory(data: str, split, n):
+    """The Dataset or DataLoader a ``pkg.module:make`` / ``file.py:make`` --data names, or None
+    when --data is data advx reads itself."""
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from .._io import import_object
+
+    head, sep, attr = data.partition(":")
+    if not sep or not attr or Path(data).exists() or not (head.endswith(".py") or "." in head):
+        return None
+    if "/" in head and not head.endswith(".py"):
+        return None  # a path with a colon in it, not a factory
+    obj = import_object(data, name="--data")
+    made = obj() if callable(obj) and not isinstance(obj, (Dataset, DataLoader)) else obj
+    if not isinstance(made, (Dataset, DataLoader)):
+        raise InputError(
+            f"--data: {data} gave a {type(made).__name__}; a factory must return a "
+            "torch.utils.data.Dataset or DataLoader of (image, label) pairs"
+        )
+    if split is not None or n is not None:
+        raise InputError(
+            "--split/-n: a --data factory returns the data to train on as it is; choose the "
+            "split and the samples inside it"
+        )
+    return made
+
+
+def _size(data) -> str:
+    from torch.utils.data import DataLoader
+
+    inner: Any = data.dataset if isinstance(data, DataLoader) else data
+    try:
+        count = f"{len(inner):,} samples"
+    except TypeError:
+        count = "samples"
+    return f"{count} ({type(data).__name__})"
 
 
 def _monitor(text: str):

@@ -6,12 +6,28 @@ history = fit(net, x, y, loss=fgsm_rs(0.3), batch_size=100,
               checkpoint=Checkpointing("runs/fgsm"))
 model = advx.zoo.load("runs/fgsm")   # a ready advx.Classifier
 
-The loop is :mod:`.fit`, the held-out monitor and the overfitting check :mod:`.monitor`, the
-checkpoints, resume and history :mod:`.saver`, the schedule and precision settings :mod:`.options`.
+In a training loop of one's own, ``recipe_loss("trades", net, eps=8 / 255)`` is the recipe as a
+loss ``loss(x, y)``. The loop is :mod:`.fit`, its data and augmentation :mod:`.feed`, the
+held-out monitor and the overfitting check :mod:`.monitor`, the checkpoints, resume and history
+:mod:`.saver`, the schedule and precision settings :mod:`.options`, the training curve
+:mod:`.plot`.
 """
 
 from .fit import TrainingError, fit
-from .losses import RECIPES, Batch, Recipe, Step, distillation, fgsm_rs, pgd_at, standard, trades
+from .losses import (
+    RECIPES,
+    Batch,
+    Recipe,
+    RecipeLoss,
+    Step,
+    distillation,
+    fgsm_rs,
+    pgd_at,
+    recipe_loss,
+    recipe_name,
+    standard,
+    trades,
+)
 from .monitor import Monitor
 from .options import Precision, Schedule, lr_at
 from .saver import Checkpointing, History
@@ -34,4 +50,7 @@ __all__ = [
     "pgd_at",
     "trades",
     "distillation",
+    "recipe_loss",
+    "recipe_name",
+    "RecipeLoss",
 ]

@@ -3,13 +3,17 @@
     history = fit(net, x, y, loss=fgsm_rs(0.3), batch_size=100,
                   schedule=Schedule(epochs=10, lr=5e-3, lr_schedule="cyclic"),
                   checkpoint=Checkpointing("runs/fgsm"))
+    history = fit(net, loader, loss=pgd_at(8 / 255), augment="crop-flip", out="runs/pgd")
 
-What happens, in order, every epoch: the data order comes from a ``DistributedSampler`` seeded
-with ``seed + epoch`` (one process or K, see :mod:`advx.training.distributed`); for every batch
-the learning rate is set from the schedule, the recipe gives one loss per sample, their mean over
-the global batch is back-propagated and the optimizer steps. After the epoch the monitor
+The data may be tensors, a Dataset or a DataLoader (:mod:`advx.training.feed`). What happens,
+in order, every epoch: the data order comes from a ``DistributedSampler`` seeded with
+``seed + epoch`` (one process or K, see :mod:`advx.training.distributed`; a DataLoader's own
+sampler is seeded from (seed, epoch)); for every batch the learning rate is set from the
+schedule, the batch is augmented when asked, the recipe gives one loss per sample, their mean
+over the global batch is back-propagated and the optimizer steps. After the epoch the monitor
 (:mod:`advx.training.monitor`) scores its held-out set and checks for catastrophic overfitting,
-and the saver (:mod:`advx.training.saver`) writes a checkpoint.
+and the saver (:mod:`advx.training.saver`) writes a checkpoint and the training curve
+(:mod:`advx.training.plot`).
 
 Determinism: the weights after ``fit`` depend only on the initial weights, the data, the
 arguments and ``seed`` (bit for bit on a CPU). The global torch RNG (dropout) is re-seeded from
@@ -22,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from .._progress import Bar
 from .._rng import derive_seed
@@ -36,9 +41,11 @@ from .._state import evaluating, restore_modes, training_modes
 from .._validate import positive_int
 from ..errors import AdvxError, InputError
 from .distributed import Group, batches, check_batch_size, current_group, wrap
+from .feed import Source, as_source, augment_rng, check_augment, crop_flip
 from .losses import Batch, Recipe, Step, standard
 from .monitor import Monitor, MonitorData, Watch, restore, split_monitor, state_copy
 from .options import Precision, Schedule, lr_at, record, settings
+from .plot import CURVE_FILE, draw_curve
 from .saver import Checkpointing, History, Saver
 
 __all__ = [
@@ -67,8 +74,8 @@ class TrainingError(AdvxError, FloatingPointError):
 
 def fit(
     model: Any,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Dataset | DataLoader,
+    y: Tensor | None = None,
     *,
     loss: Recipe | Callable[..., Tensor] | None = None,
     schedule: Schedule | None = None,
@@ -77,6 +84,7 @@ def fit(
     precision: Precision | None = None,
     monitor: Monitor | MonitorData = "auto",
     checkpoint: Checkpointing | str | Path | None = None,
+    augment: str | None = None,
     progress: bool = True,
     desc: str = "train",
     **flat: Any,
@@ -86,7 +94,10 @@ def fit(
     Args:
         model: an ``nn.Module`` returning logits, or an :class:`advx.Classifier` (its bounds and
             normalization are used). Trained where it is (its device); batches are moved there.
-        x, y: inputs in the model's bounds (N, ...) and integer labels (N,), on any device.
+        x, y: inputs in the model's bounds (N, ...) and integer labels (N,), on any device;
+            or, as ``x`` alone, a ``torch.utils.data.Dataset`` of (image, label) pairs or a
+            ``DataLoader`` yielding (images, labels) batches (then ``batch_size`` is the
+            loader's own; see :mod:`advx.training.feed` for how each is sampled and seeded).
         loss: a recipe from :mod:`advx.training.losses` (default: ``standard()``), or a plain
             function ``loss(net, x, y)`` returning a scalar or one loss per sample.
         schedule: epochs, optimizer and learning rate (:class:`Schedule`; default one epoch of
@@ -98,7 +109,10 @@ def fit(
             or just its data: ``(x, y)``, a number of training samples to hold out, None or
             ``"auto"``.
         checkpoint: a checkpoint after every epoch, and resuming (:class:`Checkpointing`, or
-            just its folder); None: nothing is written.
+            just its folder); None: nothing is written. A ``training-curve.png`` (loss, clean
+            and robust accuracy per epoch) is drawn beside it when matplotlib is installed.
+        augment: ``"crop-flip"``: a random crop of the image padded by 4 pixels and a random
+            horizontal flip per sample, on the device (the CIFAR-10 recipe); None: none.
         progress: a progress bar (loss, clean and adversarial accuracy on the batch, ETA) on an
             interactive terminal; ``ADVX_PROGRESS=0/1`` overrides.
         **flat: any field of the settings by its name, as a shorthand (``epochs=10, lr=5e-3,
@@ -121,30 +135,35 @@ def fit(
         raise InputError("fit: the model has no trainable parameters")
     bounds = clf.bounds if clf is not None else (0.0, 1.0)
     recipe.check(bounds)
-    x, y = _check_data(x, y, bounds)
+    aug = check_augment(augment)
+    source = as_source(x, y, bounds)
     group = current_group()
+    if not source.indexable:
+        if group.distributed:
+            raise InputError(
+                "fit: under torchrun pass the Dataset, not a DataLoader: fit splits each global "
+                "batch across the processes itself"
+            )
+        batch_size = source.loader.batch_size or batch_size
     check_batch_size(group, batch_size)
     device, pdtype = params[0].device, params[0].dtype
     normalize = clf.preprocess if clf is not None else (lambda t: t)
     adapt = clf.logits_of if clf is not None else _logits_of
-    num_classes = _num_classes(net, normalize, adapt, x[:1].to(device, pdtype))
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise InputError(
-            f"fit: the labels run from {int(y.min())} to {int(y.max())} but the model gives "
-            f"{num_classes} classes; labels must lie in 0..{num_classes - 1}"
-        )
+    num_classes = _num_classes(net, normalize, adapt, source.first().to(device, pdtype))
+    if source.y is not None:
+        _check_classes(source.y, num_classes)
     overfit = recipe.overfit_check if mon.overfit_check is None else bool(mon.overfit_check)
     if overfit and recipe.threat is None:
         raise InputError(
             f"fit: overfit_check needs a recipe with a threat model; {recipe.name} has none"
         )
-    train_rows, held = split_monitor(mon.data, x, y, seed, wants=overfit)
+    train_rows, held = split_monitor(mon.data, source, seed, wants=overfit)
     if overfit and held is None:
         raise InputError(
             "fit: overfit_check needs monitor data: pass monitor=(x, y) or a number of samples "
             "to hold out"
         )
-    if not train_rows.numel():
+    if train_rows is not None and not train_rows.numel():
         raise InputError("fit: no training samples left after holding out the monitor set")
 
     opt = sched.optimizer_for(params)
@@ -152,10 +171,18 @@ def fit(
     watch = Watch(
         mon, held, overfit=overfit, net=net, clf=clf, recipe=recipe, seed=seed, group=group
     )
-    config = record(recipe, sched, prec, mon, batch_size, seed, held, overfit)
+    config = record(recipe, sched, prec, mon, batch_size, seed, held, overfit, aug)
     saver = None
     if ckpt is not None:
-        saver = Saver(ckpt, net=net, clf=clf, recipe=recipe, config=config, x=x, y=y, group=group)
+        saver = Saver(
+            ckpt,
+            net=net,
+            clf=clf,
+            recipe=recipe,
+            config=config,
+            data=source.fingerprint(),
+            group=group,
+        )
 
     history = History()
     start_epoch, step = 0, 0
@@ -173,9 +200,10 @@ def fit(
         net=net,
         device=device,
         dtype=pdtype,
-        x=x,
-        y=y,
+        source=source,
         rows=train_rows,
+        num_classes=num_classes,
+        augment=aug,
         recipe=recipe,
         schedule=sched,
         batch_size=batch_size,
@@ -209,6 +237,8 @@ def fit(
                 if saver is not None:
                     path = saver.save(epoch + 1, step, opt, scaler, history, watch.best)
                     history.checkpoint = str(path)
+                    if group.main:
+                        draw_curve(history, Path(path).parent / CURVE_FILE)
                 bar.write(_epoch_line(row, stop))
                 if stop:
                     break
@@ -255,14 +285,12 @@ def _split_model(model: Any) -> tuple[Any, nn.Module]:
     return clf, net
 
 
-def _check_data(x: Any, y: Any, bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    from .._validate import check_images, check_labels
-
-    x = check_images(x, bounds)
-    if x.shape[0] == 0:
-        raise InputError("fit: no training samples")
-    y = check_labels(y, x.shape[0], x.device)
-    return x, y
+def _check_classes(y: Tensor, num_classes: int) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(
+            f"fit: the labels run from {int(y.min())} to {int(y.max())} but the model gives "
+            f"{num_classes} classes; labels must lie in 0..{num_classes - 1}"
+        )
 
 
 def _logits_of(out: Any) -> Tensor:
@@ -345,9 +373,10 @@ class _Loop:
     net: nn.Module
     device: torch.device  # where the trainable weights are, and their dtype: batches go there
     dtype: torch.dtype
-    x: Tensor
-    y: Tensor
-    rows: Tensor  # the rows of x trained on (the monitor's are held out)
+    source: Source
+    rows: Tensor | None  # the rows trained on (the monitor's are held out); None: a DataLoader
+    num_classes: int
+    augment: str | None
     recipe: Recipe
     schedule: Schedule
     batch_size: int
@@ -363,22 +392,44 @@ class _Loop:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.rows is None:
+            return len(self.source.loader)
         return -(-self.rows.numel() // self.batch_size)
+
+    def feed(self, epoch: int) -> Iterator[tuple[Tensor, Tensor, Tensor, int]]:
+        """This process's batches of ``epoch``: (sample ids, x, y, size of the global batch);
+        x and y on the CPU or wherever the data is."""
+        if self.rows is None:  # a DataLoader: its batches are numbered in the order they come
+            seen = 0
+            for xb, yb in self.source.stream(self.seed, epoch):
+                _check_classes(yb, self.num_classes)
+                k = xb.shape[0]
+                yield torch.arange(seen, seen + k), xb, yb, k
+                seen += k
+            return
+        order = batches(self.group, self.rows.numel(), self.batch_size, seed=self.seed, epoch=epoch)
+        for pos, n_global in order:
+            idx = self.rows[pos]
+            xb, yb = self.source.take(idx)
+            if self.source.y is None:
+                _check_classes(yb, self.num_classes)
+            yield idx, xb, yb, n_global
 
     def epoch(self, epoch: int, step: int, history: History, bar: Bar) -> tuple[float, Tensor, int]:
         """Train one epoch: (the learning rate at its end, its summed statistics, the optimizer
         steps done). A non-finite loss puts the epoch's starting weights back and raises."""
-        net, group, n = self.net, self.group, self.rows.numel()
+        net, group = self.net, self.group
         torch.manual_seed(derive_seed(self.seed, 0xD0, epoch, group.rank))  # dropout
         net.train()
         good = state_copy(net)  # the last good weights, should this epoch blow up
         sums = torch.zeros(6, dtype=torch.float64)  # loss, n, clean ok, clean n, adv ok, adv n
         rate = self.schedule.lr
-        order = batches(group, n, self.batch_size, seed=self.seed, epoch=epoch)
-        for t, (pos, n_global) in enumerate(order):
-            idx = self.rows[pos]
-            xb = self.x[idx].to(self.device, self.dtype, non_blocking=True)
-            yb = self.y[idx].to(self.device, non_blocking=True)
+        for t, (idx, xc, yc, n_global) in enumerate(self.feed(epoch)):
+            xb = xc.to(self.device, self.dtype, non_blocking=True)
+            yb = yc.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                rng = augment_rng(self.seed, epoch, idx.to(self.device))
+                xb = crop_flip(xb, rng, fill=self.bounds[0])
             rate = self.schedule.lr_at(epoch + (t + 1) / self.steps_per_epoch)
             for g in self.opt.param_groups:
                 g["lr"] = rate

@@ -53,6 +53,9 @@ __all__ = [
     "trades",
     "distillation",
     "RECIPES",
+    "recipe_name",
+    "recipe_loss",
+    "RecipeLoss",
 ]
 
 
@@ -381,11 +384,166 @@ def distillation(teacher, temperature: float = 100.0) -> Recipe:
     return Recipe("distillation", {"temperature": t, "teacher": name}, run)
 
 
+class _Names(dict):
+    """The recipes by name; a name may be spelt as the command line does (``fgsm-rs``) or as
+    the Python function is (``fgsm_rs``), in any case: :func:`recipe_name` reads both."""
+
+    def __getitem__(self, name: Any) -> Callable[..., Recipe]:
+        return super().__getitem__(recipe_name(name))
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            recipe_name(name)
+        except InputError:
+            return False
+        return True
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+
 # Names as the command line writes them, and the factories
-RECIPES: dict[str, Callable[..., Recipe]] = {
-    "standard": standard,
-    "fgsm-rs": fgsm_rs,
-    "pgd-at": pgd_at,
-    "trades": trades,
-    "distillation": distillation,
-}
+RECIPES: dict[str, Callable[..., Recipe]] = _Names(
+    {
+        "standard": standard,
+        "fgsm-rs": fgsm_rs,
+        "pgd-at": pgd_at,
+        "trades": trades,
+        "distillation": distillation,
+    }
+)
+
+
+def recipe_name(name: Any) -> str:
+    """The one spelling of a recipe's name (the command line's: ``fgsm-rs``), from either
+    spelling: ``fgsm_rs``, ``FGSM-RS`` and ``fgsm-rs`` are one recipe."""
+    if not isinstance(name, str):
+        raise InputError(f"recipe: expected a name such as 'fgsm_rs', got {type(name).__name__}")
+    key = name.strip().lower().replace("_", "-")
+    if key not in dict.keys(RECIPES):
+        import difflib
+
+        known = list(dict.keys(RECIPES))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" -- did you mean {close[0]!r}?" if close else ""
+        raise InputError(
+            f"recipe: expected one of {', '.join(known)} (or with underscores: fgsm_rs, "
+            f"pgd_at), got {name!r}{hint}"
+        )
+    return key
+
+
+# ---- the recipes in the user's own loop --------------------------------------------------------
+class RecipeLoss:
+    """A recipe as a loss function for a training loop of one's own: ``loss(x, y)`` crafts the
+    recipe's adversarial examples for the batch and returns the mean loss (a scalar to
+    ``.backward()``), exactly as :func:`advx.training.fit` would compute it::
+
+        loss_fn = advx.training.recipe_loss("trades", net, eps=8 / 255)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(x, y).backward()
+            opt.step()
+
+    ``model``: the ``nn.Module`` being trained (returning logits), or an :class:`advx.Classifier`
+    around it (its bounds and normalization are used). Keep it in training mode, as any loop
+    does: the recipes switch to eval mode where their paper does (TRADES' inner maximization)
+    and back. The random starts come from per-sample streams keyed by (``seed``, ``epoch``,
+    the number of samples seen so far): set ``loss_fn.epoch`` at each epoch for a ``warmup``.
+    ``last`` holds the last batch's :class:`Step` (per-sample losses, the logits it saw).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        model: Any,
+        *,
+        seed: int = 0,
+        bounds: tuple[float, float] | None = None,
+    ) -> None:
+        from ..models import Classifier
+
+        if not isinstance(recipe, Recipe):
+            raise InputError(
+                "recipe_loss: recipe must be a name such as 'trades' or a Recipe such as "
+                f"advx.training.trades(8 / 255), got {type(recipe).__name__}"
+            )
+        clf = model if isinstance(model, Classifier) else None
+        net = clf.net if clf is not None else model
+        if not isinstance(net, nn.Module):
+            raise InputError(
+                "recipe_loss: model must be an nn.Module or an advx.Classifier, "
+                f"got {type(model).__name__}"
+            )
+        if bounds is None:
+            bounds = clf.bounds if clf is not None else (0.0, 1.0)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        recipe.check(self.bounds)
+        self.recipe, self.module, self.classifier = recipe, net, clf
+        self.seed = int(seed)
+        self.epoch = 0
+        self.seen = 0  # samples so far: the ids that key the per-sample random streams
+        self.last: Step | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's logits on inputs in its bounds (through the Classifier's normalization)."""
+        clf = self.classifier
+        if clf is None:
+            out = self.module(x)
+            if not isinstance(out, Tensor):
+                raise InputError(
+                    f"recipe_loss: the model returned a {type(out).__name__}, not logits; wrap "
+                    "it in an advx.Classifier with output= to say where the logits are"
+                )
+            return out
+        return clf.logits_of(self.module(clf.preprocess(x)))
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise InputError(
+                "recipe_loss: call it with a batch of tensors, loss(x, y): x (N, ...) in the "
+                f"model's bounds, y (N,) class indices; got {type(x).__name__}, "
+                f"{type(y).__name__}"
+            )
+        n = x.shape[0]
+        index = torch.arange(self.seen, self.seen + n, device=x.device)
+        batch = Batch(
+            x,
+            y,
+            index,
+            self.epoch,
+            self.seed,
+            self.forward,
+            self.forward,
+            self.module,
+            self.bounds,
+        )
+        step = self.recipe(batch)
+        self.seen += n
+        self.last = step
+        return step.loss.mean()
+
+    def __repr__(self) -> str:
+        return f"RecipeLoss({self.recipe.name}, {self.recipe.params})"
+
+
+def recipe_loss(
+    recipe: str | Recipe,
+    model: Any,
+    *,
+    seed: int = 0,
+    bounds: tuple[float, float] | None = None,
+    **params: Any,
+) -> RecipeLoss:
+    """A recipe as a loss ``loss(x, y) -> scalar`` for one's own training loop (see
+    :class:`RecipeLoss`). ``recipe``: a name (``"fgsm_rs"`` or ``"fgsm-rs"``, ``"pgd_at"``,
+    ``"trades"``, ``"standard"``, ``"distillation"``) with its parameters as keywords
+    (``eps=8 / 255, steps=7``), or a built Recipe such as ``advx.training.pgd_at(8 / 255)``."""
+    if isinstance(recipe, str):
+        recipe = RECIPES[recipe](**params)
+    elif params:
+        raise InputError(
+            f"recipe_loss: parameters ({', '.join(sorted(params))}) go with a recipe's name; "
+            "a built Recipe already has them"
+        )
+    return RecipeLoss(recipe, model, seed=seed, bounds=bounds)

@@ -21,6 +21,7 @@ from .._state import evaluating
 from .._validate import check_float, positive_int
 from ..errors import InputError
 from .distributed import Group
+from .feed import Source
 from .losses import Recipe
 
 __all__ = ["Monitor", "Watch", "split_monitor"]
@@ -38,7 +39,9 @@ class Monitor:
 
     ``data``: ``(x, y)``, an int k (k training samples, chosen by the seed, are held out of
     training for it), None, or ``"auto"`` (512 samples, at most a tenth of the data, held out
-    when the recipe checks overfitting). ``steps``: PGD steps for the adversarial accuracy.
+    when the recipe checks overfitting). A DataLoader cannot be split: k (or ``"auto"``) then
+    takes the first k samples of a seeded pass over it, trained on as well. ``steps``: PGD
+    steps for the adversarial accuracy.
     ``overfit_check`` (default: when the recipe asks, i.e. FGSM-RS): when the monitor's PGD
     accuracy drops more than ``overfit_drop`` below the best epoch's, or under
     ``overfit_floor`` after the best epoch was above it, the best epoch's weights are restored
@@ -58,16 +61,35 @@ class Monitor:
 
 
 def split_monitor(
-    data: MonitorData, x: Tensor, y: Tensor, seed: int, *, wants: bool
-) -> tuple[Tensor, Held | None]:
-    """(rows of x to train on, the monitor set or None)."""
-    n = x.shape[0]
-    everything = torch.arange(n)
+    data: MonitorData, source: Source, seed: int, *, wants: bool
+) -> tuple[Tensor | None, Held | None]:
+    """(rows of the data to train on -- None for a DataLoader: all of it --, the monitor set or
+    None).
+
+    From tensors or a Dataset the monitor's samples are held out of training. A DataLoader
+    cannot be split: an int k (or ``"auto"``) takes the first k samples of a seeded pass over
+    it, which are trained on as well -- catastrophic overfitting shows on training samples too
+    (PGD accuracy collapses there as well); pass ``monitor=(x, y)`` for a held-out set.
+    """
+    n = source.n
+    everything = None if n is None or not source.indexable else torch.arange(n)
     if data is None or (data == "auto" and not wants):
         return everything, None
     if isinstance(data, tuple):
         mx, my = data
-        return everything, (mx, my, torch.arange(mx.shape[0]) + n)  # ids past the training set's
+        # ids past the training set's (a DataLoader's batches are numbered from 0 each epoch)
+        offset = n if n is not None else 1 << 40
+        return everything, (mx, my, torch.arange(mx.shape[0]) + offset)
+    if not source.indexable:
+        k = (min(512, max(1, n // 10)) if n else 512) if data == "auto" else data
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(
+                f"fit: monitor must be (x, y), a number of samples >= 1, 'auto' or None, "
+                f"got {data!r}"
+            )
+        mx, my = source.gather(k, seed)
+        return everything, (mx, my, torch.arange(mx.shape[0]) + (1 << 40))
+    assert n is not None and everything is not None
     k = min(512, n // 10) if data == "auto" else data
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < n:
         raise InputError(
@@ -79,8 +101,8 @@ def split_monitor(
     held = order[n - k :].sort().values
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
-    held_dev = held.to(x.device)
-    return everything[keep], (x[held_dev], y[held_dev], held)
+    mx, my = source.take(held)
+    return everything[keep], (mx, my, held)
 
 
 class Watch:

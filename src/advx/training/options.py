@@ -188,6 +188,7 @@ def record(
     seed: int,
     held: Any,
     overfit: bool,
+    augment: str | None = None,
 ) -> dict[str, Any]:
     """What made the run: recorded in the checkpoints and compared on resume."""
     return {
@@ -206,4 +207,6 @@ def record(
         "overfit_check": overfit,
         "overfit_drop": mon.overfit_drop,
         "overfit_floor": mon.overfit_floor,
+        # recorded only when used: the checkpoints written before augmentation existed resume
+        **({"augment": augment} if augment is not None else {}),
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .._validate import check_bool
 from ..errors import InputError
@@ -89,23 +89,24 @@ class Saver:
         clf: Any,
         recipe: Recipe,
         config: dict[str, Any],
-        x: Tensor,
-        y: Tensor,
+        data: dict[str, Any],
         group: Group,
     ) -> None:
         from .._checkpoint import require_safetensors
-        from ..data import data_sha256
         from ..zoo import describe
 
         require_safetensors()  # fail before training, not after the first epoch
         self.out = Path(settings.out)
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"fit: out={self.out} is a file; give a folder")
-        self.net, self.group, self.config = net, group, config
-        spec = settings.model_spec if settings.model_spec is not None else describe(net)
+        # a torch.compile'd or (Distributed)DataParallel module: the net is inside, and its
+        # weights are saved without the wrapper's key prefix, so that zoo.load rebuilds it
+        base = _unwrapped(net)
+        self.net, self.group, self.config = base, group, config
+        spec = settings.model_spec if settings.model_spec is not None else describe(base)
         if isinstance(spec, str):
             spec = {"spec": spec, "kwargs": {}}
-        cls = type(net)
+        cls = type(base)
         self.model = {
             **(spec or {"spec": None, "kwargs": {}}),
             "class": f"{cls.__module__}.{cls.__qualname__}",
@@ -114,7 +115,7 @@ class Saver:
             "std": None if clf is None or clf.std is None else clf.std.tolist(),
         }
         self.recipe = recipe
-        self.data = {"sha256": data_sha256(x, y), "n": int(x.shape[0]), "name": settings.data_name}
+        self.data = {**data, "name": settings.data_name}
 
     def _meta(self, epochs_done: int, history: History) -> dict[str, Any]:
         return {
@@ -182,10 +183,12 @@ class Saver:
         meta, weights = read_sidecar(side)
         state = load_state(side, meta)
         old = state["config"]
-        differ = [k for k in self.config if k != "epochs" and old.get(k) != jsonish(self.config[k])]
+        keys = [*self.config, *(k for k in old if k not in self.config)]  # either run's
+        differ = [k for k in keys if k != "epochs" and old.get(k) != jsonish(self.config.get(k))]
         if old.get("epochs") != self.config["epochs"] and self.config["lr_schedule"] != "constant":
             differ.append("epochs")  # the schedule's shape depends on the number of epochs
-        if meta.get("data", {}).get("sha256") != self.data["sha256"]:
+        old_data = meta.get("data", {})
+        if any(old_data.get(k) != self.data.get(k) for k in ("sha256", "n", "source")):
             differ.append("data")
         if differ:
             raise InputError(
@@ -207,6 +210,20 @@ class Saver:
             else {k: v.to(device) for k, v in b["weights"].items()},
         }
         return history, int(state["epochs_done"]), int(state["step"]), best
+
+
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and (Distributed)DataParallel's wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        inner = getattr(net, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            net = inner
+        elif isinstance(net, (DataParallel, DistributedDataParallel)):
+            net = net.module
+        else:
+            return net
 
 
 def jsonish(obj: Any) -> Any:
