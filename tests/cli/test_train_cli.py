@@ -240,3 +240,12 @@ def test_a_dataloader_factory_with_crop_flip_augmentation(tmp_path):
     argv.remove("--no-audit")
     code, _, err = run(argv)
     assert code == 2 and "--audit-data" in err, err
+
+
+def test_model_args_are_recorded_so_the_checkpoint_rebuilds(tmp_path):
+    code, _, err = run(base(tmp_path / "w", "--model-arg", "width=8", "--no-audit"))
+    assert code == 0, err
+    import advx
+
+    net = advx.zoo.load(tmp_path / "w").net
+    assert net.conv1.out_channels == 8  # the default width is 16: the argument was kept

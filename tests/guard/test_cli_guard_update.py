@@ -101,6 +101,15 @@ def test_bad_input_exits_2(files, tmp_path):
         *base, "--data", "mnist-demo", "--audit-data", "mnist-demo", "--reload-url", "http://x"
     )
     assert code == 2 and "admin token" in err
+    # --recipe takes the README's spelling too, and suggests a close name for a typo
+    code, _, err = run(
+        *base, "--data", "mnist-demo", "--audit-data", "mnist-demo", "--recipe", "pgd_at"
+    )
+    assert code == 2 and "no current version" in err
+    code, _, err = run(
+        *base, "--data", "mnist-demo", "--audit-data", "mnist-demo", "--recipe", "pgd_a"
+    )
+    assert code == 2 and "did you mean 'pgd-at'" in err, err
 
 
 def test_serve_model_dir_refuses_a_bad_start(tmp_path):

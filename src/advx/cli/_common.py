@@ -25,6 +25,16 @@ def parse_floats(text: str | None, name: str) -> list[float] | None:
         ) from None
 
 
+def recipe_callback(ctx, param, value: str) -> str:
+    """--recipe in either spelling, fgsm_rs or fgsm-rs (the README's and the command line's)."""
+    from ..training import recipe_name
+
+    try:
+        return recipe_name(value)
+    except InputError as e:
+        raise click.BadParameter(str(e).removeprefix("recipe: ")) from None
+
+
 def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``-p steps=40 -p loss=margin`` -> {"steps": 40, "loss": "margin"}."""
     params: dict[str, Any] = {}

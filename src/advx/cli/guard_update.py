@@ -9,7 +9,14 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from ._common import build_classifier, emit_json, info, model_options, pick_device
+from ._common import (
+    build_classifier,
+    emit_json,
+    info,
+    model_options,
+    pick_device,
+    recipe_callback,
+)
 from .guard import guard_group
 
 ADMIN_TOKEN_ENV = "ADVX_ADMIN_TOKEN"
@@ -124,8 +131,8 @@ def init_command(
 @click.option("--calib-split", default=None, help="Split of --calib-data.")
 @click.option(
     "--recipe",
-    type=click.Choice(["fgsm-rs", "pgd-at", "trades", "standard"]),
     default="fgsm-rs",
+    callback=recipe_callback,
     show_default=True,
 )
 @click.option("--threat", default="linf:0.3", show_default=True, help="Trained and audited at.")

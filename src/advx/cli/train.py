@@ -14,19 +14,17 @@ import torch
 
 from ..errors import InputError
 from . import cli
-from ._common import build_classifier, data_option, emit_json, info, model_options, parse_params
+from ._common import (
+    build_classifier,
+    data_option,
+    emit_json,
+    info,
+    model_options,
+    parse_params,
+    recipe_callback,
+)
 
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _recipe_option(ctx, param, value: str) -> str:
-    """Either spelling, fgsm_rs or fgsm-rs (the README's and the command line's)."""
-    from ..training import recipe_name
-
-    try:
-        return recipe_name(value)
-    except InputError as e:
-        raise click.BadParameter(str(e).removeprefix("recipe: ")) from None
 
 
 @cli.command("train")
@@ -36,7 +34,7 @@ def _recipe_option(ctx, param, value: str) -> str:
     "--recipe",
     default="standard",
     show_default=True,
-    callback=_recipe_option,
+    callback=recipe_callback,
     help="standard, fgsm-rs, pgd-at, trades or distillation (fgsm_rs and pgd_at too).",
 )
 @click.option(
@@ -277,7 +275,7 @@ def train_command(
             checkpoint=Checkpointing(
                 out_path,
                 resume=resume,
-                model_spec=model_spec,
+                model_spec=_spec_with_args(model_spec),
                 data_name=_data_name(data, split, n),
             ),
             augment=None if augment == "none" else augment,
@@ -473,3 +471,12 @@ def _has_idx_test(folder) -> bool:
 
 def _data_name(data: str, split, n) -> str:
     return str(data) + f":{split or 'train'}" + (f"[:{n}]" if n else "")
+
+
+def _spec_with_args(model_spec: str | None):
+    """The spec the checkpoint records: with the --model-arg values, so that advx.zoo.load
+    rebuilds the same architecture."""
+    args = click.get_current_context().meta.get("advx.model_args") or {}
+    if model_spec is None or not args:
+        return model_spec
+    return {"spec": model_spec, "kwargs": dict(args)}
