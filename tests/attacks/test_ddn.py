@@ -35,6 +35,30 @@ def test_every_point_broken_as_close_as_fab_finds(trained_mlp, ddn_run):
     assert float(r.distance.median()) < 1.2  # the MLP breaks at about 0.9 (measured)
 
 
+def test_reaches_a_far_boundary_in_a_few_steps():
+    """A 2-class linear model whose boundary lies 2.5 (L2) from every point, inside the box:
+    growing by 1 + gamma a step from init_epsilon 1, the paper's radius would need 19 steps to
+    get there (1.05^15 is 2.08: 15 steps never reach it); the linearized distance takes it
+    there at once."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 400, 16
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    x = 0.5 + 0.05 * (torch.rand(n, d, generator=g, dtype=torch.float64) - 0.5)
+    net = nn.Linear(d, 2).to(torch.float64)
+    with torch.no_grad():
+        net.weight.copy_(torch.stack([w / 2, -w / 2]))  # f_0 - f_1 = w.x + b
+        b = 2.5 * w.norm() - w @ torch.full((d,), 0.5, dtype=torch.float64)
+        net.bias.copy_(torch.stack([b / 2, -b / 2]))
+        gap = net(x)[:, 0] - net(x)[:, 1]
+    exact = gap / w.norm()
+    shift = exact.view(-1, 1) * w / w.norm()  # the way to the boundary: x - shift
+    assert float(exact.min()) > 2.4 and float(shift.abs().max()) < 0.45, "setup: inside the box"
+    y = torch.zeros(n, dtype=torch.long)
+    r = DDN(steps=15)(net, x, y)
+    assert bool(r.success.all())
+    assert float(((r.distance - exact) / exact).max()) < 0.1
+
+
 def test_pgd_cannot_break_the_points_inside_the_distance_ddn_found(trained_mlp, ddn_run):
     """A fixed-eps PGD given each sample's DDN distance (less 5%) as its budget breaks almost
     none of them: DDN's distances are close to the smallest a gradient attack finds."""

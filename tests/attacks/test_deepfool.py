@@ -40,15 +40,45 @@ def test_one_step_onto_the_nearest_boundary_of_a_linear_model(norm):
     assert bool((r.grads == 2 * 5).all()) and bool((r.queries == 1 + 2 * 5).all())
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_one_step_on_a_linear_model_when_the_box_blocks_half_the_pixels(norm):
+    # half of the pixels at 0, as on MNIST: the nearest boundary the box allows is reached by
+    # moving only the free pixels and the blocked ones that the gradient pushes inward
+    net, x, y = _linear_multiclass(d=40)
+    x = x.clone()
+    x[:, 20:] = 0
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        f = net(x)
+        dw = net.weight.unsqueeze(0) - net.weight[y].unsqueeze(1)  # (N, C, D): w_j - w_y
+        dw[:, :, 20:] = dw[:, :, 20:].clamp(min=0)  # a pixel at 0 can only grow
+        gap = f.gather(1, y.view(-1, 1)) - f
+        dual = dw.abs().sum(2) if norm == "linf" else dw.norm(dim=2)
+        exact = (gap / dual).masked_fill(gap == 0, math.inf).amin(dim=1)
+    r = DeepFool(advx.ThreatModel(norm, math.inf), overshoot=0.0)(net, x, y)
+    assert bool(r.success.all())
+    rel = (r.distance - exact) / exact
+    if norm == "l2":  # the masked step is the exact box-constrained one here
+        assert float(rel.min()) >= -1e-9 and float(rel.max()) < 0.01
+        # (a step along the full gradient is clipped short: 2-4 steps here, the box-aware one 1)
+        assert bool((r.trace["iterations"] == 1).all())
+    else:  # Linf: the sign step also hits the upper bound of some free pixels; still short
+        assert float(rel.min()) >= -1e-9 and float(rel.max()) < 0.05
+        assert bool((r.trace["iterations"] <= 2).all())
+
+
 def test_as_close_as_ddn_in_few_steps(trained_mlp, points):
     x, y = points
     r = DeepFool()(trained_mlp, x, y)
     ddn = advx.attacks.create("ddn", steps=100)(trained_mlp, x, y)
     assert bool(r.success.all())
-    # measured: 0.912 against DDN-100's 0.913, in a tenth of DDN's backward passes
-    assert float(r.distance.median()) <= 1.02 * float(ddn.distance.median())
+    # measured: 0.933 against DDN-100's 0.913 (the 2% overshoot), in 1-2 steps: about 2% of
+    # DDN's backward passes
+    assert float(r.distance.median()) <= 1.03 * float(ddn.distance.median())
     it = r.trace["iterations"]
-    assert float(it.float().median()) <= 12  # measured 9
+    # measured: median 1, at most 2 (9 and 21 before the steps left out the blocked pixels:
+    # MNIST is mostly 0, and a step along the full gradient was mostly clipped away)
+    assert float(it.float().median()) <= 2 and int(it.max()) <= 3
     # 9 candidates a step, one step per iteration, the last one the point found adversarial
     assert torch.equal(r.grads, 9 * (it + 1))
     assert torch.equal(r.queries, 1 + 9 * (it + 1))

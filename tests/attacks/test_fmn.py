@@ -33,9 +33,47 @@ def test_reaches_the_nearest_boundary_of_a_linear_model(norm):
     assert bool(r.success.all())
     rel = (r.distance - exact) / exact
     assert float(rel.min()) >= -1e-9, "closer than the nearest boundary"
-    assert float(rel.median()) < 1e-3
+    # the constant gamma's lattice: 1.2e-3 on half of the points, exact on the others
+    assert float(rel.median()) < 2e-3
     # L1 steps along the L2 gradient and projects: a rare sample stops at another vertex
-    assert float(rel.max()) < (0.1 if norm == "l1" else 1e-3)
+    assert float(rel.max()) < (0.1 if norm == "l1" else 2e-3)
+
+
+class _CubeRoot(torch.nn.Module):
+    """Two classes with logit gap cbrt(w.x + b): the boundary is the hyperplane w.x + b = 0, but
+    the linearized distance |g| / ||grad g|| is 3 times the true one, so the first success
+    lands about 3 times too far out and the radius has to come back."""
+
+    def __init__(self, d: int, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(d, generator=g, dtype=torch.float64)
+        self.b = -0.5 * float(self.w.sum()) + 0.3 * float(self.w.norm())
+
+    def forward(self, x):
+        z = x.flatten(1) @ self.w + self.b
+        gap = z.sign() * z.abs().pow(1 / 3)
+        return torch.stack([gap / 2, -gap / 2], dim=1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_comes_back_from_a_first_success_far_outside(norm):
+    net = _CubeRoot(64)
+    g = torch.Generator().manual_seed(1)
+    x = 0.5 + 0.02 * (torch.rand(16, 64, generator=g, dtype=torch.float64) - 0.5)
+    y = torch.zeros(16, dtype=torch.long)
+    with torch.no_grad():
+        assert bool((net(x).argmax(1) == 0).all())
+        z = x @ net.w + net.b
+    dual = {"linf": net.w.abs().sum(), "l2": net.w.norm(), "l1": net.w.abs().max()}[norm]
+    exact = z / dual
+    r = FMN(advx.ThreatModel(norm, math.inf), steps=30)(net, x, y)
+    assert bool(r.success.all())
+    rel = (r.distance - exact) / exact
+    assert float(rel.min()) >= -1e-9, "closer than the boundary"
+    # measured: at most 6.5% over; with the paper's gamma (0.05 annealed to 0.001) and its
+    # shrink to the best distance, 30 steps end 41% over
+    assert float(rel.max()) < 0.1
 
 
 def test_l2_as_close_as_ddn(trained_mlp, points):
