@@ -37,10 +37,11 @@ class CW(Attack):
     Strong at any budget, without extra passes:
 
     * ``initial_c=None`` (the default) sets each sample's first c from the gradient of its first
-      step, at x itself: ``2 f(x) / ||grad f(x)||^2``, the c above which the minimum of the
-      linearized objective is adversarial. The search then grows c where that was too little
-      and bisects where it was enough, instead of spending steps growing c from a fixed start
-      (five search steps from 1e-3 never got past c = 10). A number starts every sample there.
+      step, at x itself: ``2 (f(x) + kappa) / ||grad f(x)||^2``, the c above which the
+      minimum of the linearized objective is adversarial. The search then grows c where that
+      was too little and bisects where it was enough, instead of spending steps growing c from
+      a fixed start (five search steps from 1e-3 never got past c = 10). A number starts every
+      sample there.
     * each search step goes on from the point and the Adam state the last one left, so a
       schedule of s x k steps moves as far as one run of s * k steps (in tanh space Adam moves a
       coordinate by about ``lr`` per step: pixels at a bound need hundreds of steps to move
