@@ -60,6 +60,17 @@ def example_grid(
     """A PNG: one row per sample; the clean image, then for each (title, x_adv, captions) the
     adversarial image and its perturbation, with a colour bar in the input's units (each
     perturbation spans the bar's full range: ``max |x_adv - x|`` of that sample)."""
+    return _to_png(_grid_figure(x, columns, row_labels=row_labels, bounds=bounds))
+
+
+def _grid_figure(
+    x: Tensor,
+    columns: Sequence[tuple[str, Tensor, Sequence[str] | None]],
+    *,
+    row_labels: Sequence[str] | None,
+    bounds: tuple[float, float],
+):
+    """The matplotlib figure of :func:`example_grid` (the caller closes it)."""
     plt = _pyplot()
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -102,7 +113,7 @@ def example_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    return _to_png(fig)
+    return fig
 
 
 def line_plot(

@@ -1,0 +1,138 @@
+"""The audit's eps curve: which way each point was obtained, and never above the cascade."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import advx
+from advx.audit.eps_curve import _eps_curve, choose_method
+from advx.audit.report import Report
+
+EPS = 0.1
+OLD = Path(__file__).parent / "data" / "report-v1-untyped.json"
+
+
+def _suite():
+    return [advx.FGSM(advx.Linf(EPS)), advx.PGD(advx.Linf(EPS), steps=10)]
+
+
+@pytest.fixture(scope="module")
+def data(mnist_test):
+    x, y = mnist_test
+    return x[:60], y[:60]
+
+
+@pytest.fixture(scope="module")
+def report(trained_mlp, data):
+    x, y = data
+    return advx.audit(trained_mlp, x, y, advx.Linf(EPS), suite=_suite(), subset=40)
+
+
+def _state(report, *, distance=None):
+    """What _eps_curve reads of the cascade state, from a report (or with made-up distances)."""
+    s = report.samples
+    d = [math.nan if v is None else v for v in s.distance] if distance is None else distance
+    return types.SimpleNamespace(
+        clean_correct=torch.tensor(s.clean_correct),
+        broken_by=torch.tensor(s.broken_by if distance is None else [0] * len(d)),
+        distance=torch.tensor(d, dtype=torch.float64),
+    )
+
+
+def test_the_cheaper_way_is_chosen():
+    # auto: 6 eps of APGD-CE (50 steps each, plus the large eps) cost 350 steps, FMN 101
+    assert choose_method("auto", "linf") == "min-norm"
+    assert choose_method([0.1], "l2") == "runs"  # one eps: a run at it costs no more than FMN
+    assert choose_method([0.1, 0.2], "l1") == "min-norm"
+    assert choose_method("runs", "linf") == "runs" and choose_method("min-norm", "l2") == "min-norm"
+
+
+def test_the_default_curve_is_one_fmn_run_and_says_so_per_point(report):
+    c = report.eps_curve
+    assert c.source == "minimum-norm" and c.attack.startswith("fmn")
+    assert c.n == 40 and len(c.method) == len(c.eps) == len(c.from_cascade)
+    assert all(m.startswith("min-norm fmn") for m in c.method)
+    assert [("+ cascade" in m) for m in c.method] == [k > 0 for k in c.from_cascade]
+    assert c.eps[0] == 0.0 and c.eps[-1] == pytest.approx(2 * EPS)
+    clean = sum(report.samples.clean_correct[:40]) / 40
+    assert c.robust_accuracy[0] == pytest.approx(clean)  # at eps 0: the clean accuracy
+    assert c.robust_accuracy == sorted(c.robust_accuracy, reverse=True)  # one run: only falls
+    assert c.robust_accuracy_large_eps == 0.0 and c.large_eps == 1.0
+
+
+def test_the_point_at_the_audited_eps_is_never_above_the_cascade(report):
+    c = report.eps_curve
+    s = report.samples
+    cascade = sum(s.robust[:40]) / 40
+    assert c.robust_accuracy_cascade == pytest.approx(cascade)
+    at = c.eps.index(pytest.approx(EPS))
+    assert c.robust_accuracy[at] == pytest.approx(cascade - c.broken_beyond_cascade / 40)
+
+
+def test_the_cascade_s_examples_count_at_every_eps_from_their_distance(trained_mlp, data, report):
+    # a made-up cascade that broke every sample at distance 0.05: whatever FMN finds, no point
+    # from 0.05 on may claim a sample robust, and the points below it are FMN's alone
+    x, y = data
+    threat = advx.Linf(EPS)
+    full = _state(report, distance=[0.05] * len(y))
+    got = _eps_curve(trained_mlp, x, y, threat, "min-norm", full, seed=0, subset=40)
+    real = _eps_curve(trained_mlp, x, y, threat, "min-norm", _state(report), seed=0, subset=40)
+    for e, a, a_real, k, m in zip(
+        got["eps"], got["robust_accuracy"], real["robust_accuracy"], got["from_cascade"],
+        got["method"],
+    ):  # fmt: skip
+        if e >= 0.05:
+            assert a == 0.0 and m.endswith("+ cascade") == (k > 0)
+            assert k == round(a_real * 40)  # what FMN alone left robust, the cascade broke
+        else:
+            assert a == a_real and k == 0 and m == "min-norm fmn"
+    assert got["robust_accuracy_cascade"] == 0.0 and got["broken_beyond_cascade"] == 0
+
+
+def test_runs_give_one_apgd_point_per_eps_and_the_same_guarantee(trained_mlp, data, report):
+    x, y = data
+    got = _eps_curve(trained_mlp, x, y, advx.Linf(EPS), "runs", _state(report), seed=0, subset=40)
+    assert got["source"] == "runs" and len(got["eps"]) == 6
+    assert all(m.startswith("apgd-ce at eps") for m in got["method"])
+    at = got["eps"].index(pytest.approx(EPS))
+    assert got["robust_accuracy"][at] <= got["robust_accuracy_cascade"]
+    assert got["robust_accuracy"][at] == pytest.approx(
+        got["robust_accuracy_cascade"] - got["broken_beyond_cascade"] / 40
+    )
+
+
+def test_the_report_explains_the_curve_on_the_page_and_in_the_terminal(report):
+    c = report.eps_curve
+    notes = report.curve_notes()
+    assert f"the first 40 samples of {report.data.n}" in notes[0] and c.attack in notes[0]
+    assert any("upper bound" in n for n in notes)
+    at = [n for n in notes if n.startswith(f"At the audited eps {EPS:.4g}")]
+    assert at and f"{c.robust_accuracy_cascade:.1%} on the same samples" in at[0]
+    assert f"{report.robust_accuracy:.1%} on all {report.data.n}" in at[0]
+    lines = "\n".join(report.summary_lines())
+    assert "eps curve" in lines and notes[0] in lines
+    page = report.to_html()
+    assert 'id="eps-curve-method"' in page and "min-norm fmn" in page
+    assert notes[0].replace("'", "&#39;") in page
+
+
+def test_a_curve_that_beats_the_cascade_says_the_headline_overstates(report):
+    c = dataclasses.replace(report.eps_curve, broken_beyond_cascade=3)
+    notes = dataclasses.replace(report, eps_curve=c).curve_notes()
+    assert any("broke 3 samples" in n and "overstates" in n for n in notes)
+
+
+def test_an_old_report_s_curve_still_loads_and_is_explained_as_before():
+    r = Report.load(OLD)
+    old = json.loads(OLD.read_text())["eps_curve"]
+    assert r.eps_curve.method is None and r.eps_curve.eps == old["eps"]
+    notes = r.curve_notes()
+    assert len(notes) == 2 and "attack alone" in notes[1]
+    assert 'id="eps-curve-method"' not in r.to_html()
