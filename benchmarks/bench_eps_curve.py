@@ -6,9 +6,10 @@ run's per-sample distances ("min-norm"), on the same samples after the same casc
 Models: the TRADES SmallCNN (Linf 0.3 and L2 2.0) and the demo's undefended LeNet (trained here
 for one epoch on the embedded digits 1000.., as `advx demo` does; Linf 0.1). The cascade is the
 "fast" suite without Square (SUITE) on the first --n test images (the audit's curve uses the
-first 200 by default); both curves then run on the same cascade state, alternately, --repeats times each (median seconds).
-The curve's points include the cascade's own adversarial examples (as the audit does); the
-columns "raw" show each attack alone at the audited eps.
+first 200 by default); both curves then run on the same cascade state, alternately, --repeats
+times each (median seconds). The curve's points include the cascade's own adversarial examples
+(as the audit does); "broke beyond cascade" counts what the curve's attack broke at the audited
+eps that the cascade left robust.
 """
 
 from __future__ import annotations
