@@ -91,6 +91,7 @@ def _eps_curve(
     )
     points = [*grid, big]
     broken = torch.zeros(m, len(points), dtype=torch.bool)  # (m, E + 1) by the curve's attack
+    name: str
     if method == "min-norm":
         known = attacks.list_attacks(norm=threat.norm)
         name = next(a for a in ("fmn", "fab", "cw") if a in known)
@@ -131,8 +132,9 @@ def _eps_curve(
     cascade_robust = correct.cpu() & ~_within(cascade_d, eps0)
     if method == "min-norm" and rows.numel():
         at_eps0 = cascade_robust & _within_rows(dist, rows.cpu(), m, eps0)
-    elif method == "runs" and eps0 in grid:
-        at_eps0 = cascade_robust & broken[:, grid.index(eps0)]
+    elif method == "runs" and any(math.isclose(e, eps0, rel_tol=1e-6) for e in grid):
+        at = next(j for j, e in enumerate(grid) if math.isclose(e, eps0, rel_tol=1e-6))
+        at_eps0 = cascade_robust & broken[:, at]
     else:  # no run at the audited eps: nothing to compare
         at_eps0 = torch.zeros(m, dtype=torch.bool)
     return {
