@@ -326,7 +326,7 @@ def _write_curve(path, result, name: str, n: int) -> dict[str, Any]:
     png = viz.line_plot(
         {name: (eps.tolist(), acc.tolist())},
         xlabel=f"{result.threat.norm} eps",
-        ylabel="robust accuracy (upper bound)",
+        ylabel="not sent to the target" if result.targeted else "robust accuracy (upper bound)",
         title=f"{name}{within}: {n:,} samples, one minimum-norm run",
         points=False,
     )
