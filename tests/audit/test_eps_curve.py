@@ -46,24 +46,26 @@ def _state(report, *, distance=None):
     )
 
 
-def test_the_cheaper_way_is_chosen():
-    # auto: 6 eps of APGD-CE (50 steps each, plus the large eps) cost 350 steps, FMN 101
-    assert choose_method("auto", "linf") == "min-norm"
-    assert choose_method([0.1], "l2") == "runs"  # one eps: a run at it costs no more than FMN
-    assert choose_method([0.1, 0.2], "l1") == "min-norm"
-    assert choose_method("runs", "linf") == "runs" and choose_method("min-norm", "l2") == "min-norm"
+def test_the_way_is_chosen_by_cost():
+    # auto: FMN below eps (where APGD finds little and runs every step), APGD above it
+    assert choose_method("auto", EPS, "linf") == "mixed"
+    assert choose_method([0.05], EPS, "l2") == "runs"  # one point below: one run is cheaper
+    assert choose_method([0.02, 0.05, 0.1], EPS, "l1") == "mixed"
+    assert choose_method([0.1, 0.2, 0.3], EPS, "linf") == "runs"  # nothing below eps
+    assert choose_method("runs", EPS, "linf") == "runs"
+    assert choose_method("min-norm", EPS, "l2") == "min-norm"
 
 
-def test_the_default_curve_is_one_fmn_run_and_says_so_per_point(report):
+def test_the_default_curve_says_per_point_which_way_it_was_obtained(report):
     c = report.eps_curve
-    assert c.source == "minimum-norm" and c.attack.startswith("fmn")
+    assert c.source == "mixed" and c.attack == "fmn (100 steps), apgd-ce (50 steps)"
     assert c.n == 40 and len(c.method) == len(c.eps) == len(c.from_cascade)
-    assert all(m.startswith("min-norm fmn") for m in c.method)
-    assert [("+ cascade" in m) for m in c.method] == [k > 0 for k in c.from_cascade]
-    assert c.eps[0] == 0.0 and c.eps[-1] == pytest.approx(2 * EPS)
+    assert c.eps == pytest.approx([EPS * f for f in (0, 0.25, 0.5, 0.75, 1, 1.5, 2)])
+    ways = [m.split(" + ")[0] for m in c.method]
+    assert ways == ["min-norm fmn"] * 4 + ["cascade"] + ["apgd-ce at eps"] * 2
+    assert [("cascade" in m.split(" + ")[1:]) for m in c.method] == [k > 0 for k in c.from_cascade]
     clean = sum(report.samples.clean_correct[:40]) / 40
     assert c.robust_accuracy[0] == pytest.approx(clean)  # at eps 0: the clean accuracy
-    assert c.robust_accuracy == sorted(c.robust_accuracy, reverse=True)  # one run: only falls
     assert c.robust_accuracy_large_eps == 0.0 and c.large_eps == 1.0
 
 
@@ -84,12 +86,14 @@ def test_the_cascade_s_examples_count_at_every_eps_from_their_distance(trained_m
     full = _state(report, distance=[0.05] * len(y))
     got = _eps_curve(trained_mlp, x, y, threat, "min-norm", full, seed=0, subset=40)
     real = _eps_curve(trained_mlp, x, y, threat, "min-norm", _state(report), seed=0, subset=40)
+    assert got["source"] == "minimum-norm" and got["attack"] == "fmn (100 steps)"
+    assert got["robust_accuracy"] == sorted(got["robust_accuracy"], reverse=True)  # one run
     for e, a, a_real, k, m in zip(
         got["eps"], got["robust_accuracy"], real["robust_accuracy"], got["from_cascade"],
         got["method"],
     ):  # fmt: skip
         if e >= 0.05:
-            assert a == 0.0 and m.endswith("+ cascade") == (k > 0)
+            assert a == 0.0 and m == ("min-norm fmn + cascade" if k else "min-norm fmn")
             assert k == round(a_real * 40)  # what FMN alone left robust, the cascade broke
         else:
             assert a == a_real and k == 0 and m == "min-norm fmn"
@@ -100,7 +104,7 @@ def test_runs_give_one_apgd_point_per_eps_and_the_same_guarantee(trained_mlp, da
     x, y = data
     got = _eps_curve(trained_mlp, x, y, advx.Linf(EPS), "runs", _state(report), seed=0, subset=40)
     assert got["source"] == "runs" and len(got["eps"]) == 6
-    assert all(m.startswith("apgd-ce at eps") for m in got["method"])
+    assert all(m.split(" + ")[0] == "apgd-ce at eps" for m in got["method"])
     at = got["eps"].index(pytest.approx(EPS))
     assert got["robust_accuracy"][at] <= got["robust_accuracy_cascade"]
     assert got["robust_accuracy"][at] == pytest.approx(
@@ -108,10 +112,18 @@ def test_runs_give_one_apgd_point_per_eps_and_the_same_guarantee(trained_mlp, da
     )
 
 
+def test_a_bad_spec_is_refused(trained_mlp, data, report):
+    x, y = data
+    for bad, message in (("fast", "expected 'auto'"), ([0.1, -1.0], "finite eps values >= 0")):
+        with pytest.raises(advx.errors.InputError, match=message):
+            _eps_curve(trained_mlp, x, y, advx.Linf(EPS), bad, _state(report), seed=0, subset=8)
+
+
 def test_the_report_explains_the_curve_on_the_page_and_in_the_terminal(report):
     c = report.eps_curve
     notes = report.curve_notes()
-    assert f"the first 40 samples of {report.data.n}" in notes[0] and c.attack in notes[0]
+    assert f"the first 40 samples of {report.data.n}" in notes[0]
+    assert all(part in notes[0] for part in c.attack.split(", "))  # fmn, then apgd-ce
     assert any("upper bound" in n for n in notes)
     at = [n for n in notes if n.startswith(f"At the audited eps {EPS:.4g}")]
     assert at and f"{c.robust_accuracy_cascade:.1%} on the same samples" in at[0]
@@ -119,7 +131,7 @@ def test_the_report_explains_the_curve_on_the_page_and_in_the_terminal(report):
     lines = "\n".join(report.summary_lines())
     assert "eps curve" in lines and notes[0] in lines
     page = report.to_html()
-    assert 'id="eps-curve-method"' in page and "min-norm fmn" in page
+    assert 'id="eps-curve-method"' in page and "min-norm fmn" in page and "apgd-ce at eps" in page
     assert notes[0].replace("'", "&#39;") in page
 
 

@@ -114,13 +114,15 @@ class EpsCurve:
     n: int  # on the first n samples
     robust_accuracy_ci: list[list[float]] | None = None  # a Wilson interval at each eps
     attack: str
-    source: str  # "runs" (one attack per eps) or "minimum-norm" (one run's distances)
+    # "runs" (one attack per eps), "minimum-norm" (one run's distances) or "mixed" (min-norm
+    # below the audited eps, the cascade at it, runs above it)
+    source: str
     large_eps: float | None = None  # an eps that allows any input, where accuracy must be ~0
     robust_accuracy_large_eps: float | None = None
     check: bool = True  # whether the curve-shape sanity checks apply to it
-    # how each point was obtained, e.g. "min-norm fmn" (from one run's distances) or
-    # "apgd-ce at eps" (a run at that eps), "+ cascade" where the cascade's own adversarial
-    # examples (broken at every eps from their distance on) lowered it; None in older reports
+    # how each point was obtained: "min-norm fmn" (from one run's distances), "cascade" (its
+    # verdict at the audited eps) or "apgd-ce at eps" (a run at that eps), then "+ ..." for the
+    # other ways whose adversarial examples lowered it; None in older reports
     method: list[str] | None = None
     from_cascade: list[int] | None = None  # per point, samples only the cascade broke within eps
     # the cascade's robust accuracy on the same n samples at the audited eps: the curve never
@@ -328,7 +330,17 @@ class Report(Page):
             return []
         eps0 = self.threat.eps
         first = f"the first {plural(c.n, 'sample')} of {self.data.n:,}"
-        if c.source == "minimum-norm":
+        if c.source == "mixed":
+            how = (
+                f"On {first}, each point obtained the cheapest way that holds up (the row "
+                f"'obtained by' says which): below the audited eps from one minimum-norm run "
+                f"({c.attack.split(', ')[0]}; a sample counts as robust at eps when the smallest "
+                "adversarial perturbation it found is larger), at it the cascade's own verdict, "
+                "above it one fixed-eps attack run per eps"
+                + (f" ({c.attack.split(', ')[1]})" if ", " in c.attack else "")
+                + "."
+            )
+        elif c.source == "minimum-norm":
             how = (
                 f"From one minimum-norm attack, {c.attack}, on {first}: a sample counts as "
                 "robust at eps when the smallest adversarial perturbation it found is larger "
