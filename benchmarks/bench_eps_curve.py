@@ -91,11 +91,11 @@ def main() -> None:
         report = advx.audit(model, x, y, threat, suite=SUITE, eps_curve=None, checks=False)
         print(f"{label} {threat}: cascade robust {report.robust_accuracy:.3f}", flush=True)
         full = state_of(report)
-        times: dict[str, list[float]] = {"runs": [], "min-norm": [], "mixed": []}
+        times: dict[str, list[float]] = {"runs": [], "min-norm": [], "auto": []}
         passes: dict[str, int] = {}
         out: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for spec in ("runs", "min-norm", "mixed"):
+            for spec in ("runs", "min-norm", "auto"):
                 t0 = time.perf_counter()
                 net.samples = 0
                 out[spec] = _eps_curve(model, x, y, threat, spec, full, seed=0, subset=args.n)  # type: ignore[arg-type]
@@ -103,7 +103,7 @@ def main() -> None:
                 passes[spec] = net.samples
                 print(f"{label} {threat} {spec}: {times[spec][-1]:.1f} s", flush=True)
         eps0 = float(threat.eps)
-        for spec in ("runs", "min-norm", "mixed"):
+        for spec in ("runs", "min-norm", "auto"):
             c = out[spec]
             i = min(range(len(c["eps"])), key=lambda k: abs(c["eps"][k] - eps0))
             rows.append(
