@@ -148,7 +148,7 @@ def _eps_curve(
             dev = x.device
             r = attack(model, xs[todo.to(dev)], ys[todo.to(dev)], index=todo.to(dev))
             by_apgd[todo, j] = r.success.cpu()
-    if "apgd" in ways[:-1] or method == "runs":
+    if "apgd" in ways:
         labels.append(f"{apgd_name}-ce ({_RUN_STEPS} steps)")
     correct_c = correct.view(-1, 1)
     robust = correct_c & ~(by_cascade | by_fmn | by_apgd)  # (m, E + 1)

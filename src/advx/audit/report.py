@@ -359,11 +359,10 @@ class Report(Page):
             )
             return notes
         notes.append(
-            "Each point also counts the samples the cascade broke, at every eps from the "
-            "distance of the adversarial example it found ('+ cascade' where that lowered a "
-            "point), so no point claims robust what the audit broke. Like the headline, every "
-            "point is an upper bound on the true robust accuracy: a stronger attack can only "
-            "lower it."
+            "Every adversarial example found counts at every eps it fits in, the cascade's "
+            "included ('+ ...' names another way that lowered a point), so no point claims "
+            "robust what the audit broke. Like the headline, every point is an upper bound on "
+            "the true robust accuracy: a stronger attack can only lower it."
         )
         at = [i for i, e in enumerate(c.eps) if math.isclose(e, eps0, rel_tol=1e-6, abs_tol=1e-12)]
         if at and c.robust_accuracy_cascade is not None:
@@ -382,12 +381,12 @@ class Report(Page):
             )
             if c.broken_beyond_cascade:
                 text += (
-                    f" The curve's attack broke {plural(c.broken_beyond_cascade, 'sample')} "
+                    f" The curve's attacks broke {plural(c.broken_beyond_cascade, 'sample')} "
                     "within that eps that the cascade left robust: the headline overstates "
                     "robustness; rerun with a stronger suite."
                 )
             else:
-                text += " The curve's attack broke nothing there that the cascade missed."
+                text += " The curve's attacks broke nothing there that the cascade missed."
             notes.append(text)
         if c.large_eps is not None and c.robust_accuracy_large_eps is not None:
             notes.append(
