@@ -58,8 +58,23 @@ def example_grid(
     bounds: tuple[float, float] = (0.0, 1.0),
 ) -> bytes:
     """A PNG: one row per sample; the clean image, then for each (title, x_adv, captions) the
-    adversarial image and its perturbation (scaled to the full grey range)."""
+    adversarial image and its perturbation, with a colour bar in the input's units (each
+    perturbation spans the bar's full range: ``max |x_adv - x|`` of that sample)."""
+    return _to_png(_grid_figure(x, columns, row_labels=row_labels, bounds=bounds))
+
+
+def _grid_figure(
+    x: Tensor,
+    columns: Sequence[tuple[str, Tensor, Sequence[str] | None]],
+    *,
+    row_labels: Sequence[str] | None,
+    bounds: tuple[float, float],
+):
+    """The matplotlib figure of :func:`example_grid` (the caller closes it)."""
     plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     n = x.shape[0]
     ncols = 1 + 2 * len(columns)
     fig, axes = plt.subplots(n, ncols, figsize=(1.25 * ncols, 1.3 * n + 0.3), squeeze=False)
@@ -74,12 +89,18 @@ def example_grid(
             scale = float(delta.abs().max()) or 1.0
             a1, a2 = axes[i][1 + 2 * k], axes[i][2 + 2 * k]
             a1.imshow(_image((xa[i] - lo) / (hi - lo)), cmap="gray", vmin=0, vmax=1)
-            a2.imshow(
-                _image(delta / (2 * scale) + 0.5),
-                cmap="RdBu_r" if delta.dim() == 3 and delta.shape[0] == 1 else None,
-                vmin=0,
-                vmax=1,
-            )
+            if delta.dim() == 3 and delta.shape[0] == 1:
+                # one channel: diverging colours, the bar in the input's own units
+                shown = a2.imshow(_image(delta), cmap="RdBu_r", vmin=-scale, vmax=scale)
+            else:
+                # colour: each channel's change as that channel's intensity (mid-grey: none), so
+                # the bar reads per channel, in grey
+                a2.imshow(_image(delta / (2 * scale) + 0.5), vmin=0, vmax=1)
+                shown = ScalarMappable(Normalize(-scale, scale), cmap="gray")
+            bar = fig.colorbar(shown, ax=a2, fraction=0.046, pad=0.03)
+            bar.set_ticks([-scale, 0.0, scale])
+            bar.set_ticklabels([f"{-scale:+.2g}", "0", f"{scale:+.2g}"])
+            bar.ax.tick_params(labelsize=5, length=2, pad=1)
             if captions is not None:
                 a1.set_xlabel(captions[i], fontsize=7)
             if i == 0:
@@ -92,7 +113,7 @@ def example_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    return _to_png(fig)
+    return fig
 
 
 def line_plot(
@@ -103,13 +124,15 @@ def line_plot(
     title: str = "",
     ylim: tuple[float, float] | None = (0.0, 1.0),
     marker: tuple[float, float, str] | None = None,
+    points: bool = True,
 ) -> bytes:
     """A PNG with one line per named series of (x values, y values), and an optional single
-    labelled point (e.g. the full cascade's result at the audited eps)."""
+    labelled point (e.g. the full cascade's result at the audited eps). ``points=False`` draws
+    the lines without a marker at each value (for dense curves)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     for name, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+        ax.plot(list(xs), list(ys), marker="o" if points else None, markersize=3, label=name)
     if marker is not None:
         ax.plot(
             [marker[0]],

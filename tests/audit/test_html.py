@@ -52,7 +52,7 @@ def test_a_curve_without_a_large_eps_point_renders(page):
         eps=[0.0, 0.1], robust_accuracy=[0.9, 0.2], n=80, attack="fab", source="minimum-norm"
     )
     html = dataclasses.replace(r, eps_curve=curve).to_html()
-    assert "(any input)" not in html and "fab on the first 80 samples (minimum-norm)" in html
+    assert "(any input)" not in html and "minimum-norm attack, fab, on the first 80" in html
     assert "(any input)" in r.to_html()
 
 

@@ -116,7 +116,7 @@ def test_the_page_explains_the_eps_curve_and_hides_an_infinite_margin(report):
     from advx.audit.report import Gate
 
     page = report.to_html()
-    assert 'id="eps-curve-note"' in page and "much weaker than the cascade" in page
+    assert 'id="eps-curve-note"' in page and "upper bound on the true robust accuracy" in page
     stage = dataclasses.replace(
         report.cascade[-1], gate=Gate(closest=0.15, margin_at_most=float("inf"), attacked=3)
     )

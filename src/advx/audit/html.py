@@ -51,11 +51,15 @@ def _plots(r: Report) -> dict[str, str | None]:
     }
     curve = r.eps_curve
     if curve:
+        # the legend says what the points are: the curve's attack, with the cascade's examples
+        label = curve.attack + (
+            " + cascade" if curve.from_cascade and any(curve.from_cascade) else ""
+        )
         png = viz.line_plot(
-            {curve.attack: (curve.eps, curve.robust_accuracy)},
+            {label: (curve.eps, curve.robust_accuracy)},
             xlabel=f"{r.threat.norm} eps",
             ylabel="robust accuracy",
-            title=f"Robust accuracy against eps (first {curve.n} samples)",
+            title=f"Robust accuracy against eps (first {curve.n} of {r.data.n} samples)",
             marker=(r.threat.eps, r.robust_accuracy, f"{r.suite.name} suite"),
         )
         plots["curve"] = _uri(png)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -113,10 +114,21 @@ class EpsCurve:
     n: int  # on the first n samples
     robust_accuracy_ci: list[list[float]] | None = None  # a Wilson interval at each eps
     attack: str
-    source: str  # "runs" (one attack per eps) or "minimum-norm" (one run's distances)
+    # "runs" (one attack per eps), "minimum-norm" (one run's distances) or "mixed" (min-norm
+    # below the audited eps, the cascade at it, runs above it)
+    source: str
     large_eps: float | None = None  # an eps that allows any input, where accuracy must be ~0
     robust_accuracy_large_eps: float | None = None
     check: bool = True  # whether the curve-shape sanity checks apply to it
+    # how each point was obtained: "min-norm fmn" (from one run's distances), "cascade" (its
+    # verdict at the audited eps) or "apgd-ce at eps" (a run at that eps), then "+ ..." for the
+    # other ways whose adversarial examples lowered it; None in older reports
+    method: list[str] | None = None
+    from_cascade: list[int] | None = None  # per point, samples only the cascade broke within eps
+    # the cascade's robust accuracy on the same n samples at the audited eps: the curve never
+    # sits above it there, and sits under it by broken_beyond_cascade / n
+    robust_accuracy_cascade: float | None = None
+    broken_beyond_cascade: int | None = None  # robust by the cascade, broken by the curve's attack
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,9 +311,89 @@ class Report(Page):
                 f"{fmt_ci(s.robust_accuracy_after_ci)}   "
                 f"(broke {s.broke}, {s.queries:,} fwd / {s.grads:,} bwd, {s.seconds:.1f}s{gate})"
             )
+        curve = self.eps_curve
+        if curve is not None:
+            lines.append(
+                "  eps curve  "
+                + "  ".join(f"{e:.4g}: {a:.1%}" for e, a in zip(curve.eps, curve.robust_accuracy))
+            )
+            lines += [f"    {note}" for note in self.curve_notes()]
         for f in self.findings:
             lines.append(f"  [{f.severity}] {f.code}: {f.message}")
         return lines
+
+    def curve_notes(self) -> list[str]:
+        """What the eps curve is and why it may differ from the headline, in sentences (the HTML
+        page and the terminal summary both show them); [] without a curve."""
+        c = self.eps_curve
+        if c is None:
+            return []
+        eps0 = self.threat.eps
+        first = f"the first {plural(c.n, 'sample')} of {self.data.n:,}"
+        if c.source == "mixed":
+            how = (
+                f"On {first}, each point obtained the cheapest way that holds up (the row "
+                f"'obtained by' says which): below the audited eps from one minimum-norm run "
+                f"({c.attack.split(', ')[0]}; a sample counts as robust at eps when the smallest "
+                "adversarial perturbation it found is larger), at it the cascade's own verdict, "
+                "above it one fixed-eps attack run per eps"
+                + (f" ({c.attack.split(', ')[1]})" if ", " in c.attack else "")
+                + "."
+            )
+        elif c.source == "minimum-norm":
+            how = (
+                f"From one minimum-norm attack, {c.attack}, on {first}: a sample counts as "
+                "robust at eps when the smallest adversarial perturbation it found is larger "
+                "than eps, so one run gives every point (and the curve can only fall)."
+            )
+        else:
+            how = (
+                f"One {c.attack} run per eps on {first}: each point is a separate fixed-eps "
+                "attack, cheaper and much weaker than the cascade."
+            )
+        notes = [how]
+        if c.method is None:  # a report written before advx combined the curve with the cascade
+            notes.append(
+                "Its points come from that attack alone: at the audited eps it can sit above the "
+                "headline robust accuracy (a weaker attack) or below it (other samples)."
+            )
+            return notes
+        notes.append(
+            "Every adversarial example found counts at every eps it fits in, the cascade's "
+            "included ('+ ...' names another way that lowered a point), so no point claims "
+            "robust what the audit broke. Like the headline, every point is an upper bound on "
+            "the true robust accuracy: a stronger attack can only lower it."
+        )
+        at = [i for i, e in enumerate(c.eps) if math.isclose(e, eps0, rel_tol=1e-6, abs_tol=1e-12)]
+        if at and c.robust_accuracy_cascade is not None:
+            here = c.robust_accuracy[at[0]]
+            base = c.robust_accuracy_cascade
+            text = (
+                f"At the audited eps {eps0:.4g} the curve reads {here:.1%}; the cascade measured "
+                f"{base:.1%} on the same samples"
+                + (
+                    f" and {self.robust_accuracy:.1%} on all {self.data.n:,} (the headline; the "
+                    "difference between those two is which samples were drawn)"
+                    if c.n != self.data.n
+                    else " (the headline)"
+                )
+                + "."
+            )
+            if c.broken_beyond_cascade:
+                text += (
+                    f" The curve's attacks broke {plural(c.broken_beyond_cascade, 'sample')} "
+                    "within that eps that the cascade left robust: the headline overstates "
+                    "robustness; rerun with a stronger suite."
+                )
+            else:
+                text += " The curve's attacks broke nothing there that the cascade missed."
+            notes.append(text)
+        if c.large_eps is not None and c.robust_accuracy_large_eps is not None:
+            notes.append(
+                f"At eps {c.large_eps:.4g} any input is allowed, so robust accuracy must be about "
+                f"0: it reads {c.robust_accuracy_large_eps:.1%}."
+            )
+        return notes
 
 
 # the parameters that tell two stages of the same attack apart, in the order they are shown

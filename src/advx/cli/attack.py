@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -118,6 +119,14 @@ def _attack_names() -> list[str]:
     required=True,
     help="Where to write the .npz of results.",
 )
+@click.option(
+    "--curve",
+    "curve_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also plot robust accuracy against eps from the per-sample distances to this PNG "
+    "(a minimum-norm attack: --threat linf:inf, or up to a finite eps).",
+)
 def attack_command(
     name,
     model_spec,
@@ -143,6 +152,7 @@ def attack_command(
     batch_size,
     device,
     out,
+    curve_path,
 ) -> None:
     """Run attack NAME and write x_adv with per-sample success, distance, queries and grads.
 
@@ -161,6 +171,9 @@ def attack_command(
     dev = pick_device(device)
     threat = parse_threat(threat_spec)
     attack = attacks.create(name, threat, seed=seed, **parse_params(params))
+    if curve_path is not None:
+        _check_curve(attack, threat)
+        curve_path = check_writable(curve_path, name="curve")
     if blackbox is not None and model_spec is not None:
         raise InputError("give either --model (white-box) or --blackbox (query access), not both")
     if blackbox is not None:
@@ -245,6 +258,8 @@ def attack_command(
         )
     summary = result.summary()
     summary["seconds"] = round(seconds, 3)
+    if curve_path is not None:
+        summary["curve"] = _write_curve(curve_path, result, name, len(x))
     emit_json(
         {
             "attack": name,
@@ -278,3 +293,50 @@ def _num_classes(model, x, given: int | None) -> int:
         return given
     with model.prepared():
         return ModelView(model, Tracker(1, x.device)).logits(x[:1]).shape[1]
+
+
+def _check_curve(attack, threat) -> None:
+    """Before any work: a curve needs distances that say how close each point's boundary is."""
+    from .. import viz
+
+    if not type(attack).minimum_norm:
+        raise InputError(
+            f"--curve: {type(attack).__name__} is a fixed-eps attack: it only says which points "
+            f"break within eps {threat.eps:g}, and its distances are where it stopped, not how "
+            "close each point is to being fooled, so a curve from them would be a step at eps. "
+            f"Run a minimum-norm attack with an unlimited budget instead, e.g. `advx attack fmn "
+            f"--threat {threat.norm}:inf --curve ...` (others: `advx list`, kind min-norm)"
+        )
+    if not viz.have_matplotlib():
+        raise InputError("--curve: the plot needs matplotlib: pip install 'advx[report]'")
+
+
+def _write_curve(path, result, name: str, n: int) -> dict[str, Any]:
+    """The PNG of robust accuracy against eps from ``result``'s distances; what it holds."""
+    from .. import viz
+    from .._io import atomic_open
+    from ..attacks import robustness_curve
+
+    budget = float(result.threat.eps)
+    found = result.distance[result.success].double()
+    top = budget if math.isfinite(budget) else float(found.max()) * 1.05 if found.numel() else 1.0
+    top = top or 1.0  # every point already misclassified: distance 0
+    eps, acc = robustness_curve(result, torch.linspace(0, top, 101, dtype=torch.float64))
+    within = "" if math.isinf(budget) else f" within eps {budget:g}"
+    png = viz.line_plot(
+        {name: (eps.tolist(), acc.tolist())},
+        xlabel=f"{result.threat.norm} eps",
+        ylabel="not sent to the target" if result.targeted else "robust accuracy (upper bound)",
+        title=f"{name}{within}: {n:,} samples, one minimum-norm run",
+        points=False,
+    )
+    with atomic_open(path, "wb") as f:
+        f.write(png)
+    return {
+        "png": str(path),
+        "eps_max": top,
+        "robust_accuracy_at_eps_max": float(acc[-1]),
+        "note": "a point counts as robust at eps when the attack found no adversarial example "
+        "within eps: an upper bound on robust accuracy, as tight as the attack is strong"
+        + ("" if math.isinf(budget) else "; beyond the attack's eps nothing is known"),
+    }
