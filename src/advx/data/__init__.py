@@ -23,6 +23,8 @@ from torch import Tensor
 
 from .._io import sha256_tensors
 from ..errors import InputError
+from .folders import ArrayDataset, ImageFolder, load_cifar_batches, open_dataset
+from .sources import Source, as_batches, as_source
 
 __all__ = [
     "load",
@@ -32,6 +34,13 @@ __all__ = [
     "data_sha256",
     "DEMO_SPLITS",
     "NAMES",
+    "as_batches",
+    "as_source",
+    "Source",
+    "ImageFolder",
+    "ArrayDataset",
+    "load_cifar_batches",
+    "open_dataset",
 ]
 
 DEMO_SPLITS = {"test": (0, 1000), "train": (1000, 5000), "all": (0, 5000)}
