@@ -240,9 +240,12 @@ def as_source(
         return LoaderSource(data, keys=keys, batch_fn=batch_fn, bounds=bounds, names=names)
     if isinstance(data, IterableDataset):
         return LoaderSource(data, keys=keys, batch_fn=batch_fn, bounds=bounds, names=names)
+    if isinstance(data, (list, tuple)):
+        if len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+            return TensorSource(data[0], data[1], bounds=bounds, names=names)  # (x, y)
+        # a list of batches (a list of samples is a Dataset: wrap it in one)
+        return LoaderSource(data, keys=keys, batch_fn=batch_fn, bounds=bounds, names=names)
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        if isinstance(data, (list, tuple)) and len(data) == 2 and isinstance(data[0], Tensor):
-            return TensorSource(data[0], data[1], bounds=bounds, names=names)
         return DatasetSource(data, keys=keys, batch_fn=batch_fn, bounds=bounds, names=names)
     if isinstance(data, Iterable):
         if iter(data) is data:
