@@ -147,13 +147,38 @@ def test_bad_resize_and_keys_are_usage_errors(files):
     assert code == 2 and "folder of images only" in err
 
 
-def test_a_hugging_face_folder_without_the_package_says_what_to_install(files, tmp_path):
-    try:
-        import datasets  # noqa: F401
+def test_a_hugging_face_folder_without_the_package_says_what_to_install(
+    files, tmp_path, monkeypatch
+):
+    import sys
 
-        pytest.skip("datasets is installed: the folder would be read")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     (tmp_path / "dataset_info.json").write_text("{}")
     code, _, err = run(*audit_args(files, "net8.py", str(tmp_path)))
     assert code == 2 and "pip install 'advx[hf]'" in err
+
+
+def test_a_hugging_face_folder_gives_what_the_same_arrays_in_an_npz_give(
+    files, tmp_path, monkeypatch
+):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    y = [int(v) for v in rng.integers(0, 4, 10)]
+    ds = datasets.Dataset.from_dict(
+        {"img": [PIL.fromarray(a) for a in x], "fine": y},
+        features=datasets.Features(
+            {"img": datasets.Image(), "fine": datasets.ClassLabel(num_classes=4)}
+        ),
+    )
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "hf"))
+    np.savez(tmp_path / "same.npz", x=x, y=np.array(y))
+    code, _, err = run(*audit_args(files, "net8.py", str(tmp_path / "hf")))
+    assert code == 2 and "--data-keys IMAGE,LABEL" in err and "'img', 'fine'" in err
+    code, out, err = run(*audit_args(files, "net8.py", str(tmp_path / "hf"), "--data-keys", "img,fine"))
+    assert code == 0, err
+    code, out_npz, err = run(*audit_args(files, "net8.py", str(tmp_path / "same.npz")))
+    assert code == 0, err
+    a, b = json.loads(out), json.loads(out_npz)
+    assert a["samples"] == b["samples"] and a["data"]["sha256"] == b["data"]["sha256"]

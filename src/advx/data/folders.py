@@ -221,7 +221,13 @@ class HFDataset(Dataset):
                 "data: a Hugging Face dataset folder needs the datasets package: "
                 "pip install 'advx[hf]'"
             ) from None
-        ds = datasets.load_from_disk(str(root))
+        try:
+            ds = datasets.load_from_disk(str(root))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise InputError(
+                f"data: cannot read the Hugging Face dataset folder {root} ({e}); write it with "
+                "dataset.save_to_disk(folder)"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             split = split or ("test" if "test" in ds else next(iter(ds)))
             if split not in ds:
@@ -252,7 +258,7 @@ class HFDataset(Dataset):
             a = np.asarray(img.convert("L" if img.mode in ("L", "1") else "RGB"), dtype=np.uint8)
         else:
             a = np.asarray(img)
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        t = torch.from_numpy(np.array(a, copy=True))  # the arrow buffers are read-only
         if t.dim() == 2:
             t = t[None]
         elif t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
