@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SHARED, write_section  # noqa: E402
+from _common import SHARED, write_section
 
 NPZ = SHARED / "data" / "cifar10" / "cifar10_test.npz"
 
@@ -40,8 +40,9 @@ def child(mode: str, n: int, raw: str, suite: str, out: str) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     torch.set_num_threads(1)
-    import advx
     from _common import resnet20_normalized
+
+    import advx
 
     net = resnet20_normalized()
     idx = np.arange(0, 10000, 10000 // n)[:n]  # class-balanced (the file is sorted by class)
@@ -88,7 +89,7 @@ def child(mode: str, n: int, raw: str, suite: str, out: str) -> None:
                 "cascade_s": report.totals.seconds.cascade,
                 "rss_before_mb": before,
                 "peak_rss_mb": rss_mb(),
-                            "clean": report.clean_accuracy,
+                "clean": report.clean_accuracy,
                 "robust": report.robust_accuracy,
                 "samples": report.samples.robust,
                 "broken_by": report.samples.broken_by,
@@ -187,7 +188,8 @@ def report_so_far(args, rows, same, load) -> None:
             f"each run its own process. The loader reads uint8 rows from a raw file with pread "
             f"(batch 256, num_workers=0); the tensor run holds all N images as float32. Load "
             f"average at the start: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (2 shared "
-            f"cores); at this write: {os.getloadavg()[0]:.2f}.\n\nCommand: `python benchmarks/bench_stream.py --n "
+            f"cores); at this write: {os.getloadavg()[0]:.2f}.\n\n"
+            f"Command: `python benchmarks/bench_stream.py --n "
             f"{' '.join(map(str, args.n))} --suite {args.suite} --repeats {args.repeats} "
             f"--write`\n\n{table}\n\nSame per-sample results (robust, broken_by) from the "
             f"loader and the tensors: {same}.\n"

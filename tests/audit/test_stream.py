@@ -71,7 +71,9 @@ def test_a_loader_audit_with_checks_and_curve_matches_the_tensor_one(trained_mlp
     x, y = data
     kw = dict(suite=suite(), eps_curve=[0.05, 0.1], subset=40, batch_size=32)
     a = advx.audit(trained_mlp, x, y, advx.Linf(EPS), **kw)
-    b = advx.audit(trained_mlp, DataLoader(TensorDataset(x, y), batch_size=16), advx.Linf(EPS), **kw)
+    b = advx.audit(
+        trained_mlp, DataLoader(TensorDataset(x, y), batch_size=16), advx.Linf(EPS), **kw
+    )
     assert a.samples == b.samples and a.eps_curve == b.eps_curve
     assert a.findings == b.findings
     assert [e.clean for e in a.examples] == [e.clean for e in b.examples]
@@ -119,7 +121,9 @@ def test_save_adv_streams_the_same_file_return_adv_keeps(trained_mlp, data, tmp_
         trained_mlp, src, advx.Linf(EPS), save_adv=tmp_path / "a.npz", return_adv=True, **KW
     )
     back = AdversarialExamples.load(tmp_path / "a.npz")
-    assert torch.equal(back.x_adv, r.adversarial.x_adv) and torch.equal(back.index, r.adversarial.index)
+    assert torch.equal(back.x_adv, r.adversarial.x_adv) and torch.equal(
+        back.index, r.adversarial.index
+    )
     assert back.names == [names[i] for i in back.index.tolist()] == r.adversarial.names
     assert torch.equal(back.pred, r.adversarial.pred) and back.meta == r.adversarial.meta
     only_file = advx.audit(trained_mlp, x, y, advx.Linf(EPS), save_adv=tmp_path / "b.npz", **KW)
@@ -152,9 +156,7 @@ def test_bad_batches_say_how_to_map_them(trained_mlp, data, reference):
     triples = [(x[i : i + 30], y[i : i + 30], "meta") for i in range(0, 90, 30)]
     with pytest.raises(InputError, match=r"3-tuples.*keys=\(0, 1\)"):
         advx.audit(trained_mlp, triples, advx.Linf(EPS), **KW)
-    r = advx.audit(
-        trained_mlp, triples, advx.Linf(EPS), batch_fn=lambda b: (b[0], b[1]), **KW
-    )
+    r = advx.audit(trained_mlp, triples, advx.Linf(EPS), batch_fn=lambda b: (b[0], b[1]), **KW)
     assert r.samples == reference.samples
 
 
@@ -179,7 +181,9 @@ def test_as_batches_is_the_shared_layer(data):
     x, y = data
     got = list(advx.data.as_batches(TensorDataset(x, y), batch_size=40))
     assert [len(b[1]) for b in got] == [40, 40, 10]
-    assert torch.equal(torch.cat([b[0] for b in got]), x) and torch.equal(torch.cat([b[1] for b in got]), y)
+    assert torch.equal(torch.cat([b[0] for b in got]), x) and torch.equal(
+        torch.cat([b[1] for b in got]), y
+    )
     loader = DataLoader([{"img": x[i], "y": int(y[i])} for i in range(8)], batch_size=3)
     got = list(advx.data.as_batches(loader, keys=("img", "y")))
     assert [len(b[1]) for b in got] == [3, 3, 2] and torch.equal(got[0][1], y[:3])

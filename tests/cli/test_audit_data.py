@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from advx.audit.adversarial import AdversarialExamples
@@ -93,7 +92,11 @@ def test_an_image_folder_of_mixed_sizes_needs_a_resize_and_keeps_the_file_names(
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [f"class{c}/img{i}.png" for c in range(4) for i in range(3)]
-    assert [int(r["label"]) for r in rows] == report["samples"]["label"] == [c for c in range(4) for _ in range(3)]
+    assert (
+        [int(r["label"]) for r in rows]
+        == report["samples"]["label"]
+        == [c for c in range(4) for _ in range(3)]
+    )
     assert [int(r["robust"]) for r in rows] == [int(v) for v in report["samples"]["robust"]]
     adv = AdversarialExamples.load(adv_path)
     assert adv.names == [rows[i]["name"] for i in adv.index.tolist()]
@@ -176,7 +179,9 @@ def test_a_hugging_face_folder_gives_what_the_same_arrays_in_an_npz_give(
     np.savez(tmp_path / "same.npz", x=x, y=np.array(y))
     code, _, err = run(*audit_args(files, "net8.py", str(tmp_path / "hf")))
     assert code == 2 and "--data-keys IMAGE,LABEL" in err and "'img', 'fine'" in err
-    code, out, err = run(*audit_args(files, "net8.py", str(tmp_path / "hf"), "--data-keys", "img,fine"))
+    code, out, err = run(
+        *audit_args(files, "net8.py", str(tmp_path / "hf"), "--data-keys", "img,fine")
+    )
     assert code == 0, err
     code, out_npz, err = run(*audit_args(files, "net8.py", str(tmp_path / "same.npz")))
     assert code == 0, err

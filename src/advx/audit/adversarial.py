@@ -70,19 +70,20 @@ class AdversarialExamples:
         dtype = str(x.dtype).removeprefix("torch.")
         if x.dtype == torch.bfloat16:
             x = x.float()
+        arrays: dict[str, Any] = {
+            "index": self.index.cpu().numpy(),
+            "x_adv": x.numpy(),
+            "label": self.label.cpu().numpy(),
+            "pred": self.pred.cpu().numpy(),
+            "stage": self.stage.cpu().numpy(),
+            "distance": self.distance.cpu().numpy(),
+            "attacks": np.array(self.attacks, dtype=str),
+            "meta": np.array(json.dumps({"format": FORMAT, "dtype": dtype, **self.meta})),
+        }
+        if self.names is not None:
+            arrays["names"] = np.array(self.names, dtype=str)
         with atomic_open(path, "wb") as f:
-            np.savez_compressed(
-                f,
-                index=self.index.cpu().numpy(),
-                x_adv=x.numpy(),
-                label=self.label.cpu().numpy(),
-                pred=self.pred.cpu().numpy(),
-                stage=self.stage.cpu().numpy(),
-                distance=self.distance.cpu().numpy(),
-                attacks=np.array(self.attacks, dtype=str),
-                meta=np.array(json.dumps({"format": FORMAT, "dtype": dtype, **self.meta})),
-                **({} if self.names is None else {"names": np.array(self.names, dtype=str)}),
-            )
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod
@@ -184,8 +185,11 @@ class _NpzStream:
         )
         self._entry = self._zip.open("x_adv.npy", "w", force_zip64=True)
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        header = {"descr": np.lib.format.dtype_to_descr(np_dtype), "fortran_order": False,
-                  "shape": tuple(int(s) for s in shape)}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np_dtype),
+            "fortran_order": False,
+            "shape": tuple(int(s) for s in shape),
+        }
         np.lib.format.write_array_header_2_0(self._entry, header)
 
     def write_rows(self, x: Tensor) -> None:
@@ -248,7 +252,7 @@ class AdvStore:
                     f"resume: the adversarial-examples file {path} holds fewer examples than the "
                     "state file says; delete the state file to start afresh"
                 )
-            self._f = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115  # held open
+            self._f = open(path, "r+b" if path.exists() else "w+b")  # held open
             self._f.truncate(count * self.row_bytes)
         self.count = count
         self._f.seek(count * self.row_bytes)

@@ -369,7 +369,9 @@ def gather_states(state: CascadeState, group: Group, n: int) -> CascadeState | N
     parts = group.gather(part)
     if parts is None:
         return None
-    shards = [(blob.pop("_adv_at"), blob.pop("_adv"), CascadeState.from_dict(blob)) for blob in parts]
+    shards = [
+        (blob.pop("_adv_at"), blob.pop("_adv"), CascadeState.from_dict(blob)) for blob in parts
+    ]
     merged = CascadeState.empty(n, state.stages)
     merged.clean_done = True
     merged.seconds = torch.zeros_like(shards[0][2].seconds)

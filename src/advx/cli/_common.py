@@ -221,7 +221,9 @@ def open_source(data, *, split, n, resize, center_crop, data_keys, bounds):
     if data_keys:
         keys = tuple(k.strip() for k in data_keys.split(","))
         if len(keys) != 2 or not all(keys):
-            raise InputError(f"--data-keys: expected IMAGE,LABEL such as image,label, got {data_keys!r}")
+            raise InputError(
+                f"--data-keys: expected IMAGE,LABEL such as image,label, got {data_keys!r}"
+            )
     ds = open_dataset(
         data,
         split=split,

@@ -29,8 +29,8 @@ from ._common import (
     parse_floats,
     pick_device,
     plural,
-    warn_threat,
     stream_options,
+    warn_threat,
     write_gate,
 )
 
@@ -337,7 +337,16 @@ def _write_samples(path, report, names) -> None:
     with atomic_open(path, "w") as f:
         w = csv.writer(f)
         w.writerow(
-            ["index", "name", "label", "clean_pred", "clean_correct", "robust", "broken_by", "distance"]
+            [
+                "index",
+                "name",
+                "label",
+                "clean_pred",
+                "clean_correct",
+                "robust",
+                "broken_by",
+                "distance",
+            ]
         )
         for i in range(len(s.label)):
             w.writerow(

@@ -123,7 +123,7 @@ class ImageFolder(Dataset):
                 size = (s, max(1, round(h * s / w))) if w <= h else (max(1, round(w * s / h)), s)
             else:
                 size = (self.resize[1], self.resize[0])
-            im = im.resize(size, Image.BILINEAR)
+            im = im.resize(size, Image.Resampling.BILINEAR)
         if self.center_crop is not None:
             ch, cw = (
                 (self.center_crop, self.center_crop)
@@ -234,6 +234,8 @@ class HFDataset(Dataset):
                 raise InputError(f"split: {root} has splits {list(ds)}, not {split!r}")
             ds = ds[split]
         cols = list(ds.column_names)
+        image: str | None
+        label: str | None
         if keys:
             image, label = keys
         else:

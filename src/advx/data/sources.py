@@ -527,5 +527,7 @@ class _Rows(Source):
         return self.base.take(self.rows[rows.cpu().long()], batch_size=batch_size)
 
     def select(self, rows: Tensor, *, batch_size: int):
-        for b, part, xb, yb in self.base.select(self.rows[rows.cpu().long()], batch_size=batch_size):
+        for b, part, xb, yb in self.base.select(
+            self.rows[rows.cpu().long()], batch_size=batch_size
+        ):
             yield b, rows.cpu().long()[b : b + part.numel()], xb, yb
