@@ -85,3 +85,4 @@ def test_the_adversarial_examples_file_is_cut_back_to_what_the_state_accounts_fo
     v = torch.tensor([[0.5, -1.25]], dtype=torch.bfloat16)
     bf.append(v)
     assert torch.equal(bf.read(torch.tensor([0])), v)
+    bf.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,8 @@ class AdvStore:
             self._f.truncate(count * self.row_bytes)
         self.count = count
         self._f.seek(count * self.row_bytes)
+        # closed when the store is dropped (a state returned by run_cascade, an interrupted audit)
+        weakref.finalize(self, self._f.close)
 
     def append(self, x: Tensor) -> Tensor:
         """Write rows (M, *shape); returns their slots (int64 (M,))."""
