@@ -86,3 +86,19 @@ def test_the_adversarial_examples_file_is_cut_back_to_what_the_state_accounts_fo
     bf.append(v)
     assert torch.equal(bf.read(torch.tensor([0])), v)
     bf.close()
+
+
+def test_load_reads_a_cifar10_folder_into_memory_as_other_commands_need(tmp_path):
+    import pickle
+
+    from advx.data import load
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": x.reshape(5, -1), b"labels": [1, 2, 3, 4, 5]}, f)
+    xs, ys = load(tmp_path, n=4)
+    assert torch.equal(xs, torch.from_numpy(x[:4]).float() / 255) and ys.tolist() == [1, 2, 3, 4]
+    with pytest.raises(InputError, match="split: expected test or train"):
+        load(folder, split="val")
