@@ -34,7 +34,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def child(mode: str, n: int, raw: str, suite: str, out: str) -> None:
+def parse_suite(text: str):
+    """A built-in name, or a JSON list of attack specs such as '[{"name": "fgsm"}]'."""
+    return json.loads(text) if text.lstrip().startswith("[") else text
+
+
+def child(mode: str, n: int, raw: str, suite: str, out: str, light: bool = False) -> None:
     """One audit in this process; its numbers as JSON to ``out``."""
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -75,10 +80,11 @@ def child(mode: str, n: int, raw: str, suite: str, out: str) -> None:
     if mode == "tensors":
         ds = OnDisk()
         x, y = ds.__getitems__(list(range(n)))  # all N images in memory, float32
-        report = advx.audit(net, x, y, advx.Linf(8 / 255), suite=suite)
+        data: tuple = (x, y)
     else:
-        loader = DataLoader(OnDisk(), batch_size=256, shuffle=False, collate_fn=lambda b: b)
-        report = advx.audit(net, loader, advx.Linf(8 / 255), suite=suite)
+        data = (DataLoader(OnDisk(), batch_size=256, shuffle=False, collate_fn=lambda b: b),)
+    kw: dict = {"eps_curve": None, "checks": False} if light else {}
+    report = advx.audit(net, *data, advx.Linf(8 / 255), suite=parse_suite(suite), **kw)
     wall = time.perf_counter() - t0
     Path(out).write_text(
         json.dumps(
@@ -98,11 +104,14 @@ def child(mode: str, n: int, raw: str, suite: str, out: str) -> None:
     )
 
 
-def run_one(mode: str, n: int, raw: str, suite: str) -> dict:
+def run_one(mode: str, n: int, raw: str, suite: str, light: bool = False, env=None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [sys.executable, __file__, "--child", mode, "--n", str(n), "--raw", raw, "--suite", suite]
-    subprocess.run([*cmd, "--out", out], check=True, env={**os.environ, "ADVX_QUIET": "1"})
+    cmd += ["--light"] if light else []
+    subprocess.run(
+        [*cmd, "--out", out], check=True, env={**os.environ, "ADVX_QUIET": "1", **(env or {})}
+    )
     r = json.loads(Path(out).read_text())
     os.unlink(out)
     print(
@@ -122,9 +131,20 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--raw", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="loader runs only, no eps curve or checks, each N with glibc's default malloc and "
+        "with MALLOC_MMAP_THRESHOLD_=131072 (a fixed threshold: no heap growth from the "
+        "dynamic one); written as the stream-memory section",
+    )
+    ap.add_argument("--light", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.n[0], args.raw, args.suite, args.out)
+        child(args.child, args.n[0], args.raw, args.suite, args.out, light=args.light)
+        return
+    if args.memory_only:
+        memory_only(args)
         return
 
     tmp = tempfile.mkdtemp()
@@ -161,6 +181,48 @@ def main() -> None:
                 ]
             )
         report_so_far(args, rows, same, load)
+
+
+def memory_only(args) -> None:
+    tmp = tempfile.mkdtemp()
+    raw = os.path.join(tmp, "cifar10_test.u8")
+    with np.load(NPZ) as z:
+        np.ascontiguousarray(z["x"].transpose(0, 3, 1, 2)).tofile(raw)
+        np.save(raw + ".y.npy", z["y"].astype(np.int64))
+    load = os.getloadavg()
+    rows = []
+    for malloc in ("default", "fixed"):
+        env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if malloc == "fixed" else {}
+        for n in args.n:
+            r = run_one("loader", n, raw, args.suite, light=True, env=env)
+            rows.append(
+                [
+                    malloc,
+                    n,
+                    round(r["wall_s"], 1),
+                    round(r["peak_rss_mb"], 1),
+                    round(r["rss_before_mb"], 1),
+                    f"{r['robust']:.2%}",
+                ]
+            )
+            header = ["malloc", "N", "wall s", "peak RSS MB", "RSS before the audit MB", "robust"]
+            table = "\n".join(
+                ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+            )
+            print(table, flush=True)
+            if args.write:
+                write_section(
+                    "stream-memory",
+                    "## Streaming audit: peak memory against N (issue 12)\n\n"
+                    f"ResNet-20, CIFAR-10 test images through the DataLoader of the section "
+                    f"above, suite `{args.suite}`, no eps curve, no checks (a cheaper cascade, "
+                    f"so that N = 10,000 fits on this machine), 1 torch thread, each run its own "
+                    f"process. `fixed`: MALLOC_MMAP_THRESHOLD_=131072. Load average at the "
+                    f"start: {load[0]:.2f}; now {os.getloadavg()[0]:.2f} (2 shared cores).\n\n"
+                    f"Command: `python benchmarks/bench_stream.py --memory-only --suite "
+                    f"'{args.suite}' --n {' '.join(map(str, args.n))} --write`\n\n{table}\n",
+                )
 
 
 def report_so_far(args, rows, same, load) -> None:
