@@ -14,6 +14,7 @@ from torch import Tensor
 from .._distributed import Group
 from .._provenance import now, provenance
 from ..attacks import Attack
+from ..data.sources import Source
 from ..threat import ThreatModel
 from ._codec import decode
 from .checks import Finding
@@ -45,7 +46,7 @@ _DESCRIBED = ("model", "data", "weights", "weights_sha256")
 
 def build_report(
     model,
-    x: Tensor,
+    source: Source,
     y: Tensor,
     threat: ThreatModel,
     suite: Suite,
@@ -54,6 +55,7 @@ def build_report(
     findings: list[Finding],
     curve: EpsCurve | None,
     *,
+    device: torch.device,
     seed: int,
     shard: Group,
     closest: Sequence[float | None],
@@ -62,7 +64,7 @@ def build_report(
     meta: dict[str, Any],
     seconds: Seconds,
 ) -> Report:
-    """The report of a finished cascade over all N samples of (x, y)."""
+    """The report of a finished cascade over all N samples of ``source`` (labels ``y``)."""
     queries, grads = int(st.queries.sum()), int(st.grads.sum())
     n_robust = max(1, int(st.robust.sum()))
     return Report(
@@ -104,11 +106,11 @@ def build_report(
             seconds=seconds,
         ),
         findings=list(findings),
-        examples=_examples(model, x, y, st, stages, n_examples),
+        examples=_examples(model, source, y, st, stages, n_examples, device),
         provenance=decode(
             Provenance,
             provenance(
-                device=x.device,
+                device=device,
                 seed=seed,
                 processes=shard.world,
                 **{k: v for k, v in meta.items() if k not in _DESCRIBED},
@@ -171,16 +173,23 @@ def _per_class(y: Tensor, st: CascadeState) -> list[ClassRow]:
 
 
 def _examples(
-    model, x: Tensor, y: Tensor, st: CascadeState, stages: Sequence[Attack], k: int
+    model,
+    source: Source,
+    y: Tensor,
+    st: CascadeState,
+    stages: Sequence[Attack],
+    k: int,
+    device: torch.device,
 ) -> list[Example]:
     """A few broken samples, with their images as 8-bit lists (for the report's grid)."""
     rows = (st.broken_by >= 0).nonzero().view(-1)[:k]
-    if rows.numel() == 0 or st.x_adv is None:
+    if rows.numel() == 0 or st.store is None:
         return []
     lo, hi = model.bounds
-    xa = st.x_adv[rows]
+    xa = st.x_adv(rows)
+    clean, _ = source.take(rows)
     with torch.no_grad():
-        pred = model(xa.to(x.device)).argmax(1).cpu()
+        pred = model(xa.to(device)).argmax(1).cpu()
 
     def to8(t: Tensor) -> list[Any]:
         return ((t.float() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8).tolist()
@@ -192,7 +201,7 @@ def _examples(
             adversarial_label=int(pred[i]),
             attack=stages[int(st.broken_by[r])].name,
             distance=float(st.distance[r]),
-            clean=to8(x[r].cpu()),
+            clean=to8(clean[i].cpu()),
             adversarial=to8(xa[i]),
         )
         for i, r in enumerate(rows.tolist())

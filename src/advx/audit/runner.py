@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,16 @@ from .._distributed import Group, current_group
 from .._io import atomic_open
 from .._progress import bar
 from ..attacks import Attack
+from ..data.sources import Source, as_source
 from ..errors import InputError
 from ..models._base import ACCESS_RANK, ModelView, Tracker
+from .adversarial import AdvStore
 
 log = logging.getLogger("advx")
 
 __all__ = ["CascadeState", "run_cascade", "gather_states"]
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 @dataclass
@@ -48,11 +50,22 @@ class CascadeState:
     queries: Tensor  # long (K + 1, N); row 0 is the clean pass
     grads: Tensor  # long (K + 1, N)
     seconds: Tensor  # float64 (K + 1,)
-    x_adv: Tensor  # (N, ...) adversarial examples of the broken samples, else x; (0,) before
+    # where each broken sample's adversarial example lies in the adversarial-examples file
+    # (an AdvStore: written as found, never held in memory); -1 where not broken
+    adv_slot: Tensor  # long (N,)
+    adv_count: int  # records in that file this state accounts for
     # logit margin (true class minus the best other) at the best point each stage found on each
     # sample it did not break; +inf where not measured. Only measured for gated suites.
     margin: Tensor  # float64 (K, N)
     gate: Tensor  # float64 (K,): each gated stage's margin threshold, nan if none
+    # the file the adversarial examples are in (not saved with the state: it is its own file)
+    store: AdvStore | None = field(default=None, repr=False, compare=False)
+
+    def x_adv(self, rows: Tensor) -> Tensor:
+        """The adversarial examples of the broken samples at ``rows`` (CPU)."""
+        if self.store is None:
+            raise RuntimeError("no adversarial-examples file attached to this state")
+        return self.store.read(self.adv_slot[rows])
 
     @classmethod
     def empty(cls, n: int, stages: int) -> CascadeState:
@@ -70,7 +83,8 @@ class CascadeState:
             queries=torch.zeros(k + 1, n, dtype=torch.long),
             grads=torch.zeros(k + 1, n, dtype=torch.long),
             seconds=torch.zeros(k + 1, dtype=torch.float64),
-            x_adv=torch.zeros(0),
+            adv_slot=torch.full((n,), -1, dtype=torch.long),
+            adv_count=0,
             margin=torch.full((k, n), float("inf"), dtype=torch.float64),
             gate=torch.full((k,), float("nan"), dtype=torch.float64),
         )
@@ -80,7 +94,7 @@ class CascadeState:
         return self.clean_correct & (self.broken_by < 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "store"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CascadeState:
@@ -96,7 +110,6 @@ _SAMPLE_AXIS = {
     "distance": 0,
     "queries": 1,
     "grads": 1,
-    "x_adv": 0,
     "margin": 1,
 }
 
@@ -150,7 +163,7 @@ def _save_state(path: Path, fingerprint: dict[str, Any], state: CascadeState) ->
 # ---- the cascade -----------------------------------------------------------------------------
 def run_cascade(
     model,
-    x: Tensor,
+    x: Tensor | Source,
     y: Tensor,
     attacks: list[Attack],
     *,
@@ -161,8 +174,15 @@ def run_cascade(
     desc: str = "audit",
     mismatch: str = "error",
     closest: list[float | None] | None = None,
+    device: torch.device | None = None,
 ) -> CascadeState:
     """Run ``attacks`` in order on (x, y); each stage only on the samples still robust.
+
+    ``x`` is a tensor of images, or a :class:`~advx.data.sources.Source` read chunk by chunk
+    (``y`` then holds its labels, and each chunk moves to ``device``, the model's, when it is
+    attacked): memory holds per-sample scalars and a few chunks, whatever N. The adversarial
+    examples go to a file as they are found (``state_path + ".adv"``, else a temporary file):
+    ``state.x_adv(rows)`` reads them back.
 
     ``index`` holds the global sample ids (they key the random streams); with ``state_path`` the
     state is loaded from it when it exists (and matches ``fingerprint``; else an error, or a fresh
@@ -173,7 +193,17 @@ def run_cascade(
     to breaking; across all processes under torchrun). The margins are saved with the state,
     so a resumed or sharded run gates the same samples.
     """
-    n = x.shape[0]
+    if isinstance(x, Tensor):
+        source: Source = as_source(x, y, bounds=getattr(model, "bounds", (0.0, 1.0)))
+        dev = x.device
+        n = x.shape[0]
+        shape, dtype = tuple(x.shape[1:]), x.dtype
+    else:
+        source = x
+        dev = torch.device(device) if device is not None else _model_device(model)
+        scan = source.scan(batch_size)
+        n, shape, dtype = scan.n, scan.shape, scan.dtype
+    y_cpu = y.cpu()
     index = torch.arange(n) if index is None else index.cpu()
     path = Path(state_path) if state_path is not None else None
     fingerprint = fingerprint or {}
@@ -187,40 +217,44 @@ def run_cascade(
             f"resume: the state file holds {state.n} samples and {state.stages} stages, this run "
             f"has {n} and {len(attacks)}"
         )
+    state.store = AdvStore(
+        Path(f"{path}.adv") if path is not None else None,
+        shape=shape,
+        dtype=dtype,
+        count=state.adv_count,
+    )
 
     def save() -> None:
         if path is not None:
+            state.store.flush()  # type: ignore[union-attr]  # the examples before the state
             _save_state(path, fingerprint, state)
 
-    dev = x.device
+    def chunks(rows: Tensor):
+        """(rows, x on the model's device, y on it) for the samples at ``rows``."""
+        for _, part, xb, yb in source.select(rows, batch_size=batch_size):
+            if not source.random_access and not torch.equal(yb.cpu(), y_cpu[part]):
+                raise InputError(
+                    "data: the samples came in another order than on the first pass; the source "
+                    "must give the same samples in the same order every time (a DataLoader with "
+                    "shuffle=False)"
+                )
+            yield part, _to(xb, dev), y_cpu[part].to(dev)
+
     if not state.clean_done:
         t0 = time.perf_counter()
         tracker = Tracker(n, dev)
         view = ModelView(model, tracker)
+        scores = ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]
+        preds = []
         with model.prepared():
-            if ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]:
-                pred = torch.cat(
-                    [
-                        view.select(torch.arange(b, min(b + batch_size, n), device=dev))
-                        .logits(x[b : b + batch_size])
-                        .argmax(1)
-                        for b in range(0, n, batch_size)
-                    ]
-                )
-            else:
-                pred = torch.cat(
-                    [
-                        view.select(torch.arange(b, min(b + batch_size, n), device=dev)).labels(
-                            x[b : b + batch_size]
-                        )
-                        for b in range(0, n, batch_size)
-                    ]
-                )
-        state.clean_pred = pred.cpu()
-        state.clean_correct = (pred == y).cpu()
+            for part, xb, _ in chunks(torch.arange(n)):
+                v = view.select(part.to(dev))
+                preds.append((v.logits(xb).argmax(1) if scores else v.labels(xb)).cpu())
+        pred = torch.cat(preds)
+        state.clean_pred = pred
+        state.clean_correct = pred == y_cpu
         state.queries[0] += tracker.queries.cpu()
         state.seconds[0] += time.perf_counter() - t0
-        state.x_adv = x.detach().cpu().clone()
         state.clean_done = True
         save()
 
@@ -254,23 +288,24 @@ def run_cascade(
                 todo &= reached <= state.gate[k]
             todo = todo.nonzero().view(-1)
             skipped = int((state.clean_correct & ~state.stage_done[k]).sum()) - todo.numel()
-            for b in range(0, todo.numel(), batch_size):
-                rows = todo[b : b + batch_size]
-                rows_dev = rows.to(dev)
+            for rows, xb, yb in chunks(todo):
                 t0 = time.perf_counter()
-                r = attack(model, x[rows_dev], y[rows_dev], index=index[rows].to(dev))
+                r = attack(model, xb, yb, index=index[rows].to(dev))
                 hit = r.success.cpu()
                 state.queries[k + 1, rows] += r.queries.cpu()
                 state.grads[k + 1, rows] += r.grads.cpu()
                 if track and not bool(hit.all()):
                     miss = (~hit).nonzero().view(-1)
-                    m, spent = _margins(model, r.x_adv[miss.to(dev)], y[rows_dev[miss.to(dev)]])
+                    m, spent = _margins(model, r.x_adv[miss.to(dev)], yb[miss.to(dev)])
                     state.margin[k, rows[miss]] = m
                     state.queries[k + 1, rows[miss]] += spent
                 state.seconds[k + 1] += time.perf_counter() - t0
                 state.broken_by[rows[hit]] = k
                 state.distance[rows[hit]] = r.distance.cpu()[hit].double()
-                state.x_adv[rows[hit]] = r.x_adv.detach().cpu()[hit].to(state.x_adv.dtype)
+                if bool(hit.any()):
+                    found = r.x_adv.detach()[hit.to(dev)].cpu().to(dtype)
+                    state.adv_slot[rows[hit]] = state.store.append(found)
+                    state.adv_count = state.store.count
                 state.stage_done[k, rows] = True
                 save()
                 progress.update(rows.numel())
@@ -283,6 +318,21 @@ def run_cascade(
             progress.update(skipped)
     save()
     return state
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else torch.device("cpu")
+
+
+def _to(x: Tensor, dev: torch.device) -> Tensor:
+    """A chunk moved to the model's device; through pinned memory from the CPU to a GPU, so the
+    copy runs beside the work already queued."""
+    if x.device == dev:
+        return x
+    if dev.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev)
 
 
 def _margins(model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -308,22 +358,31 @@ def _threshold(margins: Tensor, fraction: float) -> float:
 
 
 def gather_states(state: CascadeState, group: Group, n: int) -> CascadeState | None:
-    """Merge the shards' states on rank 0 (None on the other ranks)."""
+    """Merge the shards' states on rank 0 (None on the other ranks); the shards' adversarial
+    examples are copied into one file of rank 0's."""
     if group.world == 1:
         return state
-    parts = group.gather(state.to_dict())
+    part = state.to_dict()
+    broken = (state.adv_slot >= 0).nonzero().view(-1)
+    part["_adv_at"] = broken
+    part["_adv"] = state.x_adv(broken)
+    parts = group.gather(part)
     if parts is None:
         return None
-    shards = [CascadeState.from_dict(blob) for blob in parts]
+    shards = [
+        (blob.pop("_adv_at"), blob.pop("_adv"), CascadeState.from_dict(blob)) for blob in parts
+    ]
     merged = CascadeState.empty(n, state.stages)
     merged.clean_done = True
-    x_adv = shards[0].x_adv
-    merged.x_adv = torch.zeros((n, *x_adv.shape[1:]), dtype=x_adv.dtype)
-    merged.seconds = torch.zeros_like(shards[0].seconds)
-    for r, part in enumerate(shards):
+    merged.seconds = torch.zeros_like(shards[0][2].seconds)
+    merged.store = AdvStore(None, shape=state.store.shape, dtype=state.store.dtype)  # type: ignore[union-attr]
+    for r, (at, adv, st) in enumerate(shards):
         rows = Group(r, group.world).shard(n)
         for name, axis in _SAMPLE_AXIS.items():
-            getattr(merged, name).index_copy_(axis, rows, getattr(part, name))
-        merged.gate = part.gate  # the same on every shard (computed from all of their margins)
-        merged.seconds = torch.maximum(merged.seconds, part.seconds)  # wall time: the slowest shard
+            getattr(merged, name).index_copy_(axis, rows, getattr(st, name))
+        if at.numel():
+            merged.adv_slot[rows[at]] = merged.store.append(adv)
+        merged.gate = st.gate  # the same on every shard (computed from all of their margins)
+        merged.seconds = torch.maximum(merged.seconds, st.seconds)  # wall time: the slowest shard
+    merged.adv_count = merged.store.count
     return merged

@@ -286,10 +286,71 @@ def data_option(f=None, *, required: bool = False):
     f = click.option(
         "--data",
         required=required,
-        help="mnist-demo, an .npz with x and y, an idx file or folder, or a folder of images.",
+        help="mnist-demo, an .npz with x and y, an idx file or folder, a folder of images "
+        "(root/<class>/<files>), a CIFAR-10 cifar-10-batches-py folder, or a Hugging Face "
+        "datasets folder (save_to_disk).",
         **default,
     )(f)
     return f
+
+
+def stream_options(f):
+    """--resize, --center-crop, --data-keys: how ``advx audit`` reads --data from disk."""
+    f = click.option(
+        "--data-keys",
+        default=None,
+        help="IMAGE,LABEL: the columns of a Hugging Face dataset that hold the images and the "
+        "labels (default: image/img and label/labels).",
+    )(f)
+    f = click.option(
+        "--center-crop",
+        default=None,
+        help="N or HxW: crop each image of a folder to its center (after --resize).",
+    )(f)
+    f = click.option(
+        "--resize",
+        default=None,
+        help="N (the shorter side to N, keeping the aspect) or HxW: resize each image of a folder "
+        "(needed when their sizes differ).",
+    )(f)
+    return f
+
+
+def parse_size(text: str | None, name: str) -> int | tuple[int, int] | None:
+    """``32`` -> 32, ``32x48`` -> (32, 48)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes, default=0) < 1:
+        raise InputError(f"--{name}: expected N or HxW such as 32 or 224x224, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def open_source(data, *, split, n, resize, center_crop, data_keys, bounds):
+    """The --data of a streaming command as a :class:`~advx.data.sources.Source`: read from disk
+    (or from the file's 8-bit arrays) chunk by chunk, file names kept."""
+    from ..data import as_source, open_dataset
+
+    keys: tuple[str, ...] = ()
+    if data_keys:
+        keys = tuple(k.strip() for k in data_keys.split(","))
+        if len(keys) != 2 or not all(keys):
+            raise InputError(
+                f"--data-keys: expected IMAGE,LABEL such as image,label, got {data_keys!r}"
+            )
+    ds = open_dataset(
+        data,
+        split=split,
+        n=n,
+        resize=parse_size(resize, "resize"),
+        center_crop=parse_size(center_crop, "center-crop"),
+        keys=keys,
+    )
+    return as_source(ds, bounds=bounds)
 
 
 def check_channels(model, x: torch.Tensor) -> None:

@@ -25,9 +25,11 @@ from ._common import (
     gate_options,
     info,
     model_options,
+    open_source,
     parse_floats,
     pick_device,
     plural,
+    stream_options,
     warn_threat,
     write_gate,
 )
@@ -36,6 +38,7 @@ from ._common import (
 @cli.command("audit")
 @model_options
 @data_option(required=True)
+@stream_options
 @click.option(
     "--threat",
     "threat_spec",
@@ -67,7 +70,16 @@ from ._common import (
     type=click.Path(dir_okay=False),
     default=None,
     help="Write every adversarial example found here (.npz, lossless): indices, inputs, labels, "
-    "predictions and the stage that found each.",
+    "predictions, the stage that found each, and file names where the data has them. Written "
+    "as they are found, never all in memory.",
+)
+@click.option(
+    "--samples-csv",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the per-sample results here (index, name, label, clean prediction, robust, "
+    "stage that broke it, distance): one row per sample, with its file name where the data "
+    "has one.",
 )
 @click.option(
     "--fail-under",
@@ -137,12 +149,16 @@ def audit_command(
     data,
     split,
     n,
+    resize,
+    center_crop,
+    data_keys,
     threat_spec,
     suite,
     seed,
     out,
     html_path,
     save_adv,
+    samples_csv,
     fail_under,
     baseline,
     max_drop,
@@ -160,7 +176,6 @@ def audit_command(
     from .. import audit as run_audit
     from .._io import check_writable, sha256_file
     from ..audit import load_suite
-    from ..data import load
     from ..threat import parse_threat
 
     group = init_from_env(device)
@@ -172,6 +187,7 @@ def audit_command(
         (summary_md, "summary-md"),
         (junit_path, "junit"),
         (save_adv, "save-adv"),
+        (samples_csv, "samples-csv"),
     ):
         if path is not None and rank == 0:
             check_writable(path, name=name)
@@ -201,17 +217,28 @@ def audit_command(
         compile=compile_,
         autocast={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast],
     )
-    x, y = load(data, split=split, n=n)
-    check_channels(model, x)
-    warn_threat(threat, model.bounds, x)
+    # read chunk by chunk from where it lies (the model may be on a GPU): one pass now counts,
+    # checks and fingerprints it, before any work
+    source = open_source(
+        data,
+        split=split,
+        n=n,
+        resize=resize,
+        center_crop=center_crop,
+        data_keys=data_keys,
+        bounds=model.bounds,
+    )
+    scan = source.scan(batch_size)
+    probe = torch.empty((1, *scan.shape))  # the shape of one sample, for the checks below
+    check_channels(model, probe)
+    warn_threat(threat, model.bounds, probe)
     if base_report is not None:  # refuse an incomparable baseline before the audit, not after
         from ..audit.comparison import check_comparable
         from ..audit.report import DataInfo
-        from ..data import data_sha256
 
         check_comparable(
             base_report,
-            data=DataInfo(name=str(data), n=len(y), sha256=data_sha256(x, y)),
+            data=DataInfo(name=str(data), n=scan.n, sha256=scan.sha256),
             threat=threat.with_bounds(model.bounds).to_dict()
             if not threat.has_explicit_bounds
             else threat.to_dict(),
@@ -219,7 +246,6 @@ def audit_command(
             base_label=str(baseline),
             new_label="this audit",
         )
-    x, y = x.to(dev), y.to(dev)
     state = resume if resume is not None else (f"{out}.state" if out is not None else None)
     meta = {
         "model": model_spec,
@@ -233,8 +259,7 @@ def audit_command(
     try:
         report = run_audit(
             model,
-            x,
-            y,
+            source,
             threat,
             suite=suite,
             seed=seed,
@@ -244,7 +269,7 @@ def audit_command(
             batch_size=batch_size,
             meta=meta,
             state_mismatch="error" if resume is not None else "restart",
-            return_adv=save_adv is not None,
+            save_adv=save_adv,
         )
     except KeyboardInterrupt:
         if rank == 0:
@@ -271,14 +296,18 @@ def audit_command(
         info(f"wrote {out}")
         if resume is None and state is not None and Path(state).exists():
             os.unlink(state)  # our own default state file: the audit is complete
+            Path(f"{state}.adv").unlink(missing_ok=True)  # and its adversarial examples
     else:
         emit_json(report.to_dict())
     if html_path is not None:
         report.save_html(html_path)
         info(f"wrote {html_path}")
-    if save_adv is not None and report.adversarial is not None:
-        report.adversarial.save(save_adv)
-        info(f"wrote {save_adv} ({plural(len(report.adversarial), 'adversarial example')})")
+    if save_adv is not None:
+        found = sum(1 for b in report.samples.broken_by if b >= 0)
+        info(f"wrote {save_adv} ({plural(found, 'adversarial example')})")
+    if samples_csv is not None:
+        _write_samples(samples_csv, report, source.names)
+        info(f"wrote {samples_csv}")
     from ..audit.gate import audit_checks
 
     gated = fail_under is not None or base_report is not None
@@ -296,6 +325,42 @@ def audit_command(
         checks, summary_md=summary_md, junit_path=junit_path, report=report, comparison=comparison
     )
     exit_on(checks)
+
+
+def _write_samples(path, report, names) -> None:
+    """One CSV row per sample: what the report's per-sample data says, with its name."""
+    import csv
+
+    from .._io import atomic_open
+
+    s = report.samples
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "index",
+                "name",
+                "label",
+                "clean_pred",
+                "clean_correct",
+                "robust",
+                "broken_by",
+                "distance",
+            ]
+        )
+        for i in range(len(s.label)):
+            w.writerow(
+                [
+                    i,
+                    names[i] if names is not None else "",
+                    s.label[i],
+                    s.clean_pred[i],
+                    int(s.clean_correct[i]),
+                    int(s.robust[i]),
+                    s.broken_by[i],
+                    "" if s.distance[i] is None else s.distance[i],
+                ]
+            )
 
 
 def _curve(spec: str):

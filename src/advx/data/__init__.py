@@ -23,6 +23,15 @@ from torch import Tensor
 
 from .._io import sha256_tensors
 from ..errors import InputError
+from .folders import (
+    ArrayDataset,
+    ImageFolder,
+    is_cifar_folder,
+    is_hf_folder,
+    load_cifar_batches,
+    open_dataset,
+)
+from .sources import Source, as_batches, as_source
 
 __all__ = [
     "load",
@@ -32,6 +41,13 @@ __all__ = [
     "data_sha256",
     "DEMO_SPLITS",
     "NAMES",
+    "as_batches",
+    "as_source",
+    "Source",
+    "ImageFolder",
+    "ArrayDataset",
+    "load_cifar_batches",
+    "open_dataset",
 ]
 
 DEMO_SPLITS = {"test": (0, 1000), "train": (1000, 5000), "all": (0, 5000)}
@@ -53,8 +69,10 @@ def load(
 
     ``source`` is ``"mnist-demo"`` (embedded), an ``.npz`` file with ``x`` and ``y``, an idx
     images file (its labels file is found beside it), a folder holding MNIST's idx files
-    (``split`` picks ``train`` or ``test``), or a folder of images with one sub-folder per class.
-    ``n`` keeps the first n samples.
+    (``split`` picks ``train`` or ``test``), a folder of images with one sub-folder per class,
+    torchvision's CIFAR-10 folder (``cifar-10-batches-py``) or a Hugging Face ``save_to_disk``
+    folder. ``n`` keeps the first n samples. All in memory: :func:`open_dataset` and
+    :func:`as_source` read them chunk by chunk instead.
     """
     name = str(source)
     if name.lower() in NAMES:
@@ -66,7 +84,9 @@ def load(
                 f"data: {name!r} is neither a built-in data set ({', '.join(NAMES)}) "
                 "nor an existing path"
             )
-        if path.is_dir():
+        if path.is_dir() and (is_cifar_folder(path) or is_hf_folder(path)):
+            x, y = _materialise(open_dataset(path, split=split, n=n))
+        elif path.is_dir():
             idx = _find_idx(path, split)
             x, y = load_idx(*idx) if idx else load_image_folder(path)
         elif path.suffix == ".npz":
@@ -82,6 +102,11 @@ def load(
             raise InputError(f"n: expected a positive number of samples, got {n}")
         x, y = x[:n], y[:n]
     return x, y
+
+
+def _materialise(ds) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*as_batches(ds, batch_size=1000))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _load_demo(split: str) -> tuple[Tensor, Tensor]:
