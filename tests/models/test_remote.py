@@ -50,6 +50,13 @@ def make_app(net):
         x = await batch(request)
         return JSONResponse({"scores": [[0.0, 1.0, 2.0]] * len(x)})
 
+    async def refused(request):  # an advx serve guard rejecting a row as a query attack
+        x = await batch(request)
+        labels = net(x).argmax(1).tolist()
+        labels[0] = None
+        reason = {"action": "reject", "label": None, "reasons": ["query attack suspected"]}
+        return JSONResponse({"labels": labels, "decisions": [reason] * len(x)})
+
     async def flaky(request):
         calls["flaky"] += 1
         if calls["flaky"] == 1:
@@ -66,6 +73,7 @@ def make_app(net):
             ("garbage", garbage),
             ("wrong-shape", wrong_shape),
             ("flaky", flaky),
+            ("refused", refused),
         )
     ]
     return Starlette(routes=routes)
@@ -110,11 +118,23 @@ def test_scores_over_http_match_the_model(server, trained_mlp, batch):
 def test_a_misbehaving_server_stops_the_attack_with_a_clear_error(server, batch, route, message):
     x, y = batch
     box = advx.BlackBox.from_http(
-        f"{server}/{route}", timeout=0.3, retries=1, backoff=0.01, num_classes=10
+        f"{server}/{route}",
+        timeout=0.3,
+        retries=1,
+        backoff=0.01,
+        num_classes=10,
     )
     with pytest.raises(ModelError, match=message) as info:
         _first_query(box, x, y)
     assert info.value.queries is not None and info.value.partial is not None
+
+
+def test_inputs_a_guard_refused_are_named_with_its_reason(server, batch):
+    x, _ = batch
+    box = advx.BlackBox.from_http(f"{server}/refused", kind="labels", num_classes=10)
+    view = advx.models.ModelView(box, advx.models.Tracker(len(x), x.device))
+    with pytest.raises(ModelError, match=r"no label for 1 of .*query attack suspected"):
+        view.labels(x)
 
 
 def _first_query(box, x, y):

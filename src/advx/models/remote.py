@@ -199,7 +199,10 @@ def http_fn(
                 raise ModelError(
                     f"{endpoint} answered JSON without a {key!r} field: {str(doc)[:200]!r}"
                 )
-            return doc[key]
+            out = doc[key]
+            if isinstance(out, list) and any(v is None for v in out):
+                raise ModelError(_unanswered(endpoint, key, out, doc.get("decisions")))
+            return out
         return _v2_output(doc, endpoint=endpoint, output_name=output_name, kind=kind, n=n)
 
     def fn(x: Tensor) -> Any:
@@ -252,6 +255,24 @@ def http_fn(
     fn.__name__ = f"http:{endpoint}"
     fn.client = client  # type: ignore[attr-defined]
     return fn
+
+
+def _unanswered(endpoint: str, key: str, out: list, decisions: Any) -> str:
+    """Why a server (an ``advx serve`` guard) gave no answer for some inputs: the reasons it
+    stated, so the caller sees "query attack suspected" rather than a malformed array."""
+    rows = [i for i, v in enumerate(out) if v is None]
+    why: list[str] = []
+    if isinstance(decisions, list):
+        for i in rows:
+            d = decisions[i] if i < len(decisions) else None
+            if isinstance(d, dict):
+                why += [str(r) for r in d.get("reasons") or () if str(r) not in why]
+    stated = f" (it said: {'; '.join(why[:3])})" if why else ""
+    return (
+        f"{endpoint} answered no {key[:-1]} for {len(rows)} of {len(out)} inputs{stated}: the "
+        "server refused them; an advx serve guard rejects what it flags as a query attack "
+        "(start it with --detect-queries off to attack it, or expect the refusal)"
+    )
 
 
 def _v2_output(doc: Any, *, endpoint: str, output_name: str | None, kind: str, n: int) -> Any:
