@@ -149,3 +149,24 @@ def test_an_old_report_s_curve_still_loads_and_is_explained_as_before():
     notes = r.curve_notes()
     assert len(notes) == 2 and "attack alone" in notes[1]
     assert 'id="eps-curve-method"' not in r.to_html()
+
+
+def test_a_weak_cascade_gets_a_finding_when_the_curve_breaks_what_it_missed(trained_mlp, data):
+    x, y = data
+    eps = 0.05  # where FGSM alone leaves points that FMN finds (at 0.1 nearly nothing is robust)
+    suite = [advx.FGSM(advx.Linf(eps))]
+    weak = advx.audit(trained_mlp, x, y, advx.Linf(eps), suite=suite, subset=40)
+    beyond = weak.eps_curve.broken_beyond_cascade
+    assert beyond and beyond > 0  # FGSM alone misses points FMN and APGD find within eps
+    found = [f for f in weak.findings if f.code == "cascade-missed-points"]
+    assert len(found) == 1 and found[0].severity == "warning"
+    assert found[0].details["broken_beyond_cascade"] == beyond
+
+
+def test_no_finding_when_the_curve_breaks_nothing_beyond_the_cascade():
+    from advx.audit.checks import check_curve
+
+    codes = {f.code for f in check_curve([0.1, 0.2], [0.5, 0.2], n=40, eps0=0.1, beyond=0)}
+    assert "cascade-missed-points" not in codes
+    codes = {f.code for f in check_curve([0.1, 0.2], [0.5, 0.2], n=40, eps0=0.1, beyond=2)}
+    assert "cascade-missed-points" in codes

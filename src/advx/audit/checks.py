@@ -157,9 +157,27 @@ def check_curve(
     n: int,
     large: float | None = None,
     acc_large: float | None = None,
+    eps0: float | None = None,
+    beyond: int | None = None,
 ) -> list[Finding]:
-    """Robust accuracy must not rise with eps, and must fall towards 0 when eps allows anything."""
+    """Robust accuracy must not rise with eps, and must fall towards 0 when eps allows anything;
+    the curve's own attacks must not break, within the audited eps, samples the cascade left
+    robust (``beyond`` of the curve's ``n``)."""
     out = []
+    if beyond:
+        out.append(
+            Finding(
+                "cascade-missed-points",
+                "warning",
+                f"the eps curve's attacks broke {beyond} of its {n} samples within the audited "
+                f"eps{'' if eps0 is None else f' {eps0:g}'} that the cascade called robust: the "
+                f"headline robust accuracy overstates, by at least {beyond / max(n, 1):.1%} on "
+                "those samples",
+                "strengthen the suite (more restarts or steps, or suite='standard'), or add the "
+                "curve's minimum-norm attack (fmn) as a stage",
+                {"broken_beyond_cascade": beyond, "n": n},
+            )
+        )
     slack = 1.5 / max(n, 1)  # one sample's worth, and a half
     rises = [(eps[i], eps[i + 1]) for i in range(len(eps) - 1) if acc[i + 1] > acc[i] + slack]
     if rises:

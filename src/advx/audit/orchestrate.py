@@ -67,9 +67,10 @@ def audit(
     Args:
         suite: ``"standard"`` (AutoAttack's recipe), ``"fast"`` (advx's cheaper cascade), a path
             to a TOML suite, or a list of attacks.
-        eps_curve: ``"auto"`` (robust accuracy of APGD-CE at 0.25..2 x eps, and at an eps that
-            allows any input), a list of eps values, ``"min-norm"`` (from a minimum-norm
-            attack's per-sample distances), or None to skip.
+        eps_curve: ``"auto"`` (mixed: below eps from one minimum-norm FMN run's distances, at
+            eps the cascade's verdict, above it APGD-CE per eps on the samples still robust,
+            and at an eps that allows any input), ``"runs"`` (APGD-CE at every eps),
+            ``"min-norm"`` (FMN at every eps), a list of eps values, or None to skip.
         checks: run the sanity checks (randomized model, probabilities, dead gradients,
             black-box beating white-box, curve shape, convergence).
         state: a file for per-sample state: written as the audit goes, resumed from when it
@@ -251,6 +252,8 @@ def _finish(
                 n=curve.n,
                 large=curve.large_eps,
                 acc_large=curve.robust_accuracy_large_eps,
+                eps0=float(threat.eps),
+                beyond=curve.broken_beyond_cascade,
             )
     if checks:
         t0 = time.perf_counter()

@@ -116,7 +116,8 @@ from ._common import (
     "--eps-curve",
     default="auto",
     show_default=True,
-    help="auto, min-norm, none, or comma-separated eps values.",
+    help="auto (FMN below eps, the cascade at it, APGD-CE above), runs (APGD-CE per eps), "
+    "min-norm (FMN), none, or comma-separated eps values.",
 )
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
 @click.option(
@@ -367,9 +368,11 @@ def _curve(spec: str):
     s = spec.strip().lower()
     if s in ("none", "off", "no", ""):
         return None
-    if s in ("auto", "min-norm"):
+    if s in ("auto", "runs", "min-norm"):
         return s
     values = parse_floats(spec, "eps-curve")
     if not values:
-        raise InputError(f"--eps-curve: expected auto, min-norm, none or eps values, got {spec!r}")
+        raise InputError(
+            f"--eps-curve: expected auto, runs, min-norm, none or eps values, got {spec!r}"
+        )
     return values

@@ -145,7 +145,7 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     "--eps-curve",
     default="auto",
     show_default=True,
-    help="The audit's eps curve: auto, none or eps values.",
+    help="The audit's eps curve: auto, runs, min-norm, none or eps values.",
 )
 @click.option(
     "--autocast",
