@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 os.environ.setdefault("ADVX_PROGRESS", "0")
 
-from _common import advx, load, machine, mnist_test, table, write_section  # noqa: E402
+from _common import advx, load, machine, mnist_test, table, write_section
 
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
 
