@@ -82,8 +82,9 @@ class Scoped(nn.Module):
             return self.net(x)
 
 
-def count(fn) -> tuple[int, int]:
-    """(top-level aten ops outside the model, host syncs outside the model) of one call."""
+def count(fn, names: dict[str, int] | None = None) -> tuple[int, int]:
+    """(top-level aten ops outside the model, host syncs outside the model) of one call;
+    ``names`` gets the count of each op's name."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.events()
@@ -100,6 +101,8 @@ def count(fn) -> tuple[int, int]:
             continue
         if e.cpu_parent is None and e.name.startswith("aten::"):
             ops += 1
+            if names is not None:
+                names[e.name] = names.get(e.name, 0) + 1
         if e.name in SYNCS:
             syncs += 1
     return ops, syncs
@@ -123,11 +126,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--eps", type=float, default=0.02)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument(
+        "--chunk",
+        choices=["one", "auto"],
+        default="one",
+        help="one: every pass in one chunk, as on a GPU (the default); auto: the CPU tuner's",
+    )
+    ap.add_argument("--list", action="store_true", help="print the ops per iteration by name")
     ap.add_argument("--write", metavar="LABEL", default=None, help="append to RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    clf = advx.Classifier(Scoped(trained_lenet5()))
+    clf = advx.Classifier(
+        Scoped(trained_lenet5()), batch_size=args.n if args.chunk == "one" else "auto"
+    )
     x, y = mnist_test(args.n)
     rows = []
     for name, (build, k1, k2) in attacks(args.eps).items():
@@ -135,8 +147,15 @@ def main() -> None:
             continue
         build(2)(clf, x, y)  # warm-up: the chunk tuner, allocator
         r = build(k2)(clf, x, y)
-        o1, s1 = count(lambda: build(k1)(clf, x, y))  # noqa: B023
-        o2, s2 = count(lambda: build(k2)(clf, x, y))  # noqa: B023
+        n1: dict[str, int] = {}
+        n2: dict[str, int] = {}
+        o1, s1 = count(lambda: build(k1)(clf, x, y), n1)  # noqa: B023
+        o2, s2 = count(lambda: build(k2)(clf, x, y), n2)  # noqa: B023
+        if args.list:
+            diff = {k: (n2.get(k, 0) - n1.get(k, 0)) / (k2 - k1) for k in n2}
+            for k, v in sorted(diff.items(), key=lambda kv: -kv[1]):
+                if v:
+                    print(f"    {v:6.2f}  {k}")
         per_ops, per_syncs = (o2 - o1) / (k2 - k1), (s2 - s1) / (k2 - k1)
         broken = int(r.success.sum())
         rows.append([name, f"{per_ops:.1f}", f"{per_syncs:.2f}", f"{broken}/{args.n}"])
@@ -148,7 +167,8 @@ def main() -> None:
     if args.write:
         write_section(
             f"CPU proxies ({args.write})",
-            f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps}`, "
+            f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps} "
+            f"--chunk {args.chunk}`, "
             f"MNIST LeNet5, {args.n} test points, Linf {args.eps}; {machine()}\n\n{md}",
         )
 
