@@ -175,9 +175,11 @@ class APGD(Attack):
             s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
         qa = q
 
-        # the run's kept point per running sample (compacted with s), handed to `out` when
-        # samples leave and at the end
-        run = [Best.highest(x0)]
+        # Without early_stop, the run's kept point per running sample (compacted with s), handed
+        # to `out` at the end. With early_stop no running sample has been adversarial yet, so
+        # the kept point is best_x, or the current point where it has just become adversarial
+        # (and leaves): `out` gets it only when rows leave and at the end.
+        run = None if self.early_stop else Best.highest(x0)
 
         def record(
             x: Tensor, loss: Tensor, adv: Tensor, grad: Tensor | None = None
@@ -191,9 +193,17 @@ class APGD(Attack):
                 s["best_grad"] = torch.where(mask, grad, s["best_grad"])
             s["best_x"] = torch.where(mask, x, s["best_x"])
             s["best_loss"] = torch.where(better, loss, s["best_loss"])
-            run[0].update(x, loss, adv)
-            if self.early_stop and bool(adv.any()):
-                out.offer(s["act"], run[0].x, run[0].score, run[0].found)
+            if run is not None:
+                run.update(x, loss, adv)
+                return None
+            if bool(adv.any()):
+                now = adv.view(-1, *([1] * (x.dim() - 1)))
+                out.offer(
+                    s["act"],
+                    torch.where(now, x, s["best_x"]),
+                    torch.where(adv, loss, s["best_loss"]),
+                    adv,
+                )
                 return (~adv).nonzero().view(-1)
             return None
 
@@ -208,7 +218,7 @@ class APGD(Attack):
                 if keep.numel() == 0:
                     break
                 s = {k: v[keep] for k, v in s.items()}
-                qa, run[0] = qa.select(keep), run[0].select(keep)
+                qa = qa.select(keep)
             if t in window:
                 restart = self._l1_checkpoint(s, qa.x) if l1 else self._checkpoint(s, window[t])
                 # where the step was cut, go on from the best point, without momentum (no
@@ -233,7 +243,10 @@ class APGD(Attack):
         else:
             logits = qa.model.logits(s["x"])  # the last step's point
             record(s["x"], loss_fn(logits, s["labels"]), qa.is_adversarial(logits))
-        out.offer(s["act"], run[0].x, run[0].score, run[0].found)
+        if run is not None:
+            out.offer(s["act"], run.x, run.score, run.found)
+        else:
+            out.offer(s["act"], s["best_x"], s["best_loss"], torch.zeros_like(s["reduced"]))
         return out
 
     def _checkpoint(self, s: dict[str, Tensor], window: int) -> Tensor:

@@ -124,10 +124,15 @@ class Tracker:
         self.grads = torch.zeros(n, dtype=torch.long, device=device)
         self.budget = budget
         self.label = label
+        self._ones: dict[tuple[int, int], Tensor] = {}
 
     def charge(self, samples: Tensor, *, backward: bool, cost: int = 1) -> None:
         """Charge ``cost`` passes to each entry of ``samples`` (global row ids; repeats allowed)."""
-        ones = torch.full_like(samples, cost)
+        # the last size's tensor of costs is kept: an inner loop's passes mostly repeat a size
+        ones = self._ones.get((samples.numel(), cost))
+        if ones is None or ones.device != samples.device:
+            ones = torch.full_like(samples, cost)
+            self._ones = {(samples.numel(), cost): ones}
         if self.budget is not None:
             after = self.queries.index_add(0, samples, ones)
             over = after > self.budget
