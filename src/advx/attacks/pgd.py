@@ -8,7 +8,6 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .._tensor import per_sample
 from .._validate import nonneg_float, one_of, positive_int
 from ._base import Attack, Problem, RunOutput, step_size_default
 from ._best import Best
@@ -54,7 +53,7 @@ class PGD(Attack):
             """One run from a random start (keyed by r) on the samples ``rows``."""
             q = p.select(rows)
             xa = q.threat.random_init(q.x, q.rng, r) if self.random_start else q.x.clone()
-            alpha = per_sample(step[rows], xa)  # (R, 1, ..., 1)
+            alpha = step[rows].view(-1, *([1] * (xa.dim() - 1)))  # (R,) -> (R, 1, ..., 1)
             # the run's best point per running sample, handed to ``best`` when samples leave
             run = Best.highest(xa)
             desc = f"{p.name} restart {r + 1}/{self.restarts}" if self.restarts > 1 else None
