@@ -36,6 +36,69 @@ def robust(net, x_adv, y) -> float:
         return float((net(x_adv).argmax(1) == y).float().mean())
 
 
+def pgd_section(args, pair, clf, net, x, y, eps) -> str:
+    """PGD-40 (step 0.01, random start) against torchattacks on the TRADES SmallCNN and on a
+    LeNet5 trained here on the embedded MNIST slice (bench_proxies.trained_lenet5)."""
+    import os
+
+    import torchattacks
+    from bench_proxies import trained_lenet5
+
+    lenet = trained_lenet5()
+    rows = []
+    for model_name, m in (("TRADES SmallCNN", net), ("LeNet5 (32-64 conv, 200 hidden)", lenet)):
+        c = advx.Classifier(m)
+        advx.PGD(advx.Linf(eps), steps=2)(c, x, y)  # warm-up: the chunk tuner
+        for early in (True, False):
+            t_a, t_t, r, xa = pair(
+                "pgd",
+                lambda c=c, early=early: advx.PGD(
+                    advx.Linf(eps), steps=40, step_size=0.01, early_stop=early
+                )(c, x, y),
+                lambda m=m: torchattacks.PGD(m, eps=eps, alpha=0.01, steps=40, random_start=True)(
+                    x, y
+                ),
+                args.repeats,
+            )
+            rows.append(
+                [
+                    model_name,
+                    f"early_stop={early}",
+                    f"{r.robust_accuracy:.2%}",
+                    f"{robust(m, xa, y):.2%}",
+                    t_a,
+                    t_t,
+                    t_a / t_t,
+                ]
+            )
+    load = os.getloadavg()
+    return "\n".join(
+        [
+            f"## PGD-40 vs torchattacks on two MNIST architectures (issue 15) {args.label}",
+            "",
+            f"First {args.n} MNIST test images, Linf eps {eps}, step 0.01, random start; "
+            f"{machine()}; load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; "
+            f"versions {versions('torchattacks')}. Interleaved repeats, medians.",
+            "",
+            f"Command: `python benchmarks/bench_whitebox.py --only pgd --n {args.n} "
+            f"--repeats {args.repeats} --label {args.label} --write`",
+            "",
+            table(
+                [
+                    "model",
+                    "advx",
+                    "advx robust acc",
+                    "torchattacks robust acc",
+                    "advx s (median)",
+                    "torchattacks s (median)",
+                    "ratio advx/ta",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
@@ -43,7 +106,13 @@ def main() -> None:
     ap.add_argument("--cw-steps", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="write the section of RESULTS.md")
-    ap.add_argument("--only", choices=["all", "cw"], default="all", help="cw: the CW section alone")
+    ap.add_argument(
+        "--only",
+        choices=["all", "cw", "pgd"],
+        default="all",
+        help="cw: the CW section alone; pgd: PGD-40 on the SmallCNN and a LeNet5 (issue 15)",
+    )
+    ap.add_argument("--label", default="", help="pgd: a label for the section (e.g. before)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread per job: these machines are shared
 
@@ -67,6 +136,13 @@ def main() -> None:
             m, ts, r_ours = median_time(ours, 1)
             times_ours += ts
         return statistics.median(times_ours), statistics.median(times_theirs), r_ours, r_theirs
+
+    if args.only == "pgd":
+        text = pgd_section(args, pair, clf, net, x, y, eps)
+        print(text)
+        if args.write:
+            write_section(f"whitebox-pgd-lenet {args.label}".strip(), text)
+        return
 
     if args.only == "cw":
         text = cw_section(args)

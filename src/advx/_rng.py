@@ -18,19 +18,18 @@ from torch import Tensor
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(h: Tensor, c: int) -> Tensor:
-    """(h * c) mod 2**32 for h in [0, 2**32) held in int64, without int64 overflow."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
-
-
 def _mix(h: Tensor) -> Tensor:
-    h = h & _M32
+    """lowbias32 on h in [0, 2**32) held in int64 (the caller masks h to 32 bits).
+
+    ``(h * c) & _M32`` is the 32-bit product: an int64 product of two 32-bit factors may wrap
+    around 2**64, which leaves its low 32 bits as they are. Eleven elementwise kernels, and the
+    in-place forms allocate nothing after the first.
+    """
     h = h ^ (h >> 16)
-    h = _mul32(h, 0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = _mul32(h, 0x846CA68B)
-    return h ^ (h >> 16)
+    h.mul_(0x7FEB352D).bitwise_and_(_M32)
+    h.bitwise_xor_(h >> 15)
+    h.mul_(0x846CA68B).bitwise_and_(_M32)
+    return h.bitwise_xor_(h >> 16)
 
 
 def _mix_int(h: int) -> int:
@@ -47,41 +46,80 @@ def _combine(h: int, v: int) -> int:
     return _mix_int(h ^ _mix_int(v + 0x9E3779B9))
 
 
+def _key(seed: int, key: tuple[int, ...]) -> int:
+    """The 32-bit hash of (seed, key), on the host."""
+    k = _mix_int(seed & _M32) ^ _mix_int((seed >> 32) + 0x632BE5AB)
+    for part in key:
+        k = _combine(k, int(part) & _M32)
+        k = _combine(k, (int(part) >> 32) & _M32)
+    return k
+
+
 class SampleRNG:
     """Per-sample random streams. ``index`` holds the global index of each row of the batch."""
 
-    __slots__ = ("seed", "index")
+    __slots__ = ("seed", "index", "_base", "_positions")
 
-    def __init__(self, seed: int, index: Tensor) -> None:
+    def __init__(self, seed: int, index: Tensor, *, _base: Tensor | None = None) -> None:
         self.seed = int(seed)
         self.index = index.to(torch.long)
+        # the part of each sample's state that does not depend on the key: (N,), made once
+        self._base = _base
+        # position hashes per draw size m: (m,), the same for every sample and key
+        self._positions: dict[int, Tensor] = {}
 
     def select(self, idx: Tensor) -> SampleRNG:
-        return SampleRNG(self.seed, self.index[idx])
+        out = SampleRNG(self.seed, self.index[idx], _base=self._sample_base()[idx])
+        out._positions = self._positions
+        return out
 
     def __len__(self) -> int:
         return self.index.numel()
 
+    def _sample_base(self) -> Tensor:
+        if self._base is None:
+            idx = self.index
+            self._base = _mix(idx & _M32) ^ (idx >> 32)
+        return self._base
+
+    def _position_hash(self, m: int) -> Tensor:
+        j = self._positions.get(m)
+        if j is None or j.device != self.index.device:
+            j = _mix(torch.arange(m, device=self.index.device, dtype=torch.long) * 2 + 1)
+            self._positions[m] = j
+        return j
+
+    def _hash(self, keys: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Uniform 32-bit integers (in int64), (N, K, *shape), for the K key hashes ``keys``."""
+        n, m = len(self), math.prod(shape)
+        state = _mix(self._sample_base().view(n, 1) ^ keys.view(1, -1))  # (N, K)
+        state = _mix(state.add_(0x2545F491).bitwise_and_(_M32)).unsqueeze(2)  # (N, K, 1)
+        h = _mix(state ^ self._position_hash(m))  # (N, K, m)
+        h = _mix(h.add_(state).bitwise_and_(_M32))
+        return h.view(n, keys.numel(), *shape)
+
     def _bits(self, key: tuple[int, ...], shape: tuple[int, ...]) -> Tensor:
         """Uniform 32-bit integers (in int64) of shape (N, *shape)."""
-        k = _mix_int(self.seed & _M32) ^ _mix_int((self.seed >> 32) + 0x632BE5AB)
-        for part in key:
-            k = _combine(k, int(part) & _M32)
-            k = _combine(k, (int(part) >> 32) & _M32)
-        # per-sample state: (N,)
-        idx = self.index
-        state = _mix(_mix(idx & _M32) ^ (idx >> 32) ^ k)
-        state = _mix(state + 0x2545F491)
-        m = math.prod(shape)
-        j = torch.arange(m, device=idx.device, dtype=torch.long)
-        h = _mix(state.view(-1, 1) ^ _mix(j * 2 + 1).view(1, -1))  # (N, m)
-        h = _mix(h + state.view(-1, 1))
-        return h.view(len(idx), *shape)
+        keys = torch.tensor([_key(self.seed, key)], dtype=torch.long, device=self.index.device)
+        return self._hash(keys, shape).squeeze(1)
+
+    def uniform_block(
+        self,
+        *key: int,
+        last: range,
+        shape: tuple[int, ...] = (),
+        dtype=torch.float32,
+    ) -> Tensor:
+        """``uniform(*key, t, shape=shape)`` for every t in ``last`` at once, bit for bit:
+        (N, len(last), *shape). For a loop that draws every iteration: one draw per block of
+        iterations instead of one per iteration."""
+        keys = [_key(self.seed, (*key, t)) for t in last]
+        keys_t = torch.tensor(keys, dtype=torch.long, device=self.index.device)
+        return _to_uniform(self._hash(keys_t, shape), dtype)
 
     def uniform(self, *key: int, shape: tuple[int, ...] = (), dtype=torch.float32) -> Tensor:
         """Uniform in [0, 1), shape (N, *shape)."""
-        u = (self._bits(key, shape) >> 8).to(torch.float64) * (1.0 / (1 << 24))
-        return u.to(dtype)
+        return _to_uniform(self._bits(key, shape), dtype)
 
     def normal(self, *key: int, shape: tuple[int, ...] = (), dtype=torch.float32) -> Tensor:
         """Standard normal (Box-Muller), shape (N, *shape)."""
@@ -104,6 +142,14 @@ class SampleRNG:
 
     def sign(self, *key: int, shape: tuple[int, ...] = (), dtype=torch.float32) -> Tensor:
         return (self._bits(key, shape) >> 31).to(dtype) * 2 - 1
+
+
+def _to_uniform(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """The top 24 of 32 random bits as a float in [0, 1): exact in float32 and float64, rounded
+    once from float64 in a narrower dtype."""
+    if dtype in (torch.float32, torch.float64):
+        return (bits >> 8).to(dtype).mul_(1.0 / (1 << 24))
+    return ((bits >> 8).to(torch.float64) * (1.0 / (1 << 24))).to(dtype)
 
 
 def derive_seed(seed: int, *key: int) -> int:

@@ -163,3 +163,29 @@ def test_the_sync_check_sees_a_masked_write():
     with _Ops() as ops:
         best_x[better] = x[better]
     assert ops.mask_indexing or _SYNCS & set(ops.ops)
+
+
+def test_a_run_kept_by_update_and_handed_over_once_equals_offering_every_step():
+    """Best.update on the running rows, flushed by offer, leaves the caller's tracker exactly as
+    offering every candidate would (ties and a prior score from an earlier run included)."""
+    g = torch.Generator().manual_seed(0)
+    n, steps = 64, 12
+    x0 = torch.rand(n, 3, generator=g)
+    rows = torch.randperm(2 * n, generator=g)[:n]  # positions in a larger problem
+    each, once = Best.highest(torch.zeros(2 * n, 3)), Best.highest(torch.zeros(2 * n, 3))
+    prior = torch.randint(-3, 3, (2 * n,), generator=g).float()  # an earlier run's losses
+    for b in (each, once):
+        b.offer(None, torch.zeros(2 * n, 3), prior, torch.zeros(2 * n, dtype=torch.bool))
+    run = Best.highest(x0)
+    for _ in range(steps):
+        x = torch.rand(n, 3, generator=g)
+        loss = torch.randint(-4, 5, (n,), generator=g).float()  # ties on purpose
+        adv = torch.rand(n, generator=g) < 0.05
+        each.offer(rows, x, loss, adv)
+        run.update(x, loss, adv)
+    once.offer(rows, run.x, run.score, run.found)
+    assert torch.equal(each.x, once.x)
+    assert torch.equal(each.score, once.score)
+    assert torch.equal(each.found, once.found)
+    part = run.select(torch.tensor([5, 1]))
+    assert torch.equal(part.x, run.x[[5, 1]]) and torch.equal(part.found, run.found[[5, 1]])

@@ -191,3 +191,18 @@ def test_a_compiled_model_that_disagrees_with_the_eager_one_is_dropped(trained_m
     with pytest.warns(UserWarning, match="differs from the eager"):
         out = clf(x)
     assert torch.allclose(out, trained_mlp(x)) and clf.compile is False
+
+
+def test_chunk_size_is_measured_per_bucket_not_capped_at_the_first_batch(trained_mlp, mnist_test):
+    """A first batch of 100 rows must not cap the chunks of a later batch of 1,000."""
+    x, y = mnist_test
+    clf = advx.Classifier(trained_mlp)
+    small = clf.batch_size_for(x[:100], grad=False)
+    assert small <= 128
+    big = clf.batch_size_for(x[:1000], grad=False)
+    keys = {k[-1] for k in clf._tuned}
+    assert keys == {128, 1024}  # one measurement per bucket (next power of two)
+    assert big in (16, 32, 64, 128, 256, 512, 1024)
+    # a bucket between two measured ones reuses the larger one's choice, capped at its own size
+    assert clf.batch_size_for(x[:300], grad=False) == min(big, 512)
+    assert {k[-1] for k in clf._tuned} == {128, 1024}

@@ -111,6 +111,28 @@ class Best:
             self.found.index_copy_(0, rows, new_found)
         return take
 
+    def update(self, x: Tensor, score: Tensor, adv: Tensor) -> None:
+        """``offer(None, x, score, adv)`` for a ``highest`` tracker that holds only the rows an
+        inner loop is running (it is flushed into the caller's tracker with :meth:`offer` when
+        rows leave): the same rule with fewer kernels, rebinding ``x``, ``score`` and ``found``
+        instead of writing into them. Offering a run's candidates one by one, or the tracker
+        that kept the best of them once, leaves a ``highest`` tracker in the same state: both
+        keep the first adversarial point, else the first with the highest loss."""
+        take = ~self.found & (adv | (score > self.score))
+        self.x = torch.where(take.view(-1, *([1] * (x.dim() - 1))), x, self.x)
+        self.score = torch.where(take, score, self.score)
+        self.found = self.found | adv
+
+    def select(self, idx: Tensor) -> Best:
+        """The rows ``idx`` (a tracker of len(idx) rows)."""
+        return Best(
+            self.x[idx],
+            self.score[idx],
+            self.found[idx],
+            self.minimize,
+            None if self.eps is None else self.eps[idx],
+        )
+
     def done(self, rows: Tensor | None = None) -> Tensor:
         """bool (N,) or (R,): samples that need no more work. ``highest``: an adversarial
         point; ``closest``: a point inside a finite eps (never with eps inf or None)."""

@@ -175,20 +175,42 @@ class APGD(Attack):
             s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
         qa = q
 
-        def record(x: Tensor, loss: Tensor, adv: Tensor) -> Tensor | None:
-            """Keep the best point and the first adversarial one; return the rows to keep
-            running (None: all of them)."""
+        # Without early_stop, the run's kept point per running sample (compacted with s), handed
+        # to `out` at the end. With early_stop no running sample has been adversarial yet, so
+        # the kept point is best_x, or the current point where it has just become adversarial
+        # (and leaves): `out` gets it only when rows leave and at the end.
+        run = None if self.early_stop else Best.highest(x0)
+
+        def record(
+            x: Tensor, loss: Tensor, adv: Tensor, grad: Tensor | None = None
+        ) -> Tensor | None:
+            """Keep the best point (and its gradient) and the first adversarial one; return the
+            rows to keep running (None: all of them). torch.where, not boolean-mask writes:
+            one host sync, to decide whether rows leave."""
             better = loss > s["best_loss"]
-            s["best_x"][better], s["best_loss"][better] = x[better], loss[better]
-            out.offer(s["act"], x, loss, adv)
-            return (~adv).nonzero().view(-1) if self.early_stop and bool(adv.any()) else None
+            mask = better.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
+            if grad is not None:
+                s["best_grad"] = torch.where(mask, grad, s["best_grad"])
+            s["best_x"] = torch.where(mask, x, s["best_x"])
+            s["best_loss"] = torch.where(better, loss, s["best_loss"])
+            if run is not None:
+                run.update(x, loss, adv)
+                return None
+            if bool(adv.any()):
+                now = adv.view(-1, *([1] * (x.dim() - 1)))
+                out.offer(
+                    s["act"],
+                    torch.where(now, x, s["best_x"]),
+                    torch.where(adv, loss, s["best_loss"]),
+                    adv,
+                )
+                return (~adv).nonzero().view(-1)
+            return None
 
         for t in q.progress(self.steps, desc):
             x = s["x"]
             loss, grad, logits = qa.model.value_and_grad(x, loss_fn, s["labels"])
-            better = loss > s["best_loss"]
-            s["best_grad"][better] = grad[better]
-            keep = record(x, loss, qa.is_adversarial(logits))
+            keep = record(x, loss, qa.is_adversarial(logits), grad)
             if t > 0:
                 s["ups"] = s["ups"] + (loss > s["loss_prev"])
             s["loss_prev"], s["grad"] = loss, grad
@@ -199,12 +221,13 @@ class APGD(Attack):
                 qa = qa.select(keep)
             if t in window:
                 restart = self._l1_checkpoint(s, qa.x) if l1 else self._checkpoint(s, window[t])
-                if bool(restart.any()):  # go on from the best point, without momentum
-                    mask = restart.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
-                    s["x"] = torch.where(mask, s["best_x"], s["x"])
-                    s["prev"] = torch.where(mask, s["best_x"], s["prev"])
-                    s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
-                    s["loss_prev"] = torch.where(restart, s["best_loss"], s["loss_prev"])
+                # where the step was cut, go on from the best point, without momentum (no
+                # host sync to skip the writes when no sample restarts: they are exact no-ops)
+                mask = restart.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
+                s["x"] = torch.where(mask, s["best_x"], s["x"])
+                s["prev"] = torch.where(mask, s["best_x"], s["prev"])
+                s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
+                s["loss_prev"] = torch.where(restart, s["best_loss"], s["loss_prev"])
             x, eta = s["x"], per_sample(s["eta"], s["x"])
             if l1:  # a sparse step, no momentum (Croce & Hein, 2021)
                 x_next = qa.threat.project(
@@ -220,7 +243,10 @@ class APGD(Attack):
         else:
             logits = qa.model.logits(s["x"])  # the last step's point
             record(s["x"], loss_fn(logits, s["labels"]), qa.is_adversarial(logits))
-
+        if run is not None:
+            out.offer(s["act"], run.x, run.score, run.found)
+        else:
+            out.offer(s["act"], s["best_x"], s["best_loss"], torch.zeros_like(s["reduced"]))
         return out
 
     def _checkpoint(self, s: dict[str, Tensor], window: int) -> Tensor:

@@ -188,9 +188,11 @@ class FAB(Attack):
         # untargeted: the gradient of f_j - f_y for every j != y, one class at a time (C - 1
         # passes), keeping per sample the j whose linearized boundary is closest: memory stays
         # O(m D) whatever the number of classes
-        m, c = len(q), q.num_classes
-        classes = torch.arange(c, device=xa.device).expand(m, c)
-        others = classes[classes != q.y.view(-1, 1)].view(m, c - 1)  # (m*(C-1),) -> (m, C-1)
+        c = q.num_classes
+        # the classes other than y in increasing order, (m, C-1): j, or j + 1 from y on (no
+        # boolean-mask indexing, which waits on the device)
+        ranks = torch.arange(c - 1, device=xa.device).view(1, -1)
+        others = ranks + (ranks >= q.y.view(-1, 1))
         best_value, grad, logits = q.model.value_and_grad(xa, _pair_gap, others[:, 0], q.y)
         best_grad = flat(grad)  # (m, ...) -> (m, D)
         # the distance to the linearized boundary

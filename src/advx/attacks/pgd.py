@@ -8,7 +8,6 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .._tensor import per_sample
 from .._validate import nonneg_float, one_of, positive_int
 from ._base import Attack, Problem, RunOutput, step_size_default
 from ._best import Best
@@ -54,20 +53,26 @@ class PGD(Attack):
             """One run from a random start (keyed by r) on the samples ``rows``."""
             q = p.select(rows)
             xa = q.threat.random_init(q.x, q.rng, r) if self.random_start else q.x.clone()
+            alpha = step[rows].view(-1, *([1] * (xa.dim() - 1)))  # (R,) -> (R, 1, ..., 1)
+            # the run's best point per running sample, handed to ``best`` when samples leave
+            run = Best.highest(xa)
             desc = f"{p.name} restart {r + 1}/{self.restarts}" if self.restarts > 1 else None
             for _ in p.progress(self.steps, desc):
                 loss, grad, logits = q.model.value_and_grad(xa, loss_fn, q.labels)
                 adv = q.is_adversarial(logits)
-                best.offer(rows, xa, loss, adv)
+                run.update(xa, loss, adv)
                 if self.early_stop and bool(adv.any()):
+                    best.offer(rows, run.x, run.score, run.found)
                     go = (~adv).nonzero().view(-1)
                     rows, xa, grad, q = rows[go], xa[go], grad[go], q.select(go)
+                    alpha, run = alpha[go], run.select(go)
                     if rows.numel() == 0:
                         return
                 direction = q.threat.steepest_ascent(grad, x_adv=xa)
-                xa = q.threat.project(xa + per_sample(step[rows], xa) * direction, q.x)
+                xa = q.threat.project(xa + alpha * direction, q.x)
             logits = q.model.logits(xa)  # the last step's point
-            best.offer(rows, xa, loss_fn(logits, q.labels), q.is_adversarial(logits))
+            run.update(xa, loss_fn(logits, q.labels), q.is_adversarial(logits))
+            best.offer(rows, run.x, run.score, run.found)
 
         best.rounds(self.restarts, restart)  # each restart only on the samples still unbroken
         return best.output()

@@ -98,6 +98,24 @@ def _windows(u_row: Tensor, u_col: Tensor, s: int, h: int, w: int) -> tuple[Tens
     return rows, cols, mask
 
 
+@functools.lru_cache(maxsize=256)
+def _spans(s: int, h: int, device: torch.device) -> Tensor:
+    """bool (h - s + 1, h): row k marks the positions k .. k + s - 1."""
+    start = torch.arange(h - s + 1, device=device).view(-1, 1)
+    pos = torch.arange(h, device=device).view(1, -1)
+    return (pos >= start) & (pos < start + s)
+
+
+def _window_mask(u_row: Tensor, u_col: Tensor, s: int, h: int, w: int) -> Tensor:
+    """The mask (N, 1, H, W) of an s x s window whose top-left corner is uniform in
+    {0..h-s} x {0..w-s}, from uniforms (N,) (the corners of :func:`_windows`)."""
+    n = u_row.shape[0]
+    top = (u_row * (h - s + 1)).long().clamp_(max=h - s)  # u >= 0: truncation is floor
+    left = (u_col * (w - s + 1)).long().clamp_(max=w - s)
+    rows, cols = _spans(s, h, u_row.device)[top], _spans(s, w, u_row.device)[left]
+    return rows.view(n, 1, h, 1) & cols.view(n, 1, 1, w)
+
+
 @register("square")
 @dataclass(kw_only=True, eq=False)
 class Square(Attack):
@@ -179,25 +197,41 @@ class Square(Attack):
             )
 
         q = p.select(rows)
-        ok = affordable(q)
-        done[rows[~ok]] = True
-        keep_idx = ok.nonzero().view(-1)
-        rows, q = rows[keep_idx], q.select(keep_idx)
+        budget = q.model.remaining is not None
+        if budget:
+            ok = affordable(q)
+            done[rows[~ok]] = True
+            keep_idx = ok.nonzero().view(-1)
+            rows, q = rows[keep_idx], q.select(keep_idx)
         if rows.numel() == 0:
             return
         eps = q.threat.eps_tensor(q.x)
         x_cur = self._linf_init(q, restart, eps) if linf else self._l2_init(q, restart, eps)
         logits = q.model.logits(x_cur)
         cur_loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
-        best.offer(rows, x_cur, cur_loss, adv)
 
         iterations = share - 1
+        n, c, h, w = q.x.shape
+        # the random numbers of a block of iterations are drawn at once (bit for bit those of
+        # one draw per iteration), and what does not change between iterations is made once
+        width = 2 + _SIGN_TRIES * c if linf else 4 + c + 1
+        block = max(1, min(64, (1 << 22) // max(1, n * width)))
+        draws = torch.empty(0)
+        if linf:
+            e = per_sample(eps, q.x)
+            fixed = [q.threat.clip(q.x + e), q.threat.clip(q.x - e)]  # the window's two values
         desc = f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None
+        # Across restarts ``best`` keeps the point to return. Within one, x_cur is already the
+        # best candidate so far (a candidate replaces it exactly when ``best`` would take it:
+        # an adversarial one, or a strictly higher loss), so x_cur is offered only when its
+        # sample leaves the search and at the end, not after every query.
         for t in p.progress(iterations, desc):
             # per-sample early stop: adversarial samples and those out of model budget leave
-            go = ~adv & affordable(q)
-            done[rows[~adv & ~go]] = True
-            if not bool(go.all()):
+            go = ~adv & affordable(q) if budget else ~adv
+            if bool(adv.any()) or (budget and not bool(go.all())):
+                best.offer(rows, x_cur, cur_loss, adv)
+                if budget:
+                    done[rows[~adv & ~go]] = True
                 idx = go.nonzero().view(-1)
                 rows, q, x_cur, cur_loss, eps = (
                     rows[idx],
@@ -206,11 +240,28 @@ class Square(Attack):
                     cur_loss[idx],
                     eps[idx],
                 )
+                adv = adv[idx]
+                if draws.dim() > 1:
+                    draws = draws[idx]
+                if linf:
+                    fixed = [v[idx] for v in fixed]
                 if rows.numel() == 0:
                     return
+            if t % block == 0:
+                # (N, block, width): the uniforms of iterations t .. t + block - 1
+                draws = q.rng.uniform_block(
+                    1,
+                    restart,
+                    last=range(t, min(t + block, iterations)),
+                    shape=(width,),
+                    dtype=torch.float64,
+                ).to(q.x.device)
+            u = draws[:, t % block]
             p_t = p_schedule(self.p_init, t, iterations)
-            step = self._linf_step if linf else self._l2_step
-            cand = step(q, x_cur, eps, p_t, restart, t)
+            if linf:
+                cand = self._linf_step(q, x_cur, fixed[0], fixed[1], p_t, u)
+            else:
+                cand = self._l2_step(q, x_cur, eps, p_t, u)
             logits = q.model.logits(cand)
             loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
             # the paper accepts a strict decrease of its loss; an adversarial candidate is kept
@@ -218,7 +269,7 @@ class Square(Attack):
             better = adv | (loss > cur_loss)
             x_cur = torch.where(better.view(-1, 1, 1, 1), cand, x_cur)
             cur_loss = torch.where(better, loss, cur_loss)
-            best.offer(rows, cand, loss, adv)
+        best.offer(rows, x_cur, cur_loss, adv)
 
     # ---- Linf --------------------------------------------------------------------------------
     def _linf_init(self, q: Problem, restart: int, eps: Tensor) -> Tensor:
@@ -231,30 +282,26 @@ class Square(Attack):
         return q.threat.clip(q.x + per_sample(eps, q.x) * sign)
 
     def _linf_step(
-        self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int
+        self, q: Problem, x_cur: Tensor, plus: Tensor, minus: Tensor, p_t: float, u: Tensor
     ) -> Tensor:
-        """x_cur with one random s x s window set to x +- eps (one sign per channel)."""
-        x = q.x
-        n, c, h, w = x.shape
+        """x_cur with one random s x s window set to x +- eps (one sign per channel); ``plus``
+        and ``minus``: x + eps and x - eps clipped to the bounds; ``u``: this step's uniforms."""
+        n, c, h, w = x_cur.shape
         s = int(round(math.sqrt(p_t * h * w)))  # p of the H*W pixel positions
         s = max(1, min(s, min(h, w) - 1))
-        u = q.rng.uniform(1, restart, t, shape=(2 + _SIGN_TRIES * c,), dtype=torch.float64).to(
-            x.device
-        )
-        _, _, mask = _windows(u[:, 0], u[:, 1], s, h, w)
+        mask = _window_mask(u[:, 0], u[:, 1], s, h, w)
         signs = (u[:, 2:] < 0.5).view(n, _SIGN_TRIES, c)  # True: +eps
-        e = per_sample(eps, x)
-        plus, minus = q.threat.clip(x + e), q.threat.clip(x - e)
-        # a sign that leaves the window as it is wastes a query: per channel, which signs would
-        same_plus = flat((plus == x_cur) | ~mask).view(n, c, -1).all(dim=2)  # (N, C)
-        same_minus = flat((minus == x_cur) | ~mask).view(n, c, -1).all(dim=2)
-        wasted = torch.where(signs, same_plus.unsqueeze(1), same_minus.unsqueeze(1)).all(
+        # a sign that leaves the window as it is wastes a query: per channel, which signs change
+        # a pixel of the window
+        moves_plus = ((plus != x_cur) & mask).view(n, c, -1).any(dim=2)  # (N, C)
+        moves_minus = ((minus != x_cur) & mask).view(n, c, -1).any(dim=2)
+        useful = torch.where(signs, moves_plus.unsqueeze(1), moves_minus.unsqueeze(1)).any(
             dim=2
         )  # (N, tries)
-        first = (~wasted).to(torch.int8).argmax(dim=1)
-        pick = signs[torch.arange(n, device=x.device), first]  # (N, C)
+        first = useful.to(torch.int8).argmax(dim=1)  # the first useful try (0 if none is)
+        pick = signs.gather(1, first.view(n, 1, 1).expand(n, 1, c)).view(n, c)  # (N, C)
         # every try wasted: flipping every channel of the first changes each pixel (eps > 0)
-        pick = torch.where(wasted.all(dim=1, keepdim=True), ~signs[:, 0], pick)
+        pick = torch.where(useful.any(dim=1, keepdim=True), pick, ~signs[:, 0])
         new = torch.where(pick.view(n, c, 1, 1), plus, minus)
         return torch.where(mask, new, x_cur)
 
@@ -284,9 +331,7 @@ class Square(Attack):
         norm = flat(delta).norm(dim=1).clamp_min(_TINY)
         return q.threat.clip(q.x + delta * per_sample(eps / norm, delta))
 
-    def _l2_step(
-        self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, restart: int, t: int
-    ) -> Tensor:
+    def _l2_step(self, q: Problem, x_cur: Tensor, eps: Tensor, p_t: float, u: Tensor) -> Tensor:
         """Algorithm 3 of the paper, per sample and channel."""
         x = q.x
         n, c, h, w = x.shape
@@ -295,7 +340,6 @@ class Square(Attack):
         while s > max(1, min(h, w) - 1):
             s -= 2
         s = max(s, 1)
-        u = q.rng.uniform(1, restart, t, shape=(4 + c + 1,), dtype=torch.float64).to(x.device)
         rows1, cols1, m1 = _windows(u[:, 0], u[:, 1], s, h, w)
         _, _, m2 = _windows(u[:, 2], u[:, 3], s, h, w)
         rho = torch.where(u[:, 4 : 4 + c] < 0.5, -1.0, 1.0).to(x.dtype)  # (N, C)

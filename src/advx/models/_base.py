@@ -124,10 +124,15 @@ class Tracker:
         self.grads = torch.zeros(n, dtype=torch.long, device=device)
         self.budget = budget
         self.label = label
+        self._ones: dict[tuple[int, int], Tensor] = {}
 
     def charge(self, samples: Tensor, *, backward: bool, cost: int = 1) -> None:
         """Charge ``cost`` passes to each entry of ``samples`` (global row ids; repeats allowed)."""
-        ones = torch.full_like(samples, cost)
+        # the last size's tensor of costs is kept: an inner loop's passes mostly repeat a size
+        ones = self._ones.get((samples.numel(), cost))
+        if ones is None or ones.device != samples.device:
+            ones = torch.full_like(samples, cost)
+            self._ones = {(samples.numel(), cost): ones}
         if self.budget is not None:
             after = self.queries.index_add(0, samples, ones)
             over = after > self.budget
@@ -207,6 +212,8 @@ class ModelView:
         if x.shape[0] == 0:
             return x.new_zeros(0, self.model.num_classes or 0)
         with torch.no_grad():
+            if self.model.batch_size_for(x, grad=False) >= x.shape[0]:
+                return self.model.scores(x)  # one chunk: no slicing, no copy into a cat
             return torch.cat([self.model.scores(x[s]) for s in self._chunks(x, False)])
 
     def labels(self, x: Tensor, *, rows: Tensor | None = None) -> Tensor:
@@ -233,6 +240,8 @@ class ModelView:
         self.tracker.charge(samples, backward=True, cost=self.model.query_cost)
         if x.shape[0] == 0:
             return x.new_zeros(0), torch.zeros_like(x), x.new_zeros(0, self.model.num_classes or 0)
+        if self.model.batch_size_for(x, grad=True) >= x.shape[0]:
+            return self.model.value_and_grad(x, loss_fn, *args)  # one chunk
         losses, grads, logits = [], [], []
         for s in self._chunks(x, True):
             value, grad, out = self.model.value_and_grad(x[s], loss_fn, *(a[s] for a in args))

@@ -334,26 +334,35 @@ class Classifier(Model):
     def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
         if self.batch_size != "auto":
             return int(self.batch_size)
-        key = (x.device.type, x.device.index, x.dtype, tuple(x.shape[1:]), grad)
-        size = self._tuned.get(key)
+        n = x.shape[0]
+        if n <= 64:
+            return max(1, n)  # too few rows for the tuning to pay off
+        # Sizes are measured per bucket of batch sizes (the next power of two), never capped at
+        # the first batch seen: a later, larger batch may run fastest in larger chunks.
+        bucket = 1 << (n - 1).bit_length()
+        shape = (x.device.type, x.device.index, x.dtype, tuple(x.shape[1:]), grad)
+        size = self._tuned.get(shape + (bucket,))
         if size is None:
-            if x.shape[0] <= 64:
-                return max(1, x.shape[0])  # too few rows for the tuning to pay off
-            size = self._tune(x, grad)
-            self._tuned[key] = size
+            # a larger bucket's measurement covers this one's sizes: its choice when this bucket
+            # allows it, else the largest chunk this bucket has (it wanted larger ones)
+            larger = [b for k, b in self._tuned.items() if k[:-1] == shape and k[-1] > bucket]
+            if larger:
+                return min(min(larger), bucket)
+            size = self._tune(x, grad, bucket)
+            self._tuned[shape + (bucket,)] = size
         return size
 
-    def _tune(self, x: Tensor, grad: bool) -> int:
+    def _tune(self, x: Tensor, grad: bool, bucket: int) -> int:
         """Measure time per row at a few chunk sizes and keep the fastest (smallest on ties).
 
-        Cheap by design: no chunk larger than the batch at hand (at least 64), and no size
+        Cheap by design: no chunk larger than the batch's ``bucket`` (at least 64), no size
         beyond the first whose single pass takes over ``_TUNE_PASS_S`` -- by then the fixed cost
         of a pass, which is what bigger chunks save, is a rounding error (on a ResNet-20 the
         full sweep cost some 25 s of CPU, more than the attacks it tuned)."""
         grid = _GPU_SIZES if x.device.type == "cuda" else _CPU_SIZES
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         n = x.shape[0]
-        sizes = [b for b in grid if b <= max(64, n)] or [grid[0]]
+        sizes = [b for b in grid if b <= max(64, bucket)] or [grid[0]]
 
         def run(b: int) -> None:
             rows = x[torch.arange(b, device=x.device) % n]
@@ -386,6 +395,8 @@ class Classifier(Model):
                 break
         fastest = min(per_row.values())
         choice = min(b for b, t in per_row.items() if t <= 1.05 * fastest)
+        if choice >= n:
+            choice = bucket  # one chunk for every batch of the bucket
         log.debug(
             "chunk size %d for %s (%s), per-row times %s",
             choice,

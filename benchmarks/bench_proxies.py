@@ -1,0 +1,177 @@
+"""CPU proxies of the per-iteration overhead of the inner loops (issue 15).
+
+    python benchmarks/bench_proxies.py [--n 200] [--write]
+
+On a GPU advx is overhead-bound: what an inner loop costs besides the model is the number of
+small kernels it launches and the host syncs it waits on. Both can be counted on a CPU with
+torch.profiler. For Square, APGD, PGD and FAB on an MNIST LeNet5 (trained here for one epoch on
+the embedded slice) and ``--n`` MNIST test points, this counts, per iteration (Square: per
+query; the others: per step):
+
+- ops: top-level aten ops, excluding the model's own forward and backward (the net's forward
+  runs inside a ``record_function`` scope, its backward inside autograd's engine events);
+- syncs: host syncs, i.e. ``aten::_local_scalar_dense`` (behind ``item``, ``is_nonzero``,
+  ``bool(t)``, ``int(t)``) and ``aten::nonzero`` (behind boolean-mask indexing), anywhere
+  outside the model.
+
+Per iteration means the difference between a run of ``K2`` and one of ``K1`` iterations,
+divided by ``K2 - K1``, so that the set-up and the final evaluation drop out. The eps is small
+enough that almost no point is broken within ``K2`` iterations (early stopping would otherwise
+end the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+os.environ.setdefault("ADVX_PROGRESS", "0")
+
+from _common import advx, load, machine, mnist_test, table, write_section
+
+SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
+
+
+def lenet5() -> nn.Module:
+    """Two 3x3 conv layers of 32 and 64 channels with max-pooling, then 200 hidden units."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (N, 32, 26, 26) -> (N, 32, 13, 13)
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (N, 64, 11, 11) -> (N, 64, 5, 5)
+        nn.Flatten(),
+        nn.Linear(64 * 5 * 5, 200),
+        nn.ReLU(),
+        nn.Linear(200, 10),
+    )
+
+
+def trained_lenet5(epochs: int = 2) -> nn.Module:
+    """A LeNet5 trained with Adam on the embedded MNIST slice (4,000 images), seeded."""
+    x, y = load("mnist-demo", split="train")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = lenet5()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+            for b in range(0, len(x), 64):
+                i = order[b : b + 64]
+                loss = nn.functional.cross_entropy(net(x[i]), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return net.eval()
+
+
+class Scoped(nn.Module):
+    """The net, its forward inside a profiler scope so that its ops can be told apart."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with record_function("MODEL"):
+            return self.net(x)
+
+
+def count(fn, names: dict[str, int] | None = None) -> tuple[int, int]:
+    """(top-level aten ops outside the model, host syncs outside the model) of one call;
+    ``names`` gets the count of each op's name."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    ops = syncs = 0
+    for e in events:
+        # walk up to the top-level event: inside the model's scope or autograd's engine is the
+        # model's own work
+        top, own = e, False
+        while top.cpu_parent is not None:
+            top = top.cpu_parent
+            if top.name == "MODEL":
+                own = True
+        if own or top.name == "MODEL" or top.name.startswith("autograd::engine"):
+            continue
+        if e.cpu_parent is None and e.name.startswith("aten::"):
+            ops += 1
+            if names is not None:
+                names[e.name] = names.get(e.name, 0) + 1
+        if e.name in SYNCS:
+            syncs += 1
+    return ops, syncs
+
+
+def attacks(eps: float) -> dict[str, tuple]:
+    """name -> (build(k): the attack with k iterations, K1, K2)."""
+    linf = advx.Linf(eps)
+    return {
+        "square": (lambda k: advx.Square(linf, queries=k), 20, 60),
+        "apgd": (lambda k: advx.APGD(linf, loss="ce", steps=k), 20, 40),
+        "apgd-t": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=1), 20, 40),
+        "pgd": (lambda k: advx.PGD(linf, steps=k), 20, 40),
+        "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 10, 20),
+        "fab": (lambda k: advx.FAB(linf, steps=k), 5, 10),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--eps", type=float, default=0.02)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument(
+        "--chunk",
+        choices=["one", "auto"],
+        default="one",
+        help="one: every pass in one chunk, as on a GPU (the default); auto: the CPU tuner's",
+    )
+    ap.add_argument("--list", action="store_true", help="print the ops per iteration by name")
+    ap.add_argument("--write", metavar="LABEL", default=None, help="append to RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    clf = advx.Classifier(
+        Scoped(trained_lenet5()), batch_size=args.n if args.chunk == "one" else "auto"
+    )
+    x, y = mnist_test(args.n)
+    rows = []
+    for name, (build, k1, k2) in attacks(args.eps).items():
+        if args.only and name not in args.only:
+            continue
+        build(2)(clf, x, y)  # warm-up: the chunk tuner, allocator
+        r = build(k2)(clf, x, y)
+        n1: dict[str, int] = {}
+        n2: dict[str, int] = {}
+        o1, s1 = count(lambda: build(k1)(clf, x, y), n1)  # noqa: B023
+        o2, s2 = count(lambda: build(k2)(clf, x, y), n2)  # noqa: B023
+        if args.list:
+            diff = {k: (n2.get(k, 0) - n1.get(k, 0)) / (k2 - k1) for k in n2}
+            for k, v in sorted(diff.items(), key=lambda kv: -kv[1]):
+                if v:
+                    print(f"    {v:6.2f}  {k}")
+        per_ops, per_syncs = (o2 - o1) / (k2 - k1), (s2 - s1) / (k2 - k1)
+        broken = int(r.success.sum())
+        rows.append([name, f"{per_ops:.1f}", f"{per_syncs:.2f}", f"{broken}/{args.n}"])
+        print(f"{name:8s} ops/iter {per_ops:7.1f}  syncs/iter {per_syncs:5.2f}  broken {broken}")
+    md = table(
+        ["attack", "aten ops / iteration (excl. model)", "host syncs / iteration", "broken"], rows
+    )
+    print(md)
+    if args.write:
+        write_section(
+            f"CPU proxies ({args.write})",
+            f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps} "
+            f"--chunk {args.chunk}`, "
+            f"MNIST LeNet5, {args.n} test points, Linf {args.eps}; {machine()}\n\n{md}",
+        )
+
+
+if __name__ == "__main__":
+    main()
