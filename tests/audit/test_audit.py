@@ -134,6 +134,7 @@ def test_a_killed_audit_resumes_to_the_same_result(
     state = tmp_path / "state.pt"
     from advx.audit import runner
 
+    monkeypatch.setattr(runner, "SAVE_EVERY_S", 0.0)  # the state after every chunk, to resume from
     original = runner.Attack.__call__
     trap = _Interrupting(kill_at)
 
@@ -151,6 +152,24 @@ def test_a_killed_audit_resumes_to_the_same_result(
     resumed = advx.audit(trained_mlp, x, y, advx.Linf(EPS), state=state, **kw)
     assert resumed.samples == whole.samples
     assert resumed.robust_accuracy == whole.robust_accuracy
+
+
+def test_the_state_is_written_every_few_seconds_not_after_every_chunk(
+    trained_mlp, data, tmp_path, monkeypatch
+):
+    x, y = data
+    from advx.audit import runner
+
+    writes = []
+    real = runner._save_state
+    monkeypatch.setattr(runner, "_save_state", lambda *a: (writes.append(1), real(*a)))
+    kw = dict(suite=small_suite(), eps_curve=None, checks=False, batch_size=5)
+    advx.audit(trained_mlp, x, y, advx.Linf(EPS), state=tmp_path / "a.pt", **kw)
+    assert len(writes) == 2  # after the clean pass and at the end: the run took under 5 s
+    writes.clear()
+    monkeypatch.setattr(runner, "SAVE_EVERY_S", 0.0)
+    advx.audit(trained_mlp, x, y, advx.Linf(EPS), state=tmp_path / "b.pt", **kw)
+    assert len(writes) > 4  # now after every chunk
 
 
 def test_a_resume_file_from_another_configuration_is_refused(trained_mlp, data, tmp_path):

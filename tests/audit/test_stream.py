@@ -88,6 +88,7 @@ def test_a_loader_audit_resumes_to_the_same_result(trained_mlp, data, reference,
 
     original = runner.Attack.__call__
     calls = {"n": 0}
+    saving, runner.SAVE_EVERY_S = runner.SAVE_EVERY_S, 0.0  # the state after every chunk
 
     def interrupted(self, *a, **k):
         calls["n"] += 1
@@ -101,6 +102,7 @@ def test_a_loader_audit_resumes_to_the_same_result(trained_mlp, data, reference,
             advx.audit(trained_mlp, loader, advx.Linf(EPS), state=state, batch_size=25, **KW)
     finally:
         runner.Attack.__call__ = original
+        runner.SAVE_EVERY_S = saving
     assert state.exists() and (tmp_path / "state.pt.adv").exists()
     resumed = advx.audit(
         trained_mlp, loader, advx.Linf(EPS), state=state, batch_size=25, return_adv=True, **KW
