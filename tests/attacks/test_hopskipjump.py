@@ -28,7 +28,10 @@ def counted(net):
     """A label-only model over a CountingNet, warmed up (the chunk-size tuner runs passes once)."""
     counter = CountingNet(net)
     model = labels_only(counter)
-    model.classifier(torch.zeros(100, 1, 28, 28))  # more than 64 rows: the tuner runs now
+    # the tuner measures once per bucket of batch sizes (next power of two): run it now for
+    # every bucket the attack's batches fall in, so that the counter sees only the attack's rows
+    for rows in (128, 256, 512, 1024, 2048):
+        model.classifier(torch.zeros(rows, 1, 28, 28))
     counter.reset()
     return counter, model
 
