@@ -181,19 +181,19 @@ def png_decode(uri: str, where: str) -> np.ndarray:
     out = np.zeros((h, stride), dtype=np.uint8)
     prev = np.zeros(stride, dtype=np.int64)
     for i in range(h):
-        kind, line = int(rows[i, 0]), rows[i, 1:].astype(np.int64)
-        if kind == 0:
+        filt, line = int(rows[i, 0]), rows[i, 1:].astype(np.int64)
+        if filt == 0:
             cur = line
-        elif kind == 1:  # Sub: a running sum along the row, per channel
+        elif filt == 1:  # Sub: a running sum along the row, per channel
             cur = line.reshape(w, channels).cumsum(axis=0).reshape(-1)
-        elif kind == 2:
+        elif filt == 2:
             cur = line + prev
-        elif kind in (3, 4):  # Average, Paeth: each byte needs the one before it
+        elif filt in (3, 4):  # Average, Paeth: each byte needs the one before it
             cur = np.zeros(stride, dtype=np.int64)
             for j in range(stride):
                 a = int(cur[j - channels]) if j >= channels else 0
                 b = int(prev[j])
-                if kind == 3:
+                if filt == 3:
                     cur[j] = (line[j] + (a + b) // 2) % 256
                     continue
                 c_ = int(prev[j - channels]) if j >= channels else 0
@@ -202,7 +202,7 @@ def png_decode(uri: str, where: str) -> np.ndarray:
                 pred = a if pa <= pb and pa <= pc else b if pb <= pc else c_
                 cur[j] = (line[j] + pred) % 256
         else:
-            raise bad(f"row {i} has filter type {kind}")
+            raise bad(f"row {i} has filter type {filt}")
         cur = cur % 256
         out[i] = cur
         prev = cur

@@ -50,11 +50,12 @@ def _examples(r: Report) -> list[dict[str, Any]]:
         clean, adv = (t.numpy().astype(np.int16) for t in e.pixels())
         delta = adv - clean
         most = int(np.abs(delta).max())
-        stretched = 128 + delta * (127 / most) if most else np.full(delta.shape, 128)
+        level = np.rint(np.abs(delta) * (127 / max(most, 1)))
+        level = np.where(delta != 0, np.maximum(level, 1), 0)  # every change stays visible
         rows.append(
             {
                 "e": e,
-                "perturbation": png_encode(np.rint(stretched).astype(np.uint8)),
+                "perturbation": png_encode((128 + np.sign(delta) * level).astype(np.uint8)),
                 "largest": most / 255 * (hi - lo),
             }
         )
