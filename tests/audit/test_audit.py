@@ -413,3 +413,19 @@ def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond
     assert not check_blackbox_gain(
         torch.where(broken_by == 1, -1, broken_by), stages, torch.ones(n, dtype=torch.bool)
     )
+
+
+def test_inputs_that_are_not_images_give_no_example_pictures(trained_mlp, data, tmp_path):
+    x, y = data
+    flat = x[:40].flatten(1)  # rows of 784 features: no (C, H, W) to draw
+    r = advx.audit(
+        trained_mlp,
+        flat,
+        y[:40],
+        advx.Linf(EPS),
+        suite=[advx.FGSM(advx.Linf(EPS))],
+        eps_curve=None,
+        checks=False,
+    )
+    assert r.cascade[0].broke > 0 and r.examples == []
+    assert advx.Report.load(r.save(tmp_path / "r.json")).examples == []

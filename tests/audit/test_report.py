@@ -115,6 +115,17 @@ def test_a_report_written_before_the_typed_report_still_loads():
     assert r.model.weights == "mlp.pt" and r.robust_accuracy == old["robust_accuracy"]
 
 
+def test_an_old_example_of_inputs_that_are_not_images_is_left_out(tmp_path):
+    old = json.loads(OLD.read_text())
+    ex = old["examples"][0]
+    row = {**ex, "clean": [0, 12, 255], "adversarial": [3, 12, 250]}  # a row of features
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**old, "examples": [row, ex]}))
+    r = Report.load(path)
+    assert [e.index for e in r.examples] == [ex["index"]]
+    assert r.examples[0].pixels()[0].tolist() == ex["clean"]
+
+
 def test_what_is_not_a_report_is_refused_with_a_message_that_says_what(tmp_path):
     old = json.loads(OLD.read_text())
     cases = [
@@ -126,6 +137,10 @@ def test_what_is_not_a_report_is_refused_with_a_message_that_says_what(tmp_path)
         (
             {**old, "examples": [{**old["examples"][0], "adversarial": [[1, 2], [3]]}]},
             r"examples\[0\]\.adversarial: expected 8-bit",
+        ),
+        (
+            {**old, "examples": [{**old["examples"][0], "clean": []}]},
+            r"examples\[0\]\.clean: expected 8-bit",
         ),
         ({**old, "robustness": 1.0}, r"unknown field\(s\) 'robustness'.*newer advx"),
         ({k: v for k, v in old.items() if k != "samples"}, "required field 'samples' is missing"),

@@ -195,7 +195,9 @@ def image_uri(pixels: Tensor) -> str:
 
 
 def _upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """An ``advx-report/1`` document as ``advx-report/2``: its images' nested lists as PNGs."""
+    """An ``advx-report/1`` document as ``advx-report/2``: its images' nested lists as PNGs.
+    An example whose input was no greyscale or RGB image (say a row of features) is left out,
+    as advx leaves it out of the reports it writes now."""
     examples = data.get("examples")
     if not isinstance(examples, list):
         return {**data, "schema": SCHEMA}  # decode() names what is wrong
@@ -205,29 +207,26 @@ def _upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
             out.append(e)
             continue
         e = dict(e)
-        for key in ("clean", "adversarial"):
-            if key in e:
-                e[key] = _list_to_uri(e[key], f"{where}.examples[{i}].{key}")
-        out.append(e)
+        images = {
+            key: _pixels(e[key], f"{where}.examples[{i}].{key}")
+            for key in ("clean", "adversarial")
+            if key in e
+        }
+        if any(a.ndim != 3 or a.shape[0] not in (1, 3) for a in images.values()):
+            continue
+        out.append({**e, **{key: png_encode(a) for key, a in images.items()}})
     return {**data, "schema": SCHEMA, "examples": out}
 
 
-def _list_to_uri(value: Any, where: str) -> str:
+def _pixels(value: Any, where: str) -> np.ndarray:
+    """An advx-report/1 image: 8-bit values in nested lists."""
     try:
         a = np.asarray(value)
     except ValueError:
-        a = np.asarray([])  # ragged lists
-    if (
-        a.ndim != 3
-        or a.shape[0] not in (1, 3)
-        or a.dtype.kind not in "iu"
-        or a.min(initial=0) < 0
-        or a.max(initial=0) > 255
-    ):
-        raise InputError(
-            f"{where}: expected 8-bit pixel values (integers 0..255) nested as (1 or 3, H, W)"
-        )
-    return png_encode(a.astype(np.uint8))
+        a = np.asarray("ragged")
+    if a.ndim == 0 or a.dtype.kind not in "iu" or a.min() < 0 or a.max() > 255:
+        raise InputError(f"{where}: expected 8-bit pixel values (integers 0..255) in nested lists")
+    return a.astype(np.uint8)
 
 
 @dataclass(frozen=True, kw_only=True)
