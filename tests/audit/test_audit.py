@@ -62,7 +62,7 @@ def test_cascade_numbers_add_up(report, trained_mlp, data):
 
 def test_report_is_versioned_json_with_provenance(report, tmp_path):
     d = json.loads(report.to_json())
-    assert d["schema"] == "advx-report/1"
+    assert d["schema"] == "advx-report/2"
     for key in ("advx", "torch", "python", "device", "seed"):
         assert key in d["provenance"]
     assert len(d["model"]["sha256"]) == 64 and len(d["data"]["sha256"]) == 64
@@ -70,7 +70,8 @@ def test_report_is_versioned_json_with_provenance(report, tmp_path):
     assert d["eps_curve"]["robust_accuracy_large_eps"] == 0.0
     path = report.save(tmp_path / "r.json")
     assert advx.Report.load(path).to_dict() == report.to_dict()
-    assert d["examples"] and len(d["examples"][0]["clean"][0]) == 28
+    assert d["examples"] and d["examples"][0]["clean"].startswith("data:image/png;base64,")
+    assert report.examples[0].pixels()[0].shape == (1, 28, 28)
 
 
 def test_the_cascade_only_attacks_what_is_still_robust(trained_mlp, data):
@@ -412,3 +413,19 @@ def test_a_black_box_stage_that_beats_the_white_box_ones_is_an_error_only_beyond
     assert not check_blackbox_gain(
         torch.where(broken_by == 1, -1, broken_by), stages, torch.ones(n, dtype=torch.bool)
     )
+
+
+def test_inputs_that_are_not_images_give_no_example_pictures(trained_mlp, data, tmp_path):
+    x, y = data
+    flat = x[:40].flatten(1)  # rows of 784 features: no (C, H, W) to draw
+    r = advx.audit(
+        trained_mlp,
+        flat,
+        y[:40],
+        advx.Linf(EPS),
+        suite=[advx.FGSM(advx.Linf(EPS))],
+        eps_curve=None,
+        checks=False,
+    )
+    assert r.cascade[0].broke > 0 and r.examples == []
+    assert advx.Report.load(r.save(tmp_path / "r.json")).examples == []

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 import advx
+from advx.audit._codec import png_decode
 from advx.audit.html import render_comparison
 from advx.audit.report import EpsCurve
 
@@ -43,6 +44,26 @@ def test_the_page_is_self_contained_and_says_what_the_json_says(page):
     assert not re.search(r"""(src|href)=["']https?://""", html)  # nothing fetched from the network
     for section in ("cascade", "per-class", "eps-curve", "provenance"):
         assert f'id="{section}"' in html
+
+
+def test_the_examples_are_the_reports_own_pngs(page):
+    r, path = page
+    html = path.read_text()
+    assert r.examples
+    for e in r.examples:
+        # the stored data URI as it is, no re-rendering
+        assert f'alt="sample {e.index}, clean" src="{e.clean}"' in html
+        assert f'alt="sample {e.index}, adversarial" src="{e.adversarial}"' in html
+    shown = re.findall(
+        r'<img class="example" alt="sample \d+, (\w+)" src="(data:image/png[^"]+)"', html
+    )
+    assert len(shown) == 3 * len(r.examples)  # clean, adversarial, perturbation
+    perturbations = [png_decode(uri, "p") for kind, uri in shown if kind == "perturbation"]
+    for e, p in zip(r.examples, perturbations):
+        clean, adv = (t.numpy().astype(int) for t in e.pixels())
+        changed = clean != adv
+        assert changed.any() and (p[~changed] == 128).all() and (p[changed] != 128).all()
+        assert abs(p.astype(int) - 128).max() == 127  # stretched to its largest change
 
 
 def test_a_curve_without_a_large_eps_point_renders(page):

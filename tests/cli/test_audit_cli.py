@@ -75,7 +75,7 @@ def test_fail_under_gates(model_files, tmp_path):
 
 def test_report_to_stdout_and_html(model_files, tmp_path):
     code, out, _ = run(args(model_files, "--html", str(tmp_path / "r.html")))
-    assert code == 0 and json.loads(out)["schema"] == "advx-report/1"
+    assert code == 0 and json.loads(out)["schema"] == "advx-report/2"
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
 
 

@@ -33,6 +33,7 @@ from .report import (
     SuiteInfo,
     ThreatInfo,
     Totals,
+    image_uri,
 )
 from .runner import CascadeState
 from .stats import LEVEL, wilson
@@ -181,18 +182,20 @@ def _examples(
     k: int,
     device: torch.device,
 ) -> list[Example]:
-    """A few broken samples, with their images as 8-bit lists (for the report's grid)."""
+    """A few broken samples, with their images as 8-bit PNGs (for the report's page)."""
     rows = (st.broken_by >= 0).nonzero().view(-1)[:k]
     if rows.numel() == 0 or st.store is None:
         return []
     lo, hi = model.bounds
     xa = st.x_adv(rows)
+    if xa.dim() != 4 or xa.shape[1] not in (1, 3):
+        return []  # not greyscale or RGB images (C, H, W): nothing to show as a picture
     clean, _ = source.take(rows)
     with torch.no_grad():
         pred = model(xa.to(device)).argmax(1).cpu()
 
-    def to8(t: Tensor) -> list[Any]:
-        return ((t.float() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8).tolist()
+    def to8(t: Tensor) -> str:
+        return image_uri(((t.float() - lo) / (hi - lo) * 255).round().clamp(0, 255).to(torch.uint8))
 
     return [
         Example(

@@ -7,11 +7,12 @@ network. Needs ``pip install 'advx[report]'`` (jinja2 and matplotlib).
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..errors import InputError
+from ._codec import png_encode
 from .report import Report, stage_labels
 
 if TYPE_CHECKING:
@@ -40,6 +41,27 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _examples(r: Report) -> list[dict[str, Any]]:
+    """Per example: its stored PNGs, shown as they are, and its perturbation as a PNG (grey is
+    no change; stretched to the sample's largest change, given in the input's units)."""
+    lo, hi = r.threat.bounds
+    rows = []
+    for e in r.examples:
+        clean, adv = (t.numpy().astype(np.int16) for t in e.pixels())
+        delta = adv - clean
+        most = int(np.abs(delta).max())
+        level = np.rint(np.abs(delta) * (127 / max(most, 1)))
+        level = np.where(delta != 0, np.maximum(level, 1), 0)  # every change stays visible
+        rows.append(
+            {
+                "e": e,
+                "perturbation": png_encode((128 + np.sign(delta) * level).astype(np.uint8)),
+                "largest": most / 255 * (hi - lo),
+            }
+        )
+    return rows
+
+
 def _plots(r: Report) -> dict[str, str | None]:
     from .. import viz
 
@@ -47,7 +69,6 @@ def _plots(r: Report) -> dict[str, str | None]:
         "curve": None,
         "cascade": None,
         "per_class": None,
-        "examples": None,
     }
     curve = r.eps_curve
     if curve:
@@ -82,24 +103,16 @@ def _plots(r: Report) -> dict[str, str | None]:
                 title="Per class",
             )
         )
-    if r.examples:
-        ex = r.examples
-        x = torch.tensor([e.clean for e in ex], dtype=torch.float32) / 255
-        xa = torch.tensor([e.adversarial for e in ex], dtype=torch.float32) / 255
-        captions = [
-            f"{e.label} -> {e.adversarial_label} ({e.attack}, {e.distance:.3g})" for e in ex
-        ]
-        plots["examples"] = _uri(
-            viz.example_grid(
-                x, [("adversarial", xa, captions)], row_labels=[f"#{e.index}" for e in ex]
-            )
-        )
     return plots
 
 
 def render_html(report: Report) -> str:
     """The report page: summary, findings, plots, cascade, per class, provenance."""
-    return _env().get_template("report.html.j2").render(r=report, plots=_plots(report))
+    return (
+        _env()
+        .get_template("report.html.j2")
+        .render(r=report, plots=_plots(report), examples=_examples(report))
+    )
 
 
 def render_comparison(
@@ -107,7 +120,9 @@ def render_comparison(
 ) -> str:
     """One page comparing several audits (e.g. a standard, an adversarially trained and a
     distilled model), with each one's plots."""
-    entries = [{"name": name, "r": r, "plots": _plots(r)} for name, r in reports]
+    entries = [
+        {"name": name, "r": r, "plots": _plots(r), "examples": _examples(r)} for name, r in reports
+    ]
     return _env().get_template("compare.html.j2").render(entries=entries, title=title)
 
 

@@ -14,11 +14,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .._io import atomic_open
 from ..errors import InputError
-from ._codec import decode, encode
+from ._codec import decode, encode, png_decode, png_encode
 from ._text import fmt_ci, plural
 from .adversarial import AdversarialExamples
 from .checks import Finding
@@ -38,11 +40,14 @@ __all__ = [
     "Seconds",
     "Totals",
     "Example",
+    "image_uri",
     "Provenance",
     "json_schema",
 ]
 
-SCHEMA = "advx-report/1"
+SCHEMA = "advx-report/2"
+# what Report.load still reads: /1 held the example images as nested 8-bit lists (C, H, W)
+OLD_SCHEMAS = ("advx-report/1",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,15 +169,64 @@ class Totals:
 
 @dataclass(frozen=True, kw_only=True)
 class Example:
-    """A broken sample, its images as 8-bit nested lists (C, H, W) for the report's grid."""
+    """A broken sample, its images as lossless 8-bit PNG data URIs (``data:image/png;base64,``;
+    greyscale or RGB; the model's bounds mapped to 0..255) that a page shows as they are."""
 
     index: int
     label: int
     adversarial_label: int
     attack: str
     distance: float
-    clean: list[Any]
-    adversarial: list[Any]
+    clean: str
+    adversarial: str
+
+    def pixels(self) -> tuple[Tensor, Tensor]:
+        """The clean and the adversarial image as uint8 tensors (C, H, W)."""
+        where = f"example {self.index}"
+        return (
+            torch.from_numpy(png_decode(self.clean, f"{where}.clean")),
+            torch.from_numpy(png_decode(self.adversarial, f"{where}.adversarial")),
+        )
+
+
+def image_uri(pixels: Tensor) -> str:
+    """The PNG data URI of an 8-bit image (uint8, shape (1 or 3, H, W)) for :class:`Example`."""
+    return png_encode(pixels.detach().cpu().numpy())
+
+
+def _upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """An ``advx-report/1`` document as ``advx-report/2``: its images' nested lists as PNGs.
+    An example whose input was no greyscale or RGB image (say a row of features) is left out,
+    as advx leaves it out of the reports it writes now."""
+    examples = data.get("examples")
+    if not isinstance(examples, list):
+        return {**data, "schema": SCHEMA}  # decode() names what is wrong
+    out = []
+    for i, e in enumerate(examples):
+        if not isinstance(e, dict):
+            out.append(e)
+            continue
+        e = dict(e)
+        images = {
+            key: _pixels(e[key], f"{where}.examples[{i}].{key}")
+            for key in ("clean", "adversarial")
+            if key in e
+        }
+        if any(a.ndim != 3 or a.shape[0] not in (1, 3) for a in images.values()):
+            continue
+        out.append({**e, **{key: png_encode(a) for key, a in images.items()}})
+    return {**data, "schema": SCHEMA, "examples": out}
+
+
+def _pixels(value: Any, where: str) -> np.ndarray:
+    """An advx-report/1 image: 8-bit values in nested lists."""
+    try:
+        a = np.asarray(value)
+    except ValueError:
+        a = np.asarray("ragged")
+    if a.ndim == 0 or a.dtype.kind not in "iu" or a.min() < 0 or a.max() > 255:
+        raise InputError(f"{where}: expected 8-bit pixel values (integers 0..255) in nested lists")
+    return a.astype(np.uint8)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +263,8 @@ class Page:
 
 @dataclass(frozen=True, kw_only=True)
 class Report(Page):
-    """An audit's outcome. ``to_dict()`` is the JSON document (schema ``advx-report/1``)."""
+    """An audit's outcome. ``to_dict()`` is the JSON document (schema ``advx-report/2``;
+    :meth:`load` also reads ``advx-report/1`` files)."""
 
     schema: str = SCHEMA
     created: str
@@ -263,9 +318,14 @@ class Report(Page):
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "report") -> Report:
         """The report a JSON document describes; an error names what does not fit."""
+        if isinstance(data, dict) and data.get("schema") in OLD_SCHEMAS:
+            data = _upgrade(data, where)
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise InputError(f"{where}: not an {SCHEMA} document (schema: {found!r})")
+            raise InputError(
+                f"{where}: not an {SCHEMA} document (schema: {found!r}; this advx reads "
+                f"{', '.join((SCHEMA, *OLD_SCHEMAS))})"
+            )
         return decode(cls, data, where)
 
     def to_json(self, indent: int | None = 2) -> str:
