@@ -84,7 +84,10 @@ def test_every_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys, ser
     monkeypatch.setenv("ADVX_PROGRESS", "0")
     namespace: dict = {"__name__": "__readme__"}
     ran = []
-    with torch.random.fork_rng(devices=[]):
+    import warnings
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a snippet that warns is a snippet to fix
         torch.manual_seed(0)
         for heading, line, code, reason in snippets():
             if reason or heading in ELSEWHERE:
