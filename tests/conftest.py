@@ -17,7 +17,20 @@ from torch import nn
 from advx.data import load
 
 os.environ.setdefault("ADVX_PROGRESS", "0")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`pytest -n auto`, the README's command) each worker is a process of its
+# own: one thread each, so that the workers share the cores instead of oversubscribing them.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core available to this process, at most 4 (each worker imports
+    torch and trains the session's small models once; beyond 4 that costs more than it saves)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
