@@ -277,3 +277,21 @@ def test_bad_hyper_parameters_are_rejected():
         APGD(advx.Linf(0.1), steps=0)
     with pytest.raises(InputError, match="not a minimum-norm attack"):
         APGD(advx.Linf(math.inf))
+
+
+def test_ups_counted_at_the_checkpoint_equal_the_step_by_step_count():
+    """_ups over a stretch's losses (ties, -inf and NaN included) is the count that
+    ``ups += loss > loss_prev`` keeps step by step."""
+    from advx.attacks.apgd import _ups
+
+    g = torch.Generator().manual_seed(0)
+    losses = [torch.randint(0, 3, (9,), generator=g).float() for _ in range(6)]
+    losses[0][0] = float("-inf")
+    losses[2][1] = float("nan")
+    losses[4][2] = float("nan")
+    ups = torch.zeros(9, dtype=torch.long)
+    for prev, cur in zip(losses, losses[1:]):
+        ups = ups + (cur > prev)
+    assert _ups(losses).dtype == torch.long
+    assert torch.equal(_ups(losses), ups)
+    assert torch.equal(_ups(losses[:1]), torch.zeros(9, dtype=torch.long))

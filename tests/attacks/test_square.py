@@ -292,3 +292,49 @@ def test_bad_parameters_are_refused(kw):
 def test_l1_is_refused():
     with pytest.raises(InputError):
         Square(advx.L1(1.0))
+
+
+def _reference_linf_step(x_cur, plus, minus, p_t, u):
+    """The Linf step as it was written per iteration before its tables were made per block
+    (issue 15): the reference the block tables must match bit for bit."""
+    n, c, h, w = x_cur.shape
+    s = max(1, min(int(round(math.sqrt(p_t * h * w))), min(h, w) - 1))
+    top = torch.clamp((u[:, 0] * (h - s + 1)).floor().long(), max=h - s)
+    left = torch.clamp((u[:, 1] * (w - s + 1)).floor().long(), max=w - s)
+    hh, ww = torch.arange(h), torch.arange(w)
+    in_rows = (hh >= top.view(-1, 1)) & (hh < top.view(-1, 1) + s)
+    in_cols = (ww >= left.view(-1, 1)) & (ww < left.view(-1, 1) + s)
+    mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    signs = (u[:, 2:] < 0.5).view(n, 8, c)
+    moves_plus = ((plus != x_cur) & mask).view(n, c, -1).any(dim=2)
+    moves_minus = ((minus != x_cur) & mask).view(n, c, -1).any(dim=2)
+    useful = torch.where(signs, moves_plus.unsqueeze(1), moves_minus.unsqueeze(1)).any(dim=2)
+    first = useful.to(torch.int8).argmax(dim=1)
+    pick = signs.gather(1, first.view(n, 1, 1).expand(n, 1, c)).view(n, c)
+    pick = torch.where(useful.any(dim=1, keepdim=True), pick, ~signs[:, 0])
+    return torch.where(mask, torch.where(pick.view(n, c, 1, 1), plus, minus), x_cur)
+
+
+@pytest.mark.parametrize("c, h, w", [(1, 9, 11), (3, 10, 10)])
+def test_linf_block_tables_match_the_per_iteration_step(c, h, w):
+    """The window, the signs and the first useful try, made per block of draws, give the
+    candidates of the per-iteration reference bit for bit, the every-try-wasted fallback
+    included; with rows removed (tables remade for the rows left) too."""
+    n, b, iterations = 12, 7, 40
+    g = torch.Generator().manual_seed(c)
+    draws = torch.rand(n, b, 2 + 8 * c, generator=g, dtype=torch.float64)
+    draws[0, :, :2] = 1 - 2**-24  # the streams' largest uniform: the last corner
+    draws[1:4, :, 2:] = 0.25  # every try +eps ...
+    x = torch.rand(n, c, h, w, generator=g)
+    plus, minus = (x + 0.1).clamp(0, 1), (x - 0.1).clamp(0, 1)
+    x_cur = torch.where(torch.rand(n, c, h, w, generator=g) < 0.5, plus, minus)
+    x_cur[1:4] = plus[1:4]  # ... and already there: every try wasted
+    attack = Square(advx.Linf(0.1), queries=iterations)
+    for t0, keep in ((0, torch.arange(n)), (b, torch.tensor([0, 2, 5, 11]))):
+        d, xc, pl, mi = draws[keep], x_cur[keep], plus[keep], minus[keep]
+        values = torch.stack([pl, mi])
+        tables = attack._linf_tables(d, t0, iterations, h, w)
+        for k in range(b):
+            got = attack._linf_step(xc, values, pl, mi, *tables[k])
+            want = _reference_linf_step(xc, pl, mi, p_schedule(0.8, t0 + k, iterations), d[:, k])
+            assert torch.equal(got, want), (t0, k)

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .._tensor import flat, per_sample
+from .._tensor import flat
 from .._validate import one_of, positive_int
 from ..errors import InputError
 from ._base import Attack, Problem, RunOutput
@@ -132,6 +132,7 @@ class APGD(Attack):
         adversarial one, else the one with the highest loss)."""
         n, dev, dtype = len(q), q.x.device, q.x.dtype
         l1 = q.threat.norm == "l1"
+        linf = q.threat.norm == "linf"
         if l1:
             # APGD-L1 checks every 4% of the run and starts sparse, as the paper does: Gaussian
             # noise projected onto the ball and the box (a uniform point of the ball is dense)
@@ -156,9 +157,6 @@ class APGD(Attack):
             "prev": x0,
             "eta": eps if l1 else 2 * eps,
             "eps": eps,
-            # steps that raised the loss since the last checkpoint
-            "ups": torch.zeros(n, dtype=torch.long, device=dev),
-            "loss_prev": lowest,
             "best_x": x0.clone(),
             "best_loss": lowest.clone(),
             "best_grad": torch.zeros_like(x0),
@@ -168,6 +166,11 @@ class APGD(Attack):
             "act": torch.arange(n, device=dev),
             "labels": labels,
         }
+        s["eta_b"] = _against(s["eta"], x0)  # the step size against a batch
+        # The losses since the last checkpoint, the first of them where the stretch starts from
+        # (the checkpoint's, or the best one where the sample restarted): a checkpoint counts the
+        # steps that raised the loss from them, once per stretch instead of once per step.
+        losses: list[Tensor] = []
         if l1:
             d = x0[0].numel()
             # share of coordinates a step moves
@@ -196,7 +199,8 @@ class APGD(Attack):
             if run is not None:
                 run.update(x, loss, adv)
                 return None
-            if bool(adv.any()):
+            # nonzero: one kernel and one host sync, like bool(adv.any()) but one kernel less
+            if adv.nonzero().numel():
                 now = adv.view(-1, *([1] * (x.dim() - 1)))
                 out.offer(
                     s["act"],
@@ -211,24 +215,28 @@ class APGD(Attack):
             x = s["x"]
             loss, grad, logits = qa.model.value_and_grad(x, loss_fn, s["labels"])
             keep = record(x, loss, qa.is_adversarial(logits), grad)
-            if t > 0:
-                s["ups"] = s["ups"] + (loss > s["loss_prev"])
-            s["loss_prev"], s["grad"] = loss, grad
+            losses.append(loss)
+            s["grad"] = grad
             if keep is not None:
                 if keep.numel() == 0:
                     break
                 s = {k: v[keep] for k, v in s.items()}
+                losses = [v[keep] for v in losses]
                 qa = qa.select(keep)
             if t in window:
-                restart = self._l1_checkpoint(s, qa.x) if l1 else self._checkpoint(s, window[t])
+                if l1:
+                    restart = self._l1_checkpoint(s, qa.x)
+                else:
+                    restart = self._checkpoint(s, _ups(losses), window[t])
+                s["eta_b"] = _against(s["eta"], s["x"])
                 # where the step was cut, go on from the best point, without momentum (no
                 # host sync to skip the writes when no sample restarts: they are exact no-ops)
                 mask = restart.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
                 s["x"] = torch.where(mask, s["best_x"], s["x"])
                 s["prev"] = torch.where(mask, s["best_x"], s["prev"])
                 s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
-                s["loss_prev"] = torch.where(restart, s["best_loss"], s["loss_prev"])
-            x, eta = s["x"], per_sample(s["eta"], s["x"])
+                losses = [torch.where(restart, s["best_loss"], losses[-1])]
+            x, eta = s["x"], s["eta_b"]
             if l1:  # a sparse step, no momentum (Croce & Hein, 2021)
                 x_next = qa.threat.project(
                     x + eta * _sparse_sign(s["grad"], x, s["frac"], qa.threat.bounds), qa.x
@@ -236,9 +244,15 @@ class APGD(Attack):
             else:
                 # z = P(x + eta s(grad)); x' = P(x + a (z - x) + (1 - a) (x - x_prev));
                 # no momentum on the first step
-                z = qa.threat.project(x + eta * qa.threat.steepest_ascent(s["grad"]), qa.x)
+                # Fused where the fused op rounds as the unfused ones: eta * sign(grad) and
+                # (1 - a) * (x - x_prev) (a power of two times a float) are exact products, so
+                # addcmul and add's alpha, fused multiply-add or not, round the sum only.
+                step = qa.threat.steepest_ascent(s["grad"])
+                z = qa.threat.project(torch.addcmul(x, eta, step) if linf else x + eta * step, qa.x)
                 a = 1.0 if t == 0 else MOMENTUM
-                x_next = qa.threat.project(x + a * (z - x) + (1 - a) * (x - s["prev"]), qa.x)
+                x_next = qa.threat.project(
+                    torch.add(x + a * (z - x), x - s["prev"], alpha=1 - a), qa.x
+                )
             s["prev"], s["x"] = x, x_next
         else:
             logits = qa.model.logits(s["x"])  # the last step's point
@@ -249,14 +263,12 @@ class APGD(Attack):
             out.offer(s["act"], s["best_x"], s["best_loss"], torch.zeros_like(s["reduced"]))
         return out
 
-    def _checkpoint(self, s: dict[str, Tensor], window: int) -> Tensor:
-        """Halve the step where too few of the last ``window`` steps raised the loss, or where
-        neither the step size nor the best loss changed since the last checkpoint."""
-        halve = (s["ups"] < self.rho * window) | (
-            ~s["reduced"] & (s["best_loss"] <= s["best_at_mark"])
-        )
+    def _checkpoint(self, s: dict[str, Tensor], ups: Tensor, window: int) -> Tensor:
+        """Halve the step where too few of the last ``window`` steps raised the loss (``ups``
+        of them did), or where neither the step size nor the best loss changed since the last
+        checkpoint."""
+        halve = (ups < self.rho * window) | (~s["reduced"] & (s["best_loss"] <= s["best_at_mark"]))
         s["reduced"], s["best_at_mark"] = halve, s["best_loss"].clone()
-        s["ups"] = torch.zeros_like(s["ups"])
         s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
         return halve
 
@@ -275,6 +287,19 @@ class APGD(Attack):
         )
         s["nnz_prev"] = nnz
         return restart
+
+
+def _against(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample (N,) value against a batch ``like``: (N, 1, ..., 1), in its dtype."""
+    return v.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _ups(losses: list[Tensor]) -> Tensor:
+    """Per sample, how many of ``losses`` (the first: where the stretch starts) are higher than
+    the one before: long (N,), the count a step-by-step ``ups += loss > loss_prev`` keeps."""
+    if len(losses) < 2:
+        return torch.zeros(losses[0].shape, dtype=torch.long, device=losses[0].device)
+    return (torch.stack(losses[1:]) > torch.stack(losses[:-1])).sum(dim=0)
 
 
 def _sparse_sign(grad: Tensor, x: Tensor, frac: Tensor, bounds: tuple[float, float]) -> Tensor:

@@ -98,24 +98,6 @@ def _windows(u_row: Tensor, u_col: Tensor, s: int, h: int, w: int) -> tuple[Tens
     return rows, cols, mask
 
 
-@functools.lru_cache(maxsize=256)
-def _spans(s: int, h: int, device: torch.device) -> Tensor:
-    """bool (h - s + 1, h): row k marks the positions k .. k + s - 1."""
-    start = torch.arange(h - s + 1, device=device).view(-1, 1)
-    pos = torch.arange(h, device=device).view(1, -1)
-    return (pos >= start) & (pos < start + s)
-
-
-def _window_mask(u_row: Tensor, u_col: Tensor, s: int, h: int, w: int) -> Tensor:
-    """The mask (N, 1, H, W) of an s x s window whose top-left corner is uniform in
-    {0..h-s} x {0..w-s}, from uniforms (N,) (the corners of :func:`_windows`)."""
-    n = u_row.shape[0]
-    top = (u_row * (h - s + 1)).long().clamp_(max=h - s)  # u >= 0: truncation is floor
-    left = (u_col * (w - s + 1)).long().clamp_(max=w - s)
-    rows, cols = _spans(s, h, u_row.device)[top], _spans(s, w, u_row.device)[left]
-    return rows.view(n, 1, h, 1) & cols.view(n, 1, 1, w)
-
-
 @register("square")
 @dataclass(kw_only=True, eq=False)
 class Square(Attack):
@@ -217,9 +199,12 @@ class Square(Attack):
         width = 2 + _SIGN_TRIES * c if linf else 4 + c + 1
         block = max(1, min(64, (1 << 22) // max(1, n * width)))
         draws = torch.empty(0)
+        tables: list[tuple[Tensor, ...]] = []
         if linf:
             e = per_sample(eps, q.x)
-            fixed = [q.threat.clip(q.x + e), q.threat.clip(q.x - e)]  # the window's two values
+            # the window's two values (x +- eps, clipped), stacked: (2, N, C, H, W)
+            values = torch.stack([q.threat.clip(q.x + e), q.threat.clip(q.x - e)])
+            plus, minus = values.unbind(0)
         desc = f"{p.name} restart {restart + 1}/{self.restarts}" if self.restarts > 1 else None
         # Across restarts ``best`` keeps the point to return. Within one, x_cur is already the
         # best candidate so far (a candidate replaces it exactly when ``best`` would take it:
@@ -227,8 +212,14 @@ class Square(Attack):
         # sample leaves the search and at the end, not after every query.
         for t in p.progress(iterations, desc):
             # per-sample early stop: adversarial samples and those out of model budget leave
-            go = ~adv & affordable(q) if budget else ~adv
-            if bool(adv.any()) or (budget and not bool(go.all())):
+            if budget:
+                go = ~adv & affordable(q)
+                leave = not bool(go.all())  # an adversarial sample is not in go either
+            else:
+                leave = bool(adv.any())
+            if leave:
+                if not budget:
+                    go = ~adv
                 best.offer(rows, x_cur, cur_loss, adv)
                 if budget:
                     done[rows[~adv & ~go]] = True
@@ -243,8 +234,11 @@ class Square(Attack):
                 adv = adv[idx]
                 if draws.dim() > 1:
                     draws = draws[idx]
+                    if linf:  # the block's tables hold row positions: remade for the rows left
+                        tables = self._linf_tables(draws, t - t % block, iterations, h, w)
                 if linf:
-                    fixed = [v[idx] for v in fixed]
+                    values = values[:, idx]
+                    plus, minus = values.unbind(0)
                 if rows.numel() == 0:
                     return
             if t % block == 0:
@@ -256,12 +250,13 @@ class Square(Attack):
                     shape=(width,),
                     dtype=torch.float64,
                 ).to(q.x.device)
-            u = draws[:, t % block]
-            p_t = p_schedule(self.p_init, t, iterations)
+                if linf:
+                    tables = self._linf_tables(draws, t, iterations, h, w)
             if linf:
-                cand = self._linf_step(q, x_cur, fixed[0], fixed[1], p_t, u)
+                cand = self._linf_step(x_cur, values, plus, minus, *tables[t % block])
             else:
-                cand = self._l2_step(q, x_cur, eps, p_t, u)
+                u = draws[:, t % block]
+                cand = self._l2_step(q, x_cur, eps, p_schedule(self.p_init, t, iterations), u)
             logits = q.model.logits(cand)
             loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
             # the paper accepts a strict decrease of its loss; an adversarial candidate is kept
@@ -281,27 +276,72 @@ class Square(Attack):
         sign = torch.where(u < 0.5, -1.0, 1.0).to(q.x.dtype)
         return q.threat.clip(q.x + per_sample(eps, q.x) * sign)
 
+    def _linf_tables(
+        self, draws: Tensor, t0: int, iterations: int, h: int, w: int
+    ) -> list[tuple[Tensor, ...]]:
+        """What the Linf steps t0 .. t0 + B - 1 need from their uniforms ``draws`` (N, B, width),
+        made for the whole block at once; one tuple per step, of ``_linf_step``'s arguments.
+
+        The window of step t: a side s_t from the schedule and a top-left corner uniform in
+        {0..h-s_t} x {0..w-s_t} (u * (h - s_t + 1), truncated, at most h - s_t), kept as its
+        rows (N, 1, H, 1) and columns (N, 1, 1, W). The signs of the tries (N, tries, C), True:
+        +eps. ``slots`` (N, tries, C): where each try's sign of each channel is found in the
+        flat (2, N, C) table of ``_linf_step`` (which signs change a pixel of the window)."""
+        n, b, _ = draws.shape
+        c = (draws.shape[2] - 2) // _SIGN_TRIES
+        dev = draws.device
+        sides = [
+            self._linf_side(p_schedule(self.p_init, t, iterations), h, w) for t in range(t0, t0 + b)
+        ]
+        s = torch.tensor(sides, dtype=torch.long, device=dev)  # (B,)
+
+        def spans(u: Tensor, size: int) -> Tensor:
+            # u >= 0: truncation is floor; the product is the one of u * (size - s + 1)
+            first = torch.minimum((u * (size - s + 1)).long(), size - s)  # (N, B)
+            pos = torch.arange(size, device=dev)
+            return (pos >= first.unsqueeze(2)) & (pos < (first + s).unsqueeze(2))  # (N, B, size)
+
+        in_rows = spans(draws[:, :, 0], h).view(n, b, 1, h, 1)
+        in_cols = spans(draws[:, :, 1], w).view(n, b, 1, 1, w)
+        signs = (draws[:, :, 2:] < 0.5).view(n, b, _SIGN_TRIES, c)
+        slots = (
+            (~signs).long() * (n * c)
+            + torch.arange(n, device=dev).view(n, 1, 1, 1) * c
+            + torch.arange(c, device=dev)
+        )
+        return list(zip(in_rows.unbind(1), in_cols.unbind(1), signs.unbind(1), slots.unbind(1)))
+
+    @staticmethod
+    def _linf_side(p_t: float, h: int, w: int) -> int:
+        """The side of the Linf square covering p_t of the H*W pixel positions."""
+        s = int(round(math.sqrt(p_t * h * w)))
+        return max(1, min(s, min(h, w) - 1))
+
+    @staticmethod
     def _linf_step(
-        self, q: Problem, x_cur: Tensor, plus: Tensor, minus: Tensor, p_t: float, u: Tensor
+        x_cur: Tensor,
+        values: Tensor,
+        plus: Tensor,
+        minus: Tensor,
+        in_rows: Tensor,
+        in_cols: Tensor,
+        signs: Tensor,
+        slots: Tensor,
     ) -> Tensor:
-        """x_cur with one random s x s window set to x +- eps (one sign per channel); ``plus``
-        and ``minus``: x + eps and x - eps clipped to the bounds; ``u``: this step's uniforms."""
-        n, c, h, w = x_cur.shape
-        s = int(round(math.sqrt(p_t * h * w)))  # p of the H*W pixel positions
-        s = max(1, min(s, min(h, w) - 1))
-        mask = _window_mask(u[:, 0], u[:, 1], s, h, w)
-        signs = (u[:, 2:] < 0.5).view(n, _SIGN_TRIES, c)  # True: +eps
+        """x_cur with one random s x s window set to x +- eps (one sign per channel): the first
+        of the tries whose signs change a pixel of the window. ``values`` (2, N, C, H, W): x +
+        eps and x - eps clipped to the bounds (``plus`` and ``minus``: its two parts); the others:
+        one step's ``_linf_tables``."""
+        n, c = x_cur.shape[:2]
+        mask = in_rows & in_cols  # (N, 1, H, W)
         # a sign that leaves the window as it is wastes a query: per channel, which signs change
-        # a pixel of the window
-        moves_plus = ((plus != x_cur) & mask).view(n, c, -1).any(dim=2)  # (N, C)
-        moves_minus = ((minus != x_cur) & mask).view(n, c, -1).any(dim=2)
-        useful = torch.where(signs, moves_plus.unsqueeze(1), moves_minus.unsqueeze(1)).any(
-            dim=2
-        )  # (N, tries)
-        first = useful.to(torch.int8).argmax(dim=1)  # the first useful try (0 if none is)
-        pick = signs.gather(1, first.view(n, 1, 1).expand(n, 1, c)).view(n, c)  # (N, C)
-        # every try wasted: flipping every channel of the first changes each pixel (eps > 0)
-        pick = torch.where(useful.any(dim=1, keepdim=True), pick, ~signs[:, 0])
+        # a pixel of the window, (2, N, C); then which tries change one, (N, tries, 1)
+        moves = ((values != x_cur) & mask).any(dim=(3, 4))
+        useful = moves.take(slots).any(dim=2, keepdim=True)
+        # the first useful try (max's index is the first maximal one), or try 0 if none is
+        found, first = useful.max(dim=1, keepdim=True)  # (N, 1, 1)
+        # every try wasted: flipping every channel of try 0 changes each pixel (eps > 0)
+        pick = signs.take_along_dim(first, dim=1) == found  # (N, 1, C)
         new = torch.where(pick.view(n, c, 1, 1), plus, minus)
         return torch.where(mask, new, x_cur)
 

@@ -75,8 +75,11 @@ class Model(abc.ABC):
             loss = loss_fn(logits, *args)
             grad = None
             if loss.requires_grad:
-                # inputs=[xg] only: the nets' parameter gradients (param.grad) are left alone
-                (grad,) = torch.autograd.grad(loss.sum(), xg, allow_unused=True)
+                # inputs=[xg] only: the nets' parameter gradients (param.grad) are left alone;
+                # ones as grad_outputs: the gradient of loss.sum(), without the sum's kernel
+                (grad,) = torch.autograd.grad(
+                    loss, xg, grad_outputs=torch.ones_like(loss), allow_unused=True
+                )
         if grad is None:  # nothing differentiable between x and the loss (JPEG without BPDA)
             grad = torch.zeros_like(x)
         return loss.detach(), grad, logits.detach()
