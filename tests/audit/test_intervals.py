@@ -123,6 +123,9 @@ def test_the_page_explains_the_eps_curve_and_hides_an_infinite_margin(report):
     gated = dataclasses.replace(report, cascade=[*report.cascade[:-1], stage])
     page = gated.to_html()
     assert "only on the 3 points closest" in page and "&le; inf" not in page
+    one = dataclasses.replace(stage, gate=Gate(closest=0.15, margin_at_most=0.1, attacked=1))
+    page1 = dataclasses.replace(report, cascade=[*report.cascade[:-1], one]).to_html()
+    assert "only on the 1 point closest" in page1 and "1 points" not in page1
     stage = dataclasses.replace(stage, gate=Gate(closest=0.15, margin_at_most=1.5, attacked=3))
     page = dataclasses.replace(report, cascade=[*report.cascade[:-1], stage]).to_html()
     assert "logit margin &le; 1.5" in page
