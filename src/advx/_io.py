@@ -76,6 +76,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def read_json(path: str | os.PathLike, *, name: str) -> Any:
+    """The JSON document in ``path``; an unreadable or malformed file is an InputError naming
+    ``name`` and the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{name}: cannot read {path} as JSON ({e})") from None
+
+
 def _jsonable(obj: Any) -> Any:
     import torch
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_open
+from .._io import atomic_open, read_json
 from .._provenance import now
 from ..errors import InputError
 from ._codec import decode, encode
@@ -124,12 +124,7 @@ class Comparison(Page):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Comparison:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"comparison: cannot read {path} as JSON ({e})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(path, name="comparison"), where=str(path))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._io import atomic_open
+from .._io import atomic_open, read_json
 from ..errors import InputError
 from ._codec import decode, encode, png_decode, png_encode
 from ._text import fmt_ci, plural
@@ -340,12 +340,7 @@ class Report(Page):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"report: cannot read {path} as JSON ({e})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(path, name="report"), where=str(path))
 
     def to_html(self) -> str:
         from .html import render_html
