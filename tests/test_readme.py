@@ -105,3 +105,7 @@ def test_every_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys, ser
     assert result.success.float().mean().item() > 0.5  # PGD at 0.1 breaks most of an undefended net
     assert (tmp_path / "report.json").exists() and (tmp_path / "policy.toml").exists()
     assert "broken" in capsys.readouterr().out  # result.summary() printed
+    # the query detector caught Square within its first queries, and flagged no clean digit
+    flags, clean_flags = namespace["flags"], [f for f, _ in namespace["clean"]]
+    assert True in flags and flags.index(True) < 50 and sum(flags) > len(flags) // 2
+    assert len(clean_flags) == 96 and not any(clean_flags)
