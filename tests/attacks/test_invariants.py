@@ -49,12 +49,7 @@ DETERMINISTIC = {"fgsm", "cw", "fab", "deepfool", "ddn", "fmn"}
 # per step cover all 64 of its first resolution, so its draws only reorder them.
 SEEDED: dict[str, dict] = {"zoo": {"coordinates": 16}}
 # Known bugs the harness finds in code other work is rewriting; strict: the fix must remove them.
-KNOWN: dict[tuple[str, str], str] = {
-    ("test_per_sample_eps_with_zeros", "zoo"): (
-        "ZOO with per-sample eps mixing finite and inf never attacks the inf samples: "
-        "`done = best_d <= eps` holds for inf <= inf"
-    ),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 # Budgets at which the MLP is clearly breakable and uniform noise clearly is not.
 EPS = {"linf": 0.2, "l2": 2.5, "l1": 20.0}
 N = 32

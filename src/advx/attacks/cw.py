@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..threat import L2, ThreatModel
 from ._base import Attack, Problem, RunOutput
 from ._losses import margin
+from ._optim import adam_step, search_c
 from ._registry import register
 
 
@@ -89,7 +90,6 @@ class CW(Attack):
         best = x.clone()
         best_d = torch.full_like(c, math.inf)
         abort_every = max(1, math.ceil(self.steps / 10))
-        b1, b2, tiny = 0.9, 0.999, 1e-8
 
         def objective(logits, labels, c_rows):
             return _cw_objective(logits, labels, c_rows, targeted=p.targeted, kappa=self.kappa)
@@ -137,11 +137,8 @@ class CW(Attack):
                 g = (2 * diff + grad_f) * (half * (1 - th * th))
                 k = (adam_t[rows] + 1).view(shape)
                 adam_t[rows] += 1
-                m[rows] = b1 * m[rows] + (1 - b1) * g
-                v[rows] = b2 * v[rows] + (1 - b2) * g * g
-                m_hat = m[rows] / (1 - b1**k)
-                v_hat = v[rows] / (1 - b2**k)
-                w[rows] = w[rows] - self.lr * m_hat / (v_hat.sqrt() + tiny)
+                m[rows], v[rows], step = adam_step(m[rows], v[rows], g, k, self.lr)
+                w[rows] = w[rows] - step
                 if self.early_abort and (t + 1) % abort_every == 0:
                     total = dist2 + f
                     stalled = total > 0.9999 * prev[rows]
@@ -151,8 +148,5 @@ class CW(Attack):
                         rows, q = rows[go], q.select(go)
                         if rows.numel() == 0:
                             break
-            # binary search on c, per sample
-            c_hi = torch.where(hit, torch.minimum(c_hi, c), c_hi)
-            c_lo = torch.where(hit, c_lo, torch.maximum(c_lo, c))
-            c = torch.where(torch.isinf(c_hi), c * 10, (c_lo + c_hi) / 2)
+            c, c_lo, c_hi = search_c(c, c_lo, c_hi, hit)
         return RunOutput(best, torch.isfinite(best_d) & (best_d <= p.threat.eps_tensor(x)))

@@ -33,9 +33,9 @@ from ..errors import InputError
 from ..threat import L2, ThreatModel
 from ._base import Attack, Problem, RunOutput
 from ._losses import margin
+from ._optim import adam_step, search_c
 from ._registry import register
 
-_B1, _B2, _TINY = 0.9, 0.999, 1e-8
 _REGIONS = 8  # importance sampling: the paper's 8x8 regions per channel
 
 
@@ -136,6 +136,12 @@ class ZOO(Attack):
         # keep one query for that.
         reserve = 1 if bounded else 0
 
+        def inside(d: Tensor, rows: Tensor | None = None) -> Tensor:
+            """A success inside a finite eps ends the sample's search; with eps inf (per-sample
+            eps may mix both) only the budget does: inf <= inf must not count as done."""
+            e = eps if rows is None else eps[rows]
+            return torch.isfinite(e) & (d <= e)
+
         def left() -> Tensor:
             out = self.max_queries - p.model.queries
             if p.model.remaining is not None:
@@ -157,7 +163,7 @@ class ZOO(Attack):
             adam = [(torch.zeros_like(d), torch.zeros_like(d), torch.zeros_like(d)) for d in delta]
             steps = torch.zeros(n, dtype=torch.long, device=dev)  # iterations at the current level
             prev = torch.full((n,), math.inf, device=dev, dtype=dt)
-            done = best_d <= eps if bounded else torch.zeros(n, dtype=torch.bool, device=dev)
+            done = inside(best_d) if bounded else torch.zeros(n, dtype=torch.bool, device=dev)
             hit = torch.zeros(n, dtype=torch.bool, device=dev)
             t = 0
             while True:
@@ -196,7 +202,7 @@ class ZOO(Attack):
                     best_d[rows[better]] = adv_d[better]
                     hit[rows[torch.isfinite(adv_d)]] = True
                     if bounded:
-                        done[rows[best_d[rows] <= eps[rows]]] = True
+                        done[rows[inside(best_d[rows], rows)]] = True
                     # C&W's early abort, per sample; below full resolution a stall moves the
                     # sample up one resolution instead (the paper's hierarchical attack)
                     steps[rows] += 1
@@ -224,9 +230,7 @@ class ZOO(Attack):
             # C&W's search over c, per sample (for the samples this step ran on), and half the
             # step size: the later steps refine a perturbation that exists
             ran = spent > 0
-            c_hi = torch.where(ran & hit, torch.minimum(c_hi, c), c_hi)
-            c_lo = torch.where(ran & ~hit, torch.maximum(c_lo, c), c_lo)
-            c = torch.where(ran, torch.where(torch.isinf(c_hi), c * 10, (c_lo + c_hi) / 2), c)
+            c, c_lo, c_hi = search_c(c, c_lo, c_hi, hit, ran)
             lr = torch.where(ran, lr / 2, lr)
         found = torch.isfinite(best_d)
         return RunOutput(best, found & (best_d <= eps) if bounded else found)
@@ -286,9 +290,7 @@ class ZOO(Attack):
         g = (obj[:, :k] - obj[:, k:]) / (2 * self.h)  # (R, k)
         m1, m2, steps = (flat(a[rows]) for a in adam)
         tk = steps.gather(1, idx) + 1
-        mk = _B1 * m1.gather(1, idx) + (1 - _B1) * g
-        vk = _B2 * m2.gather(1, idx) + (1 - _B2) * g * g
-        upd = lr.view(-1, 1) * (mk / (1 - _B1**tk)) / ((vk / (1 - _B2**tk)).sqrt() + _TINY)
+        mk, vk, upd = adam_step(m1.gather(1, idx), m2.gather(1, idx), g, tk, lr.view(-1, 1))
         d = d.scatter(1, idx, d.gather(1, idx) - upd)
         delta[rows] = d.view(r, *delta.shape[1:])
         adam[0][rows] = m1.scatter(1, idx, mk).view(r, *delta.shape[1:])
