@@ -226,6 +226,36 @@ def test_compile_traces_the_loop(small):
     _compiled_matches(small, "aot_eager")
 
 
+def test_the_compiled_module_sees_only_full_batches(small):
+    """The inductor workaround, checked directly (the numerical symptom it guards against does
+    not show on every build): a backend that records each graph's input shapes sees the batch
+    size only, never the short last batch, which runs eagerly."""
+    from torch._dynamo import register_backend
+
+    seen: list[int] = []
+
+    def recording(gm, example_inputs):
+        seen.extend(int(t.shape[0]) for t in example_inputs if t.dim() == 4)
+        return gm.forward
+
+    name = "advx_test_recording"
+    register_backend(recording, name=name)
+    x, y = small
+    try:
+        fit(
+            mlp(),
+            x[:550],
+            y[:550],
+            batch_size=100,
+            precision=Precision(compile=name),
+            schedule=Schedule(epochs=1, lr=3e-3),
+            progress=False,
+        )
+    finally:
+        torch._dynamo.reset()
+    assert seen and set(seen) == {100}, seen
+
+
 @pytest.mark.slow
 def test_compile_with_inductor(small):
     """compile=True (inductor: generates and compiles C++; about a minute on two busy cores).
