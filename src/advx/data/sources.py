@@ -15,6 +15,7 @@ Two layers:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from torch import Tensor
 from .._io import tensor_bytes
 from .._validate import check_images
 from ..errors import InputError
+from .prefetch import prefetch
 
 __all__ = ["as_batches", "as_source", "Source", "Scan", "Keys"]
 
@@ -318,7 +320,8 @@ class Source:
         shape: tuple[int, ...] | None = None
         dtype = torch.float32
         n = 0
-        for start, xb, yb in self.batches(batch_size):
+        # the next batch is read while this one is checked and hashed
+        for start, xb, yb in prefetch(self.batches(batch_size)):
             if shape is None:
                 shape, dtype = tuple(xb.shape[1:]), xb.dtype
             elif tuple(xb.shape[1:]) != shape:
@@ -389,20 +392,25 @@ class Source:
         for start, xb, yb in self.batches(batch_size):
             end = start + xb.shape[0]
             lo = pos
-            while pos < len(want) and want[pos] < end:
-                pos += 1
+            pos = bisect.bisect_left(want, end, lo=pos)
             if pos > lo:
-                local = torch.tensor(want[lo:pos]) - start
-                buf_x.append(xb[local])
-                buf_y.append(yb[local])
+                a, b = want[lo] - start, want[pos - 1] - start + 1
+                if b - a == pos - lo:  # a run of consecutive rows: a view, not a copy
+                    buf_x.append(xb[a:b])
+                    buf_y.append(yb[a:b])
+                else:
+                    local = torch.tensor(want[lo:pos]) - start
+                    buf_x.append(xb[local])
+                    buf_y.append(yb[local])
                 held += pos - lo
             while held >= batch_size or (held and pos == len(want)):
-                x_all, y_all = torch.cat(buf_x), torch.cat(buf_y)
+                x_all, y_all = _joined(buf_x), _joined(buf_y)
                 k = min(batch_size, held)
                 yield done, rows[done : done + k], x_all[:k], y_all[:k]
                 done += k
                 held -= k
                 buf_x, buf_y = ([x_all[k:]], [y_all[k:]]) if held else ([], [])
+                del x_all, y_all
             if end > last:
                 break  # nothing wanted further on
         if done < rows.numel():
@@ -411,6 +419,11 @@ class Source:
                 f"(row {int(rows[done])} is missing); it must give the same samples in the same "
                 "order on every pass (a DataLoader with shuffle=False)"
             )
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """One tensor of ``parts`` (no copy when there is one part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class TensorSource(Source):
