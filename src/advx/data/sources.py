@@ -31,7 +31,7 @@ from .._validate import check_images
 from ..errors import InputError
 from .prefetch import prefetch
 
-__all__ = ["as_batches", "as_source", "Source", "Scan", "Keys"]
+__all__ = ["as_batches", "as_source", "split_pair", "Source", "Scan", "Keys", "Refusal"]
 
 Keys = tuple[Any, Any]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -42,8 +42,22 @@ _LABEL_KEYS = ("label", "labels", "y", "target", "targets", "class", "fine_label
 
 
 # ---- one batch (or one sample) made into (x, y) ---------------------------------------------
-def split_pair(item: Any, *, keys: Keys | None = None, batch_fn: BatchFn | None = None):
-    """The (images, labels) of one batch or sample as the user's data yields it."""
+#: builds the error for a batch (or sample) that is not an (images, labels) pair: called with
+#: what it is ("dict", "tuple": of another length, "other") and the item itself
+Refusal = Callable[[str, Any], InputError]
+
+
+def split_pair(
+    item: Any,
+    *,
+    keys: Keys | None = None,
+    batch_fn: BatchFn | None = None,
+    refuse: Refusal | None = None,
+):
+    """The (images, labels) of one batch or sample as the user's data yields it.
+
+    ``refuse`` words the error for items that are not pairs (the audit's, by default, points
+    to ``keys=`` and ``batch_fn=``; training's points to ``collate_fn``)."""
     if batch_fn is not None:
         out = batch_fn(item)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -60,24 +74,36 @@ def split_pair(item: Any, *, keys: Keys | None = None, batch_fn: BatchFn | None 
             raise InputError(
                 f"keys: {tuple(keys)!r} do not select the images and labels of a batch ({have})"
             ) from None
-    if isinstance(item, dict):
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    kind = (
+        "dict"
+        if isinstance(item, dict)
+        else "tuple"
+        if isinstance(item, (tuple, list))
+        else "other"
+    )
+    raise (refuse or _refuse)(kind, item)
+
+
+def _refuse(kind: str, item: Any) -> InputError:
+    """The audit's words for a batch that is not (images, labels): how to map it."""
+    if kind == "dict":
         names = list(item.keys())
         img = next((k for k in _IMAGE_KEYS if k in item), "image")
         lab = next((k for k in _LABEL_KEYS if k in item), "label")
-        raise InputError(
+        return InputError(
             f"data: the batches are dicts with keys {names}; say which hold the images and the "
             f"labels: keys=({img!r}, {lab!r}) (command line: --data-keys {img},{lab}), or "
             "batch_fn=lambda b: (b[...], b[...])"
         )
-    if isinstance(item, (tuple, list)):
-        if len(item) == 2:
-            return item[0], item[1]
-        raise InputError(
+    if kind == "tuple":
+        return InputError(
             f"data: the batches are {len(item)}-tuples ({_describe(item)}); say which hold the "
             "images and the labels: keys=(0, 1) for (images, labels, ...), or "
             "batch_fn=lambda b: (b[0], b[1])"
         )
-    raise InputError(
+    return InputError(
         f"data: expected (images, labels) batches, got {type(item).__name__}; a Dataset must "
         "return (image, label) pairs (or pass keys= / batch_fn=)"
     )
