@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -247,7 +248,7 @@ def run_cascade(
 
     mover = Mover(dev)
 
-    def read(rows: Tensor):
+    def read(rows: Tensor) -> Generator[tuple[Tensor, Any, Any], None, None]:
         # runs in the prefetch thread: the next chunk is read, collated and (to a GPU) copied
         # while the current one is attacked
         for _, part, xb, yb in source.select(rows, batch_size=batch_size):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -31,7 +31,7 @@ class _Failed:
         self.error = error
 
 
-def prefetch(items: Iterable[T], *, depth: int = 1) -> Iterator[T]:
+def prefetch(items: Iterable[T], *, depth: int = 1) -> Generator[T, None, None]:
     """The items of ``items`` in their order, each read by a background thread while the
     caller works on the one before (at most ``depth`` items wait, read and unclaimed).
 
