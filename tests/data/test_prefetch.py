@@ -160,3 +160,32 @@ def test_a_gpu_model_reads_cpu_chunks_through_pinned_memory_with_the_same_result
     assert streamed.samples == on_gpu.samples
     sent = Mover("cuda").send(x[:4])
     assert sent[1] is not None and sent[0].is_cuda
+
+
+def test_a_source_that_changes_its_order_is_refused_through_the_reader(trained_mlp, mnist_test):
+    x, y = mnist_test
+    x, y = x[:30], y[:30]
+
+    class Shifty:
+        """Batches in order until the scan has read them (as_source calls iter() once to tell a
+        one-shot iterator, the scan once more), reversed afterwards."""
+
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            order = range(0, 30, 10) if self.passes <= 2 else range(20, -1, -10)
+            return iter([(x[b : b + 10], y[b : b + 10]) for b in order])
+
+    with pytest.raises(advx.errors.InputError, match="another order"):
+        advx.audit(
+            trained_mlp,
+            Shifty(),
+            advx.Linf(EPS),
+            suite=[advx.FGSM(advx.Linf(EPS))],
+            eps_curve=None,
+            checks=False,
+            batch_size=10,
+        )
+    assert not any(t.name == "advx-prefetch" for t in threading.enumerate())
