@@ -19,6 +19,7 @@ import bisect
 import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,21 +347,23 @@ class Source:
         shape: tuple[int, ...] | None = None
         dtype = torch.float32
         n = 0
-        # the next batch is read while this one is checked and hashed
-        for start, xb, yb in prefetch(self.batches(batch_size)):
-            if shape is None:
-                shape, dtype = tuple(xb.shape[1:]), xb.dtype
-            elif tuple(xb.shape[1:]) != shape:
-                raise InputError(
-                    f"data: samples differ in size: {self._who(0)} is {shape}, "
-                    f"{self._who(start)} is {tuple(xb.shape[1:])}; resize them to one size "
-                    "(advx.data.ImageFolder(root, resize=..., center_crop=...); command line: "
-                    "--resize N --center-crop N)"
-                )
-            check_images(xb, self.bounds, name="x")
-            h.update(tensor_bytes(xb.detach().to("cpu", torch.float32)))
-            ys.append(yb.cpu())
-            n += xb.shape[0]
+        # the next batch is read while this one is checked and hashed (and the reader stops at
+        # once when a batch is refused)
+        with closing(prefetch(self.batches(batch_size))) as read:
+            for start, xb, yb in read:
+                if shape is None:
+                    shape, dtype = tuple(xb.shape[1:]), xb.dtype
+                elif tuple(xb.shape[1:]) != shape:
+                    raise InputError(
+                        f"data: samples differ in size: {self._who(0)} is {shape}, "
+                        f"{self._who(start)} is {tuple(xb.shape[1:])}; resize them to one size "
+                        "(advx.data.ImageFolder(root, resize=..., center_crop=...); command line: "
+                        "--resize N --center-crop N)"
+                    )
+                check_images(xb, self.bounds, name="x")
+                h.update(tensor_bytes(xb.detach().to("cpu", torch.float32)))
+                ys.append(yb.cpu())
+                n += xb.shape[0]
         if n == 0 or shape is None:
             raise InputError("data: no samples to audit")
         y = torch.cat(ys)
