@@ -34,6 +34,17 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process, all threads (less sensitive to the machine's load than the
+    wall time: what the run itself computed)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def parse_suite(text: str):
     """A built-in name, or a JSON list of attack specs such as '[{"name": "fgsm"}]'."""
     return json.loads(text) if text.lstrip().startswith("[") else text
@@ -77,6 +88,7 @@ def child(mode: str, n: int, raw: str, suite: str, out: str, light: bool = False
     advx.PGD(advx.Linf(8 / 255), steps=1)(net, warm_x, torch.zeros(8, dtype=torch.long))
     before = rss_mb()
     t0 = time.perf_counter()
+    cpu0 = cpu_s()
     if mode == "tensors":
         ds = OnDisk()
         x, y = ds.__getitems__(list(range(n)))  # all N images in memory, float32
@@ -86,12 +98,14 @@ def child(mode: str, n: int, raw: str, suite: str, out: str, light: bool = False
     kw: dict = {"eps_curve": None, "checks": False} if light else {}
     report = advx.audit(net, *data, advx.Linf(8 / 255), suite=parse_suite(suite), **kw)
     wall = time.perf_counter() - t0
+    cpu = cpu_s() - cpu0
     Path(out).write_text(
         json.dumps(
             {
                 "mode": mode,
                 "n": n,
                 "wall_s": wall,
+                "cpu_s": cpu,
                 "cascade_s": report.totals.seconds.cascade,
                 "rss_before_mb": before,
                 "peak_rss_mb": rss_mb(),
@@ -115,7 +129,8 @@ def run_one(mode: str, n: int, raw: str, suite: str, light: bool = False, env=No
     r = json.loads(Path(out).read_text())
     os.unlink(out)
     print(
-        f"{mode:8s} n={n:6d} wall {r['wall_s']:8.2f}s peak RSS {r['peak_rss_mb']:7.1f} MB "
+        f"{mode:8s} n={n:6d} wall {r['wall_s']:8.2f}s cpu {r['cpu_s']:8.2f}s "
+        f"peak RSS {r['peak_rss_mb']:7.1f} MB "
         f"(before the audit {r['rss_before_mb']:.1f}) robust {r['robust']:.4f}",
         flush=True,
     )
@@ -126,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--suite", default="fast")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each mode per N, interleaved")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each mode per N, interleaved")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--child", default=None)
     ap.add_argument("--raw", default=None)
@@ -152,35 +167,55 @@ def main() -> None:
     with np.load(NPZ) as z:  # HWC uint8 -> a raw CHW file the loader reads row by row
         np.ascontiguousarray(z["x"].transpose(0, 3, 1, 2)).tofile(raw)
         np.save(raw + ".y.npy", z["y"].astype(np.int64))
-    load = os.getloadavg()
-    rows, same = [], {}
+    start = (time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), uptime())
+    print(start[1], flush=True)
+    rows, pairs, same = [], [], {}
     for n in args.n:
         got: dict[str, list[dict]] = {"tensors": [], "loader": []}
-        for _ in range(args.repeats):
-            for mode in ("loader", "tensors"):
+        for i in range(args.repeats):
+            for mode in ("tensors", "loader"):  # interleaved: the load drifts over both alike
                 got[mode].append(run_one(mode, n, raw, args.suite))
-        same[n] = all(
-            a["samples"] == b["samples"] and a["broken_by"] == b["broken_by"]
-            for a in got["loader"]
-            for b in got["tensors"]
-        )
-        wall = {m: statistics.median(r["wall_s"] for r in got[m]) for m in got}
-        for mode in ("tensors", "loader"):
-            rs = got[mode]
-            rows.append(
+            t, lo = got["tensors"][-1], got["loader"][-1]
+            pairs.append(
                 [
-                    mode,
                     n,
-                    round(wall[mode], 1),
-                    round(wall[mode] / wall["tensors"], 3),
-                    round(max(r["peak_rss_mb"] for r in rs), 1),
-                    round(statistics.median(r["rss_before_mb"] for r in rs), 1),
-                    f"{rs[0]['clean']:.2%}",
-                    f"{rs[0]['robust']:.2%}",
-                    ", ".join(f"{r['wall_s']:.1f}" for r in rs),
+                    i + 1,
+                    round(t["wall_s"], 1),
+                    round(lo["wall_s"], 1),
+                    round(lo["wall_s"] / t["wall_s"], 3),
+                    round(t["cpu_s"], 1),
+                    round(lo["cpu_s"], 1),
+                    round(lo["cpu_s"] / t["cpu_s"], 3),
+                    round(t["peak_rss_mb"], 1),
+                    round(lo["peak_rss_mb"], 1),
                 ]
             )
-        report_so_far(args, rows, same, load)
+            same[n] = all(
+                a["samples"] == b["samples"] and a["broken_by"] == b["broken_by"]
+                for a in got["loader"]
+                for b in got["tensors"]
+            )
+            wall = {m: statistics.median(r["wall_s"] for r in got[m]) for m in got}
+            cpu = {m: statistics.median(r["cpu_s"] for r in got[m]) for m in got}
+            rows[:] = [r for r in rows if r[1] != n]  # this N's rows so far, rewritten
+            for mode in ("tensors", "loader"):
+                rs = got[mode]
+                rows.append(
+                    [
+                        mode,
+                        n,
+                        round(wall[mode], 1),
+                        round(wall[mode] / wall["tensors"], 3),
+                        round(cpu[mode], 1),
+                        round(cpu[mode] / cpu["tensors"], 3),
+                        round(statistics.median(r["peak_rss_mb"] for r in rs), 1),
+                        round(max(r["peak_rss_mb"] for r in rs), 1),
+                        round(statistics.median(r["rss_before_mb"] for r in rs), 1),
+                        f"{rs[0]['clean']:.2%}",
+                        f"{rs[0]['robust']:.2%}",
+                    ]
+                )
+            report_so_far(args, rows, pairs, same, start)  # after every pair: nothing lost
 
 
 def memory_only(args) -> None:
@@ -225,38 +260,61 @@ def memory_only(args) -> None:
                 )
 
 
-def report_so_far(args, rows, same, load) -> None:
+def report_so_far(args, rows, pairs, same, start) -> None:
     header = [
         "input",
         "N",
         "wall s (median)",
-        "time vs tensors",
-        "peak RSS MB",
+        "wall vs tensors",
+        "CPU s (median)",
+        "CPU vs tensors",
+        "peak RSS MB (median)",
+        "peak RSS MB (max)",
         "RSS before the audit MB",
         "clean",
         "robust",
-        "each run s",
     ]
-    table = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    )
-    print(table)
+    per_pair = [
+        "N",
+        "pair",
+        "tensors wall s",
+        "loader wall s",
+        "loader / tensors (wall)",
+        "tensors CPU s",
+        "loader CPU s",
+        "loader / tensors (CPU)",
+        "tensors peak RSS MB",
+        "loader peak RSS MB",
+    ]
+    table = _table(header, rows)
+    pair_table = _table(per_pair, pairs)
+    print(table, pair_table, sep="\n\n")
     print("same per-sample results, loader vs tensors:", same)
     if args.write:
         body = (
             f"`fast` audit (checks and eps curve included), ResNet-20 (undefended), CIFAR-10 "
             f"test images (class-balanced: every (10000 // N)-th), Linf 8/255, 1 torch thread, "
             f"each run its own process. The loader reads uint8 rows from a raw file with pread "
-            f"(batch 256, num_workers=0); the tensor run holds all N images as float32. Load "
-            f"average at the start: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (2 shared "
-            f"cores); at this write: {os.getloadavg()[0]:.2f}.\n\n"
+            f"(batch 256, num_workers=0); the tensor run holds all N images as float32. Runs "
+            f"interleaved: tensors, loader, tensors, loader, ... CPU s: user + system time of "
+            f"the run's process (all threads). 2 cores shared with other helpers. Started "
+            f"{start[0]}; `uptime` at the start: `{start[1]}`; at this write: `{uptime()}`.\n\n"
             f"Command: `python benchmarks/bench_stream.py --n "
             f"{' '.join(map(str, args.n))} --suite {args.suite} --repeats {args.repeats} "
-            f"--write`\n\n{table}\n\nSame per-sample results (robust, broken_by) from the "
-            f"loader and the tensors: {same}.\n"
+            f"--write`\n\n{table}\n\nEach pair:\n\n{pair_table}\n\nSame per-sample results "
+            f"(robust, broken_by) from the loader and the tensors: {same}.\n"
         )
-        write_section("stream", "## Streaming audit: DataLoader vs tensors (issue 12)\n\n" + body)
+        write_section(
+            "stream-overlap",
+            "## Streaming audit: DataLoader vs tensors with read-ahead (issue 12)\n\n" + body,
+        )
+
+
+def _table(header, rows) -> str:
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    )
 
 
 if __name__ == "__main__":

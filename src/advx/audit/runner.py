@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from .._distributed import Group, current_group
 from .._io import atomic_open
 from .._progress import bar
 from ..attacks import Attack
+from ..data.prefetch import Mover, prefetch
 from ..data.sources import Source, as_source
 from ..errors import InputError
 from ..models._base import ACCESS_RANK, ModelView, Tracker
@@ -36,6 +39,10 @@ _STATE_VERSION = 3
 
 # How often the resume state is written while an audit runs (it is always written at the end).
 SAVE_EVERY_S = 5.0
+
+# Read the next chunk in a background thread while the current one is attacked (the per-sample
+# results are the same either way; off, the chunks are read in turn).
+PREFETCH = True
 
 
 @dataclass
@@ -239,8 +246,11 @@ def run_cascade(
         _save_state(path, fingerprint, state)
         last_save[0] = time.monotonic()
 
-    def chunks(rows: Tensor):
-        """(rows, x on the model's device, y on it) for the samples at ``rows``."""
+    mover = Mover(dev)
+
+    def read(rows: Tensor) -> Generator[tuple[Tensor, Any, Any], None, None]:
+        # runs in the prefetch thread: the next chunk is read, collated and (to a GPU) copied
+        # while the current one is attacked
         for _, part, xb, yb in source.select(rows, batch_size=batch_size):
             if not source.random_access and not torch.equal(yb.cpu(), y_cpu[part]):
                 raise InputError(
@@ -248,7 +258,17 @@ def run_cascade(
                     "must give the same samples in the same order every time (a DataLoader with "
                     "shuffle=False)"
                 )
-            yield part, _to(xb, dev), y_cpu[part].to(dev)
+            yield part, mover.send(xb), mover.send(y_cpu[part])
+
+    @contextmanager
+    def chunks(rows: Tensor):
+        """(rows, x on the model's device, y on it) for the samples at ``rows``; the reader
+        stops as soon as the caller leaves (an error, an interrupt)."""
+        ahead = prefetch(read(rows)) if PREFETCH else read(rows)
+        try:
+            yield ((part, mover.receive(xs), mover.receive(ys)) for part, xs, ys in ahead)
+        finally:
+            ahead.close()
 
     if not state.clean_done:
         t0 = time.perf_counter()
@@ -257,9 +277,10 @@ def run_cascade(
         scores = ACCESS_RANK[model.access] >= ACCESS_RANK["scores"]
         preds = []
         with model.prepared():
-            for part, xb, _ in chunks(torch.arange(n)):
-                v = view.select(part.to(dev))
-                preds.append((v.logits(xb).argmax(1) if scores else v.labels(xb)).cpu())
+            with chunks(torch.arange(n)) as clean_chunks:
+                for part, xb, _ in clean_chunks:
+                    v = view.select(part.to(dev))
+                    preds.append((v.logits(xb).argmax(1) if scores else v.labels(xb)).cpu())
         pred = torch.cat(preds)
         state.clean_pred = pred
         state.clean_correct = pred == y_cpu
@@ -298,27 +319,29 @@ def run_cascade(
                 todo &= reached <= state.gate[k]
             todo = todo.nonzero().view(-1)
             skipped = int((state.clean_correct & ~state.stage_done[k]).sum()) - todo.numel()
-            for rows, xb, yb in chunks(todo):
-                t0 = time.perf_counter()
-                r = attack(model, xb, yb, index=index[rows].to(dev))
-                hit = r.success.cpu()
-                state.queries[k + 1, rows] += r.queries.cpu()
-                state.grads[k + 1, rows] += r.grads.cpu()
-                if track and not bool(hit.all()):
-                    miss = (~hit).nonzero().view(-1)
-                    m, spent = _margins(model, r.x_adv[miss.to(dev)], yb[miss.to(dev)])
-                    state.margin[k, rows[miss]] = m
-                    state.queries[k + 1, rows[miss]] += spent
-                state.seconds[k + 1] += time.perf_counter() - t0
-                state.broken_by[rows[hit]] = k
-                state.distance[rows[hit]] = r.distance.cpu()[hit].double()
-                if bool(hit.any()):
-                    found = r.x_adv.detach()[hit.to(dev)].cpu().to(dtype)
-                    state.adv_slot[rows[hit]] = state.store.append(found)
-                    state.adv_count = state.store.count
-                state.stage_done[k, rows] = True
-                save()
-                progress.update(rows.numel())
+            with chunks(todo) as stage_chunks:
+                for rows, xb, yb in stage_chunks:
+                    t0 = time.perf_counter()
+                    r = attack(model, xb, yb, index=index[rows].to(dev))
+                    hit = r.success.cpu()
+                    state.queries[k + 1, rows] += r.queries.cpu()
+                    state.grads[k + 1, rows] += r.grads.cpu()
+                    if track and not bool(hit.all()):
+                        miss = (~hit).nonzero().view(-1)
+                        m, spent = _margins(model, r.x_adv[miss.to(dev)], yb[miss.to(dev)])
+                        state.margin[k, rows[miss]] = m
+                        state.queries[k + 1, rows[miss]] += spent
+                    state.seconds[k + 1] += time.perf_counter() - t0
+                    state.broken_by[rows[hit]] = k
+                    state.distance[rows[hit]] = r.distance.cpu()[hit].double()
+                    if bool(hit.any()):
+                        found = r.x_adv.detach()[hit.to(dev)].cpu().to(dtype)
+                        state.adv_slot[rows[hit]] = state.store.append(found)
+                        state.adv_count = state.store.count
+                    state.stage_done[k, rows] = True
+                    del r, xb, yb  # before the next chunk's attack allocates its own
+                    save()
+                    progress.update(rows.numel())
             if share is not None:  # the gated-out samples are done with this stage too
                 state.stage_done[k] |= state.clean_correct & (state.broken_by < 0)
             # samples broken by an earlier stage count as done for this one
@@ -333,16 +356,6 @@ def run_cascade(
 def _model_device(model) -> torch.device:
     dev = getattr(model, "device", None)
     return dev if isinstance(dev, torch.device) else torch.device("cpu")
-
-
-def _to(x: Tensor, dev: torch.device) -> Tensor:
-    """A chunk moved to the model's device; through pinned memory from the CPU to a GPU, so the
-    copy runs beside the work already queued."""
-    if x.device == dev:
-        return x
-    if dev.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev)
 
 
 def _margins(model, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,11 @@ Two layers:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +30,9 @@ from torch import Tensor
 from .._io import tensor_bytes
 from .._validate import check_images
 from ..errors import InputError
+from .prefetch import prefetch
 
-__all__ = ["as_batches", "as_source", "Source", "Scan", "Keys"]
+__all__ = ["as_batches", "as_source", "split_pair", "Source", "Scan", "Keys", "Refusal"]
 
 Keys = tuple[Any, Any]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -40,8 +43,22 @@ _LABEL_KEYS = ("label", "labels", "y", "target", "targets", "class", "fine_label
 
 
 # ---- one batch (or one sample) made into (x, y) ---------------------------------------------
-def split_pair(item: Any, *, keys: Keys | None = None, batch_fn: BatchFn | None = None):
-    """The (images, labels) of one batch or sample as the user's data yields it."""
+#: builds the error for a batch (or sample) that is not an (images, labels) pair: called with
+#: what it is ("dict", "tuple": of another length, "other") and the item itself
+Refusal = Callable[[str, Any], InputError]
+
+
+def split_pair(
+    item: Any,
+    *,
+    keys: Keys | None = None,
+    batch_fn: BatchFn | None = None,
+    refuse: Refusal | None = None,
+):
+    """The (images, labels) of one batch or sample as the user's data yields it.
+
+    ``refuse`` words the error for items that are not pairs (the audit's, by default, points
+    to ``keys=`` and ``batch_fn=``; training's points to ``collate_fn``)."""
     if batch_fn is not None:
         out = batch_fn(item)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -58,24 +75,36 @@ def split_pair(item: Any, *, keys: Keys | None = None, batch_fn: BatchFn | None 
             raise InputError(
                 f"keys: {tuple(keys)!r} do not select the images and labels of a batch ({have})"
             ) from None
-    if isinstance(item, dict):
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    kind = (
+        "dict"
+        if isinstance(item, dict)
+        else "tuple"
+        if isinstance(item, (tuple, list))
+        else "other"
+    )
+    raise (refuse or _refuse)(kind, item)
+
+
+def _refuse(kind: str, item: Any) -> InputError:
+    """The audit's words for a batch that is not (images, labels): how to map it."""
+    if kind == "dict":
         names = list(item.keys())
         img = next((k for k in _IMAGE_KEYS if k in item), "image")
         lab = next((k for k in _LABEL_KEYS if k in item), "label")
-        raise InputError(
+        return InputError(
             f"data: the batches are dicts with keys {names}; say which hold the images and the "
             f"labels: keys=({img!r}, {lab!r}) (command line: --data-keys {img},{lab}), or "
             "batch_fn=lambda b: (b[...], b[...])"
         )
-    if isinstance(item, (tuple, list)):
-        if len(item) == 2:
-            return item[0], item[1]
-        raise InputError(
+    if kind == "tuple":
+        return InputError(
             f"data: the batches are {len(item)}-tuples ({_describe(item)}); say which hold the "
             "images and the labels: keys=(0, 1) for (images, labels, ...), or "
             "batch_fn=lambda b: (b[0], b[1])"
         )
-    raise InputError(
+    return InputError(
         f"data: expected (images, labels) batches, got {type(item).__name__}; a Dataset must "
         "return (image, label) pairs (or pass keys= / batch_fn=)"
     )
@@ -318,20 +347,23 @@ class Source:
         shape: tuple[int, ...] | None = None
         dtype = torch.float32
         n = 0
-        for start, xb, yb in self.batches(batch_size):
-            if shape is None:
-                shape, dtype = tuple(xb.shape[1:]), xb.dtype
-            elif tuple(xb.shape[1:]) != shape:
-                raise InputError(
-                    f"data: samples differ in size: {self._who(0)} is {shape}, "
-                    f"{self._who(start)} is {tuple(xb.shape[1:])}; resize them to one size "
-                    "(advx.data.ImageFolder(root, resize=..., center_crop=...); command line: "
-                    "--resize N --center-crop N)"
-                )
-            check_images(xb, self.bounds, name="x")
-            h.update(tensor_bytes(xb.detach().to("cpu", torch.float32)))
-            ys.append(yb.cpu())
-            n += xb.shape[0]
+        # the next batch is read while this one is checked and hashed (and the reader stops at
+        # once when a batch is refused)
+        with closing(prefetch(self.batches(batch_size))) as read:
+            for start, xb, yb in read:
+                if shape is None:
+                    shape, dtype = tuple(xb.shape[1:]), xb.dtype
+                elif tuple(xb.shape[1:]) != shape:
+                    raise InputError(
+                        f"data: samples differ in size: {self._who(0)} is {shape}, "
+                        f"{self._who(start)} is {tuple(xb.shape[1:])}; resize them to one size "
+                        "(advx.data.ImageFolder(root, resize=..., center_crop=...); command line: "
+                        "--resize N --center-crop N)"
+                    )
+                check_images(xb, self.bounds, name="x")
+                h.update(tensor_bytes(xb.detach().to("cpu", torch.float32)))
+                ys.append(yb.cpu())
+                n += xb.shape[0]
         if n == 0 or shape is None:
             raise InputError("data: no samples to audit")
         y = torch.cat(ys)
@@ -389,20 +421,25 @@ class Source:
         for start, xb, yb in self.batches(batch_size):
             end = start + xb.shape[0]
             lo = pos
-            while pos < len(want) and want[pos] < end:
-                pos += 1
+            pos = bisect.bisect_left(want, end, lo=pos)
             if pos > lo:
-                local = torch.tensor(want[lo:pos]) - start
-                buf_x.append(xb[local])
-                buf_y.append(yb[local])
+                a, b = want[lo] - start, want[pos - 1] - start + 1
+                if b - a == pos - lo:  # a run of consecutive rows: a view, not a copy
+                    buf_x.append(xb[a:b])
+                    buf_y.append(yb[a:b])
+                else:
+                    local = torch.tensor(want[lo:pos]) - start
+                    buf_x.append(xb[local])
+                    buf_y.append(yb[local])
                 held += pos - lo
             while held >= batch_size or (held and pos == len(want)):
-                x_all, y_all = torch.cat(buf_x), torch.cat(buf_y)
+                x_all, y_all = _joined(buf_x), _joined(buf_y)
                 k = min(batch_size, held)
                 yield done, rows[done : done + k], x_all[:k], y_all[:k]
                 done += k
                 held -= k
                 buf_x, buf_y = ([x_all[k:]], [y_all[k:]]) if held else ([], [])
+                del x_all, y_all
             if end > last:
                 break  # nothing wanted further on
         if done < rows.numel():
@@ -411,6 +448,11 @@ class Source:
                 f"(row {int(rows[done])} is missing); it must give the same samples in the same "
                 "order on every pass (a DataLoader with shuffle=False)"
             )
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """One tensor of ``parts`` (no copy when there is one part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class TensorSource(Source):

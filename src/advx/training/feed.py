@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .._rng import SampleRNG, derive_seed
 from .._validate import check_images, check_labels
+from ..data.sources import split_pair
 from ..errors import InputError
 
 __all__ = ["AUGMENTS", "check_augment", "crop_flip", "Source", "as_source"]
@@ -88,24 +89,28 @@ def augment_rng(seed: int, epoch: int, index: Tensor) -> SampleRNG:
 
 # ---- the data -------------------------------------------------------------------------------
 def _pair(item: Any, what: str) -> tuple[Any, Any]:
-    """(x, y) out of a Dataset item or a DataLoader batch, or an error saying how to map it."""
-    if isinstance(item, dict):
-        raise InputError(
-            f"fit: the {what} yields dicts (keys {sorted(map(str, item))}); fit needs "
-            f"(image, label) pairs: {_MAPPING_HINT}"
+    """(x, y) out of a Dataset item or a DataLoader batch (the data layer's splitting), or an
+    error saying how to map it -- with a ``collate_fn``: fit takes no ``keys=`` or
+    ``batch_fn=``, unlike the audit."""
+
+    def refuse(kind: str, item: Any) -> InputError:
+        if kind == "dict":
+            return InputError(
+                f"fit: the {what} yields dicts (keys {sorted(map(str, item))}); fit needs "
+                f"(image, label) pairs: {_MAPPING_HINT}"
+            )
+        if kind == "tuple":
+            return InputError(
+                f"fit: the {what} yields {len(item)}-tuples; fit needs (image, label) pairs: "
+                "drop the extra fields, e.g. with collate_fn=lambda items: "
+                "torch.utils.data.default_collate([(it[0], it[1]) for it in items])"
+            )
+        return InputError(
+            f"fit: the {what} yields {type(item).__name__}s; fit needs (image, label) pairs: "
+            f"{_MAPPING_HINT}"
         )
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return item[0], item[1]
-    if isinstance(item, (tuple, list)):
-        raise InputError(
-            f"fit: the {what} yields {len(item)}-tuples; fit needs (image, label) pairs: drop "
-            "the extra fields, e.g. with collate_fn=lambda items: "
-            "torch.utils.data.default_collate([(it[0], it[1]) for it in items])"
-        )
-    raise InputError(
-        f"fit: the {what} yields {type(item).__name__}s; fit needs (image, label) pairs: "
-        f"{_MAPPING_HINT}"
-    )
+
+    return split_pair(item, refuse=refuse)
 
 
 def _image(xi: Any) -> Tensor:
