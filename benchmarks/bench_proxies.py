@@ -1,6 +1,6 @@
 """CPU proxies of the per-iteration overhead of the inner loops (issue 15).
 
-    python benchmarks/bench_proxies.py [--n 200] [--write]
+    python benchmarks/bench_proxies.py [--n 200] [--every K] [--write LABEL]
 
 On a GPU advx is overhead-bound: what an inner loop costs besides the model is the number of
 small kernels it launches and the host syncs it waits on. Both can be counted on a CPU with
@@ -18,6 +18,12 @@ Per iteration means the difference between a run of ``K2`` and one of ``K1`` ite
 divided by ``K2 - K1``, so that the set-up and the final evaluation drop out. The eps is small
 enough that almost no point is broken within ``K2`` iterations (early stopping would otherwise
 end the loop).
+
+The loops compact their batch (drop the samples that are done: one host sync) every ``K``
+iterations, ``advx.attacks._lanes.COMPACT_EVERY`` per device type: 1 on a CPU, more on a GPU,
+where the syncs are what costs. The proxies stand for a GPU: they run with the CUDA setting
+(``--every``, default the CUDA entry), set through ``ADVX_COMPACT_EVERY``; ``K2 - K1`` is a
+multiple of 16, so that the count of compactions between the two runs is exact for K = 16.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 os.environ.setdefault("ADVX_PROGRESS", "0")
 
 from _common import advx, load, machine, mnist_test, table, write_section
+
+from advx.attacks._lanes import COMPACT_EVERY, ENV
 
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
 
@@ -112,12 +120,12 @@ def attacks(eps: float) -> dict[str, tuple]:
     """name -> (build(k): the attack with k iterations, K1, K2)."""
     linf = advx.Linf(eps)
     return {
-        "square": (lambda k: advx.Square(linf, queries=k), 20, 60),
-        "apgd": (lambda k: advx.APGD(linf, loss="ce", steps=k), 20, 40),
-        "apgd-t": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=1), 20, 40),
-        "pgd": (lambda k: advx.PGD(linf, steps=k), 20, 40),
-        "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 10, 20),
-        "fab": (lambda k: advx.FAB(linf, steps=k), 5, 10),
+        "square": (lambda k: advx.Square(linf, queries=k), 20, 52),
+        "apgd": (lambda k: advx.APGD(linf, loss="ce", steps=k), 16, 48),
+        "apgd-t": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=1), 16, 48),
+        "pgd": (lambda k: advx.PGD(linf, steps=k), 16, 48),
+        "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 16, 32),
+        "fab": (lambda k: advx.FAB(linf, steps=k), 16, 32),
     }
 
 
@@ -132,10 +140,21 @@ def main() -> None:
         default="one",
         help="one: every pass in one chunk, as on a GPU (the default); auto: the CPU tuner's",
     )
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=COMPACT_EVERY["cuda"],
+        help="iterations between compactions (default: the CUDA setting; 1: the CPU's)",
+    )
     ap.add_argument("--list", action="store_true", help="print the ops per iteration by name")
     ap.add_argument("--write", metavar="LABEL", default=None, help="append to RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    os.environ[ENV] = str(args.every)
+    print(
+        f"compaction every {args.every} iteration(s) ({ENV}; the CUDA setting is "
+        f"{COMPACT_EVERY['cuda']}, the CPU's {COMPACT_EVERY['cpu']})"
+    )
 
     clf = advx.Classifier(
         Scoped(trained_lenet5()), batch_size=args.n if args.chunk == "one" else "auto"
@@ -168,7 +187,7 @@ def main() -> None:
         write_section(
             f"CPU proxies ({args.write})",
             f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps} "
-            f"--chunk {args.chunk}`, "
+            f"--chunk {args.chunk} --every {args.every}`, "
             f"MNIST LeNet5, {args.n} test points, Linf {args.eps}; {machine()}\n\n{md}",
         )
 
