@@ -375,16 +375,13 @@ class ModelView:
 
 def _ones_like(t: Tensor) -> Tensor:
     """``torch.ones_like(t)``, kept for the last shape asked: the gradient's grad_outputs, made
-    once per inner loop instead of once per pass (autograd only reads it)."""
+    once per inner loop instead of once per pass (autograd only reads it). Read once into a
+    local: another thread may replace the kept tensor meanwhile."""
     global _ONES
-    if (
-        _ONES is None
-        or _ONES.shape != t.shape
-        or _ONES.dtype != t.dtype
-        or _ONES.device != t.device
-    ):
-        _ONES = torch.ones_like(t)
-    return _ONES
+    ones = _ONES
+    if ones is None or ones.shape != t.shape or ones.dtype != t.dtype or ones.device != t.device:
+        ones = _ONES = torch.ones_like(t)
+    return ones
 
 
 _ONES: Tensor | None = None
