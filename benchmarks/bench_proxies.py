@@ -1,6 +1,6 @@
 """CPU proxies of the per-iteration overhead of the inner loops (issue 15).
 
-    python benchmarks/bench_proxies.py [--n 200] [--write]
+    python benchmarks/bench_proxies.py [--n 200] [--every K] [--write LABEL]
 
 On a GPU advx is overhead-bound: what an inner loop costs besides the model is the number of
 small kernels it launches and the host syncs it waits on. Both can be counted on a CPU with
@@ -18,12 +18,20 @@ Per iteration means the difference between a run of ``K2`` and one of ``K1`` ite
 divided by ``K2 - K1``, so that the set-up and the final evaluation drop out. The eps is small
 enough that almost no point is broken within ``K2`` iterations (early stopping would otherwise
 end the loop).
+
+The loops compact their batch (drop the samples that are done: one host sync) every ``K``
+iterations, ``advx.attacks._lanes.COMPACT_EVERY`` per device type: 1 on a CPU, more on a GPU,
+where the syncs are what costs. The proxies stand for a GPU: they run with the CUDA setting
+(``--every``, default the CUDA entry), set through ``ADVX_COMPACT_EVERY``; ``K2 - K1`` is a
+multiple of 16, so that the count of compactions between the two runs is exact for K = 16.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import time
 
 import torch
 from torch import nn
@@ -32,6 +40,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 os.environ.setdefault("ADVX_PROGRESS", "0")
 
 from _common import advx, load, machine, mnist_test, table, write_section
+
+try:
+    from advx.attacks._lanes import COMPACT_EVERY, ENV
+except ImportError:  # the code before the lanes (a "before" run): compaction every iteration
+    COMPACT_EVERY, ENV = {"cpu": 1, "cuda": 1}, "ADVX_COMPACT_EVERY"
 
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
 
@@ -112,13 +125,33 @@ def attacks(eps: float) -> dict[str, tuple]:
     """name -> (build(k): the attack with k iterations, K1, K2)."""
     linf = advx.Linf(eps)
     return {
-        "square": (lambda k: advx.Square(linf, queries=k), 20, 60),
-        "apgd": (lambda k: advx.APGD(linf, loss="ce", steps=k), 20, 40),
-        "apgd-t": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=1), 20, 40),
-        "pgd": (lambda k: advx.PGD(linf, steps=k), 20, 40),
-        "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 10, 20),
-        "fab": (lambda k: advx.FAB(linf, steps=k), 5, 10),
+        "square": (lambda k: advx.Square(linf, queries=k), 20, 52),
+        "apgd": (lambda k: advx.APGD(linf, loss="ce", steps=k), 16, 48),
+        "apgd-t": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=1), 16, 48),
+        "pgd": (lambda k: advx.PGD(linf, steps=k), 16, 48),
+        "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 16, 32),
+        "fab": (lambda k: advx.FAB(linf, steps=k), 16, 32),
     }
+
+
+def wall(clf, x, y, eps: float) -> None:
+    """Wall and CPU seconds of one PGD-40 and one APGD-CE-100 call (early stop on), after a
+    warm-up."""
+    linf = advx.Linf(eps)
+    for name, attack in (
+        ("pgd-40", advx.PGD(linf, steps=40)),
+        ("apgd-ce-100", advx.APGD(linf, loss="ce", steps=100)),
+    ):
+        # warm-up on every point: the chunk tuner (with --chunk auto), the allocator
+        dataclasses.replace(attack, steps=2)(clf, x, y)
+        t0, c0 = time.perf_counter(), time.process_time()
+        r = attack(clf, x, y)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # the CPU time of the process: less moved than the wall time by the other jobs
+        print(
+            f"wall {name} {seconds:.3f} s cpu {cpu:.3f} s broken {int(r.success.sum())}/{len(x)}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -132,15 +165,34 @@ def main() -> None:
         default="one",
         help="one: every pass in one chunk, as on a GPU (the default); auto: the CPU tuner's",
     )
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=COMPACT_EVERY["cuda"],
+        help="iterations between compactions (default: the CUDA setting; 1: the CPU's)",
+    )
     ap.add_argument("--list", action="store_true", help="print the ops per iteration by name")
+    ap.add_argument(
+        "--wall",
+        action="store_true",
+        help="instead: the wall time of one PGD-40 and one APGD-CE-100 call on the points",
+    )
     ap.add_argument("--write", metavar="LABEL", default=None, help="append to RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    os.environ[ENV] = str(args.every)
+    print(
+        f"compaction every {args.every} iteration(s) ({ENV}; the CUDA setting is "
+        f"{COMPACT_EVERY['cuda']}, the CPU's {COMPACT_EVERY['cpu']})"
+    )
 
     clf = advx.Classifier(
         Scoped(trained_lenet5()), batch_size=args.n if args.chunk == "one" else "auto"
     )
     x, y = mnist_test(args.n)
+    if args.wall:
+        wall(clf, x, y, args.eps)
+        return
     rows = []
     for name, (build, k1, k2) in attacks(args.eps).items():
         if args.only and name not in args.only:
@@ -168,7 +220,7 @@ def main() -> None:
         write_section(
             f"CPU proxies ({args.write})",
             f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps} "
-            f"--chunk {args.chunk}`, "
+            f"--chunk {args.chunk} --every {args.every}`, "
             f"MNIST LeNet5, {args.n} test points, Linf {args.eps}; {machine()}\n\n{md}",
         )
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import advx
-from advx.attacks import Square
+from advx.attacks import Square, _lanes
 from advx.attacks.square import _eta, p_schedule
 from advx.errors import AccessError, InputError
 from advx.models import BlackBox, Classifier
@@ -31,7 +31,9 @@ def _counting(net, kind="scores", budget=None):
 
 # ---- (1) scores only ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["scores", "gradients"])
-def test_never_asks_for_a_gradient(trained_mlp, batch, kind):
+def test_never_asks_for_a_gradient(trained_mlp, batch, kind, monkeypatch):
+    # eager compaction: the net sees exactly the charged rows (no frozen rows riding along)
+    monkeypatch.setenv(_lanes.ENV, "1")
     x, y = batch
     counter, model = _counting(trained_mlp, kind)
     r = Square(advx.Linf(0.1), queries=50)(model, x, y)

@@ -20,6 +20,7 @@ from .._validate import one_of, positive_int
 from ..errors import InputError
 from ._base import Attack, Problem, RunOutput
 from ._best import Best
+from ._lanes import Lanes, masked
 from ._losses import LOSSES, LossFn
 from ._registry import register
 
@@ -176,21 +177,27 @@ class APGD(Attack):
             # share of coordinates a step moves
             s["frac"] = torch.full((n,), 0.2, device=dev, dtype=dtype)
             s["nnz_prev"] = torch.full((n,), float(d), device=dev, dtype=dtype)
-        qa = q
+        # With early_stop, a sample that became adversarial leaves the batch at the next
+        # compaction and rides along frozen until then (``lanes.done``): its best point, loss
+        # and gradient take nothing more, its passes are not charged. Without it, nothing leaves.
+        lanes = Lanes(q, every=None if self.early_stop else 1)
+        qa = lanes.start(q)
 
         # Without early_stop, the run's kept point per running sample (compacted with s), handed
         # to `out` at the end. With early_stop no running sample has been adversarial yet, so
-        # the kept point is best_x, or the current point where it has just become adversarial
-        # (and leaves): `out` gets it only when rows leave and at the end.
+        # the kept point is best_x, which takes the current point where it has just become
+        # adversarial (and stops): `out` gets it when rows leave and at the end.
         run = None if self.early_stop else Best.highest(x0)
 
-        def record(
-            x: Tensor, loss: Tensor, adv: Tensor, grad: Tensor | None = None
-        ) -> Tensor | None:
-            """Keep the best point (and its gradient) and the first adversarial one; return the
-            rows to keep running (None: all of them). torch.where, not boolean-mask writes:
-            one host sync, to decide whether rows leave."""
+        def record(x: Tensor, loss: Tensor, adv: Tensor, grad: Tensor | None = None) -> None:
+            """Keep the best point (and its gradient) and, with early_stop, the first
+            adversarial one, where the row is not frozen. torch.where, not boolean-mask
+            writes: no host sync."""
             better = loss > s["best_loss"]
+            if run is None:
+                # an adversarial point is kept and its row is done; a frozen row takes nothing
+                better = masked(better | adv, lanes.done)
+                lanes.mark(adv)
             mask = better.view(-1, *([1] * (x.dim() - 1)))  # (N,) -> (N, 1, ..., 1)
             if grad is not None:
                 s["best_grad"] = torch.where(mask, grad, s["best_grad"])
@@ -198,31 +205,23 @@ class APGD(Attack):
             s["best_loss"] = torch.where(better, loss, s["best_loss"])
             if run is not None:
                 run.update(x, loss, adv)
-                return None
-            # nonzero: one kernel and one host sync, like bool(adv.any()) but one kernel less
-            if adv.nonzero().numel():
-                now = adv.view(-1, *([1] * (x.dim() - 1)))
-                out.offer(
-                    s["act"],
-                    torch.where(now, x, s["best_x"]),
-                    torch.where(adv, loss, s["best_loss"]),
-                    adv,
-                )
-                return (~adv).nonzero().view(-1)
-            return None
 
         for t in q.progress(self.steps, desc):
             x = s["x"]
-            loss, grad, logits = qa.model.value_and_grad(x, loss_fn, s["labels"])
-            keep = record(x, loss, qa.is_adversarial(logits), grad)
+            loss, grad, logits = qa.model.value_and_grad(x, loss_fn, s["labels"], frozen=lanes.done)
+            record(x, loss, qa.is_adversarial(logits), grad)
             losses.append(loss)
             s["grad"] = grad
-            if keep is not None:
-                if keep.numel() == 0:
-                    break
-                s = {k: v[keep] for k, v in s.items()}
-                losses = [v[keep] for v in losses]
-                qa = qa.select(keep)
+            if run is None and lanes.due(t):
+                found = lanes.done
+                keep = lanes.compact()
+                if keep is not None:
+                    out.offer(s["act"], s["best_x"], s["best_loss"], found)
+                    s = {k: v[keep] for k, v in s.items()}
+                    losses = [v[keep] for v in losses]
+                    qa = qa.select(keep)
+                    if keep.numel() == 0:
+                        break
             if t in window:
                 if l1:
                     restart = self._l1_checkpoint(s, qa.x)
@@ -255,12 +254,14 @@ class APGD(Attack):
                 )
             s["prev"], s["x"] = x, x_next
         else:
-            logits = qa.model.logits(s["x"])  # the last step's point
+            logits = qa.model.logits(s["x"], frozen=lanes.done)  # the last step's point
             record(s["x"], loss_fn(logits, s["labels"]), qa.is_adversarial(logits))
+        qa.model.settle()
         if run is not None:
             out.offer(s["act"], run.x, run.score, run.found)
         else:
-            out.offer(s["act"], s["best_x"], s["best_loss"], torch.zeros_like(s["reduced"]))
+            found = lanes.done if lanes.done is not None else torch.zeros_like(s["reduced"])
+            out.offer(s["act"], s["best_x"], s["best_loss"], found)
         return out
 
     def _checkpoint(self, s: dict[str, Tensor], ups: Tensor, window: int) -> Tensor:

@@ -13,6 +13,7 @@ from .._validate import nonneg_float, positive_int
 from ..errors import InputError
 from ._base import Attack, Problem, RunOutput
 from ._best import Best
+from ._lanes import Lanes, masked
 from ._losses import other_max
 from ._registry import register
 
@@ -176,14 +177,16 @@ class FAB(Attack):
         best.rounds(len(plans) * self.restarts, run, everyone=not self.early_stop)
         return best.output()
 
-    def _gap(self, q: Problem, xa: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _gap(
+        self, q: Problem, xa: Tensor, target: Tensor | None, frozen: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The linear function (value (m,), gradient (m, D)) whose zero set is the boundary to
-        step onto, and the logits at ``xa``."""
+        step onto, and the logits at ``xa``; the ``frozen`` rows' passes are not charged."""
         if q.target is not None:  # the caller's target against whichever class beats it now
-            value, grad, logits = q.model.value_and_grad(xa, _target_gap, q.target)
+            value, grad, logits = q.model.value_and_grad(xa, _target_gap, q.target, frozen=frozen)
             return value, flat(grad), logits
         if target is not None:  # FAB-T: the boundary between the target and the true class
-            value, grad, logits = q.model.value_and_grad(xa, _pair_gap, target, q.y)
+            value, grad, logits = q.model.value_and_grad(xa, _pair_gap, target, q.y, frozen=frozen)
             return value, flat(grad), logits
         # untargeted: the gradient of f_j - f_y for every j != y, one class at a time (C - 1
         # passes), keeping per sample the j whose linearized boundary is closest: memory stays
@@ -193,12 +196,14 @@ class FAB(Attack):
         # boolean-mask indexing, which waits on the device)
         ranks = torch.arange(c - 1, device=xa.device).view(1, -1)
         others = ranks + (ranks >= q.y.view(-1, 1))
-        best_value, grad, logits = q.model.value_and_grad(xa, _pair_gap, others[:, 0], q.y)
+        best_value, grad, logits = q.model.value_and_grad(
+            xa, _pair_gap, others[:, 0], q.y, frozen=frozen
+        )
         best_grad = flat(grad)  # (m, ...) -> (m, D)
         # the distance to the linearized boundary
         best_dist = best_value.abs() / q.threat.dual_norm(best_grad).clamp(min=1e-12)
         for j in range(1, c - 1):
-            value, grad, _ = q.model.value_and_grad(xa, _pair_gap, others[:, j], q.y)
+            value, grad, _ = q.model.value_and_grad(xa, _pair_gap, others[:, j], q.y, frozen=frozen)
             grad = flat(grad)  # (m, ...) -> (m, D)
             dist = value.abs() / q.threat.dual_norm(grad).clamp(min=1e-12)
             closer = dist < best_dist
@@ -221,12 +226,19 @@ class FAB(Attack):
         """One run of FAB (one target, one restart) on the samples ``rows`` (= ``q``)."""
         lo, hi = q.threat.bounds
         norm = q.threat.norm
+        # with early_stop, samples done (a point inside the eps ball) leave the batch at the
+        # next compaction and ride along frozen until then (``lanes.done``): their points are
+        # never offered, their passes not charged
+        lanes = Lanes(q, every=None if self.early_stop else 1)
+        q = lanes.start(q)
         xa = q.x.clone() if start is None else start
         desc = f"{q.name} target {k + 1} restart {r + 1}" if (k or self.restarts > 1) else None
         for t in q.progress(self.steps, desc):
-            f, w, logits = self._gap(q, xa, target)
+            frozen = lanes.done
+            f, w, logits = self._gap(q, xa, target, frozen)
             # the current point, checked for free
-            best.offer(rows, xa, q.threat.distance(xa, q.x), q.is_adversarial(logits))
+            adv = masked(q.is_adversarial(logits), frozen)
+            best.offer(rows, xa, q.threat.distance(xa, q.x), adv)
             x0f, xf = flat(q.x), flat(xa)  # (m, ...) -> (m, D)
             # project the current and the clean point onto the hyperplane f + <w, z - xa> = 0
             d1 = project_hyperplane(norm, w, -f, lo - xf, hi - xf)
@@ -237,18 +249,21 @@ class FAB(Attack):
             alpha = (n1 / (n1 + n2).clamp(min=1e-12)).clamp(max=self.alpha_max).view(-1, 1)
             step = (1 - alpha) * (xf + self.eta * d1) + alpha * (x0f + self.eta * d2)
             xa = step.view_as(q.x).clamp(lo, hi)
-            adv = q.is_adversarial(q.model.logits(xa))
+            adv = masked(q.is_adversarial(q.model.logits(xa, frozen=frozen)), frozen)
             best.offer(rows, xa, q.threat.distance(xa, q.x), adv)
             # from an adversarial point, backtrack towards x_orig: the next step starts closer
             b = per_sample(torch.where(adv, self.beta, 1.0).to(xa.dtype), xa)
             xa = b * xa + (1 - b) * q.x
             if self.early_stop:
-                go = (~best.done(rows)).nonzero().view(-1)
-                if go.numel() < rows.numel():
-                    if go.numel() == 0:
-                        break
-                    rows, xa, q = rows[go], xa[go], q.select(go)
-                    target = None if target is None else target[go]
+                lanes.done = best.done(rows)  # sticky: the best distance only shrinks
+                if lanes.due(t):
+                    go = lanes.compact()
+                    if go is not None:
+                        rows, xa, q = rows[go], xa[go], q.select(go)
+                        target = None if target is None else target[go]
+                        if go.numel() == 0:
+                            break
+        q.model.settle()
 
 
 def _norm(q: Problem, d: Tensor) -> Tensor:

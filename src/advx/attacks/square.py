@@ -29,6 +29,7 @@ from .._validate import one_of, positive_int
 from ..errors import InputError
 from ._base import Attack, Problem, RunOutput
 from ._best import Best
+from ._lanes import Lanes, masked
 from ._losses import get_loss
 from ._registry import register
 
@@ -187,10 +188,16 @@ class Square(Attack):
             rows, q = rows[keep_idx], q.select(keep_idx)
         if rows.numel() == 0:
             return
+        # Without a budget, adversarial samples leave at the next compaction and ride along
+        # frozen until then (``lanes.done``: their candidates are not taken, their passes not
+        # charged). A budget is checked before every pass: its loop compacts every iteration.
+        lanes = Lanes(q, every=1 if budget else None)
+        q = lanes.start(q)
         eps = q.threat.eps_tensor(q.x)
         x_cur = self._linf_init(q, restart, eps) if linf else self._l2_init(q, restart, eps)
         logits = q.model.logits(x_cur)
         cur_loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
+        found = lanes.mark(adv)
 
         iterations = share - 1
         n, c, h, w = q.x.shape
@@ -212,18 +219,19 @@ class Square(Attack):
         # sample leaves the search and at the end, not after every query.
         for t in p.progress(iterations, desc):
             # per-sample early stop: adversarial samples and those out of model budget leave
+            idx = None
             if budget:
-                go = ~adv & affordable(q)
-                leave = not bool(go.all())  # an adversarial sample is not in go either
-            else:
-                leave = bool(adv.any())
-            if leave:
-                if not budget:
-                    go = ~adv
-                best.offer(rows, x_cur, cur_loss, adv)
-                if budget:
-                    done[rows[~adv & ~go]] = True
-                idx = go.nonzero().view(-1)
+                go = ~found & affordable(q)
+                if not bool(go.all()):  # an adversarial sample is not in go either
+                    best.offer(rows, x_cur, cur_loss, found)
+                    done[rows[~found & ~go]] = True
+                    idx = go.nonzero().view(-1)
+                lanes.done = None
+            elif lanes.due(t - 1):  # compacts before iteration t, after the pass of t - 1
+                idx = lanes.compact()
+                if idx is not None:
+                    best.offer(rows, x_cur, cur_loss, found)
+            if idx is not None:
                 rows, q, x_cur, cur_loss, eps = (
                     rows[idx],
                     q.select(idx),
@@ -231,7 +239,6 @@ class Square(Attack):
                     cur_loss[idx],
                     eps[idx],
                 )
-                adv = adv[idx]
                 if draws.dim() > 1:
                     draws = draws[idx]
                     if linf:  # the block's tables hold row positions: remade for the rows left
@@ -240,6 +247,7 @@ class Square(Attack):
                     values = values[:, idx]
                     plus, minus = values.unbind(0)
                 if rows.numel() == 0:
+                    q.model.settle()
                     return
             if t % block == 0:
                 # (N, block, width): the uniforms of iterations t .. t + block - 1
@@ -257,14 +265,17 @@ class Square(Attack):
             else:
                 u = draws[:, t % block]
                 cand = self._l2_step(q, x_cur, eps, p_schedule(self.p_init, t, iterations), u)
-            logits = q.model.logits(cand)
+            logits = q.model.logits(cand, frozen=lanes.done)
             loss, adv = loss_fn(logits, q.labels), q.is_adversarial(logits)
             # the paper accepts a strict decrease of its loss; an adversarial candidate is kept
-            # too (with the CE loss it may not be a decrease), since its sample stops here
-            better = adv | (loss > cur_loss)
+            # too (with the CE loss it may not be a decrease), since its sample stops here; a
+            # frozen sample takes nothing
+            better = masked(adv | (loss > cur_loss), lanes.done)
             x_cur = torch.where(better.view(-1, 1, 1, 1), cand, x_cur)
             cur_loss = torch.where(better, loss, cur_loss)
-        best.offer(rows, x_cur, cur_loss, adv)
+            found = lanes.mark(adv)
+        q.model.settle()
+        best.offer(rows, x_cur, cur_loss, found)
 
     # ---- Linf --------------------------------------------------------------------------------
     def _linf_init(self, q: Problem, restart: int, eps: Tensor) -> Tensor:

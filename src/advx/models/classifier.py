@@ -60,6 +60,8 @@ class Classifier(Model):
 
     access: Access = "gradients"
     autograd = True
+    # local arithmetic, row by row: done rows may ride along in an attack's passes (Model)
+    paddable = True
 
     def __init__(
         self,
