@@ -11,7 +11,7 @@ import torch
 
 import advx
 from advx._rng import derive_seed
-from advx.attacks import Problem, Repeated, RunOutput, WorstCase
+from advx.attacks import Problem, Repeated, RunOutput, WorstCase, _lanes
 from advx.errors import InputError
 
 from ..conftest import CountingNet
@@ -134,7 +134,9 @@ def test_a_minimum_norm_attack_with_a_finite_eps_stops_at_a_success_inside_it():
     assert bool(r.success[first].all())
 
 
-def test_repeat_composes(trained_mlp, batch):
+def test_repeat_composes(trained_mlp, batch, monkeypatch):
+    # counts the net's rows: eager compaction, whatever ADVX_COMPACT_EVERY says
+    monkeypatch.setenv(_lanes.ENV, "1")
     x, y = batch
     pgd = advx.PGD(advx.Linf(0.05), steps=3)
     twice = pgd.repeat(2)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import advx
+from advx.attacks import _lanes
 from advx.errors import BudgetExceeded, InputError
 
 from ..conftest import CountingNet
@@ -116,7 +117,9 @@ def test_budget_is_enforced_before_the_pass(trained_mlp, batch):
     assert int(ok.queries.max()) <= 5
 
 
-def test_chunked_passes_give_the_same_results_and_counts(trained_mlp, batch):
+def test_chunked_passes_give_the_same_results_and_counts(trained_mlp, batch, monkeypatch):
+    # counts the net's rows: eager compaction, whatever ADVX_COMPACT_EVERY says
+    monkeypatch.setenv(_lanes.ENV, "1")
     x, y = batch
     net = CountingNet(trained_mlp).eval()
     whole = advx.PGD(advx.Linf(0.1), steps=5)(advx.Classifier(net, batch_size=1000), x, y)
