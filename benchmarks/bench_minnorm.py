@@ -27,7 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import SHARED, advx, load, machine, mnist_test, table, trades_smallcnn, versions
+from _common import (
+    SHARED,
+    advx,
+    cifar_balanced,
+    load,
+    machine,
+    mnist_test,
+    resnet20_normalized,
+    table,
+    trades_smallcnn,
+    versions,
+)
 
 INF = math.inf
 
@@ -176,7 +187,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--df-steps", type=int, default=50)
     ap.add_argument("--norms", nargs="+", default=["l2", "linf", "l1"])
-    ap.add_argument("--models", nargs="+", default=["smallcnn", "lenet"])
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["smallcnn", "lenet"],
+        choices=["smallcnn", "lenet", "resnet20"],
+    )
     ap.add_argument("--cache", type=Path, default=None, help="where to keep the LeNet's weights")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -186,17 +202,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    xs, ys = mnist_test(max(args.n * 2, 200))
     parts = []
     for m in args.models:
-        net = trades_smallcnn() if m == "smallcnn" else undefended_lenet(args.cache)
+        if m == "resnet20":
+            # the class-balanced CIFAR-10 test points (every k-th of the class-sorted set), as
+            # the audit benchmarks take them; twice n, then the first n classified correctly
+            xs, ys = cifar_balanced(min(2 * args.n, 10000))
+            net = resnet20_normalized()
+        else:
+            xs, ys = mnist_test(max(args.n * 2, 200))
+            net = trades_smallcnn() if m == "smallcnn" else undefended_lenet(args.cache)
         for prm in net.parameters():
             prm.requires_grad_(False)
         with torch.no_grad():
             ok = net(xs).argmax(1) == ys
         x, y = xs[ok][: args.n].clone(), ys[ok][: args.n].clone()
         advx.DDN(steps=2)(advx.Classifier(net), x, y)  # warm-up: advx sizes its chunks once
-        label = "TRADES SmallCNN" if m == "smallcnn" else "undefended LeNet"
+        label = {
+            "smallcnn": "TRADES SmallCNN",
+            "lenet": "undefended LeNet",
+            "resnet20": "CIFAR-10 ResNet-20 (undefended)",
+        }[m]
         text, facts = run_model(label, net, x, y, args)
         parts.append(text)
         if m == "smallcnn" and "linf" in args.norms and "FMN" in args.attacks:
