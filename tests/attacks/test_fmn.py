@@ -33,10 +33,12 @@ def test_reaches_the_nearest_boundary_of_a_linear_model(norm):
     assert bool(r.success.all())
     rel = (r.distance - exact) / exact
     assert float(rel.min()) >= -1e-9, "closer than the nearest boundary"
-    # the gamma lattice: 3.4e-4 (L2), 1.3e-4 (Linf) on half of the points or more
-    assert float(rel.median()) < 2e-3
-    # L1 steps along the L2 gradient and projects: a rare sample stops at another vertex
-    assert float(rel.max()) < (0.1 if norm == "l1" else 2e-3)
+    # the gamma lattice: 3.4e-4 (L2), 1.3e-4 (Linf); L1 2.2e-3 (its steps, a fraction of the
+    # radius, approach the vertex; the fixed alpha 10 before jumped onto it: 0 here, but 33%
+    # farther on the TRADES SmallCNN)
+    assert float(rel.median()) < (3e-3 if norm == "l1" else 1e-3)
+    # L1 steps along the L2 gradient and projects: a rare sample stops at another vertex (11%)
+    assert float(rel.max()) < (0.15 if norm == "l1" else 2e-3)
 
 
 class _CubeRoot(torch.nn.Module):
@@ -71,27 +73,27 @@ def test_comes_back_from_a_first_success_far_outside(norm):
     assert bool(r.success.all())
     rel = (r.distance - exact) / exact
     assert float(rel.min()) >= -1e-9, "closer than the boundary"
-    # measured: at most 5.2% over (L1), 0.03% (L2, Linf); with the paper's gamma (0.05
+    # measured: at most 5.4% over (L1), 0.03% (L2, Linf); with the paper's gamma (0.05
     # annealed to 0.001) and its shrink to the best distance, 30 steps end 41% over
     assert float(rel.max()) < 0.1
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_comes_back_from_far_outside_within_20_steps(norm):
-    """Gamma 0.1 -> 0.02 and (L2) alpha 2: back to the boundary from 3 times too far within 20
-    steps (measured 0.02% / 0.06% over; with gamma 0.05 throughout and alpha 1 (L2) or the
-    L2-normalized step (Linf), 13% over)."""
+    """Gamma 0.1 -> 0.02 and the steps (L2: alpha 2; Linf, L1: a fraction of the radius): back
+    to the boundary from 3 times too far within 20 steps (measured 0.02% / 0.06% / 7.4% over;
+    with gamma 0.05 throughout and the paper's fixed L2-normalized steps, 13% in each norm)."""
     net = _CubeRoot(64)
     g = torch.Generator().manual_seed(1)
     x = 0.5 + 0.02 * (torch.rand(16, 64, generator=g, dtype=torch.float64) - 0.5)
     y = torch.zeros(16, dtype=torch.long)
     with torch.no_grad():
         z = x @ net.w + net.b
-    exact = z / (net.w.abs().sum() if norm == "linf" else net.w.norm())
+    exact = z / {"linf": net.w.abs().sum(), "l2": net.w.norm(), "l1": net.w.abs().max()}[norm]
     r = FMN(advx.ThreatModel(norm, math.inf), steps=20)(net, x, y)
     assert bool(r.success.all())
     rel = (r.distance - exact) / exact
-    assert float(rel.min()) >= -1e-9 and float(rel.max()) < 0.01
+    assert float(rel.min()) >= -1e-9 and float(rel.max()) < (0.1 if norm == "l1" else 0.01)
 
 
 def test_l2_as_close_as_ddn(trained_mlp, points):
