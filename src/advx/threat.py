@@ -306,8 +306,14 @@ def _project_l1_box(v: Tensor, lower: Tensor, upper: Tensor, eps: Tensor) -> Ten
     Requires lower <= 0 <= upper (the clean input lies in the box). The solution is
     d_i = sign(v_i) * clip(|v_i| - lam, 0, c_i), with c_i the room in the direction of v_i and
     lam >= 0 the smallest value for which ||d||_1 <= eps. g(lam) = sum_i clip(a_i - lam, 0, c_i)
-    is piecewise linear with breakpoints a_i - c_i and a_i; sorting the breakpoints and summing
-    the slopes gives the exact lam per sample.
+    is piecewise linear with breakpoints a_i - c_i and a_i; walking down the breakpoints from
+    the largest and summing the slopes gives the exact lam per sample.
+
+    Only the breakpoints above lam matter, and an L1 ball is usually much smaller than the
+    vector projected onto it (FMN's L1 steps on MNIST: 12-76 coordinates of 784 stay nonzero),
+    so the walk takes the largest breakpoints by topk, 64 at first, doubling only for the
+    samples whose lam lies below those: a full sort of the 2D breakpoints took about 20% of
+    FMN-L1's time on a LeNet, the topk a third of that (issue 11).
     """
     shape = v.shape
     v, lower, upper = flat(v), flat(lower).clamp(max=0), flat(upper).clamp(min=0)  # (N, D)
@@ -322,28 +328,30 @@ def _project_l1_box(v: Tensor, lower: Tensor, upper: Tensor, eps: Tensor) -> Ten
     an, cn, en = a[need], cap[need], eps[need]
     n, dim = an.shape
     # breakpoints: at a_i the coordinate starts to grow (moving lam down), at a_i - c_i it stops
-    points = torch.cat([an, an - cn], dim=1)  # (n, 2D)
-    deltas = torch.cat([torch.ones_like(an), -torch.ones_like(an)], dim=1)
-    order = points.argsort(dim=1, descending=True, stable=True)
-    points = points.gather(1, order)
-    count = deltas.gather(1, order).cumsum(dim=1)  # active coordinates just below each breakpoint
-    gaps = points[:, :-1] - points[:, 1:]
-    g = torch.cat(
-        [points.new_zeros(n, 1), (count[:, :-1] * gaps).cumsum(dim=1)], dim=1
-    )  # g(point_k)
-    # first breakpoint where g reaches eps; lam lies between it and the one before
-    reached = g >= en.view(-1, 1)
-    k = torch.where(
-        reached.any(dim=1),
-        reached.float().argmax(dim=1),
-        torch.full_like(en, 2 * dim - 1, dtype=torch.long),
-    )
-    k = k.clamp(min=1)
-    prev = (k - 1).view(-1, 1)
-    lam = points.gather(1, prev).view(-1) - (en - g.gather(1, prev).view(-1)) / count.gather(
-        1, prev
-    ).view(-1).clamp(min=1)
-    lam = lam.clamp(min=0)
+    points = torch.cat([an, an - cn], dim=1)  # (n, 2D); index < D: slope +1, else -1
+    lam = torch.empty_like(en)
+    todo = torch.arange(n, device=an.device)
+    m = min(64, 2 * dim)
+    while todo.numel():
+        top, idx = points.index_select(0, todo).topk(m, dim=1)  # descending
+        count = torch.where(idx < dim, 1.0, -1.0).to(work).cumsum(dim=1)  # active below each
+        g = torch.cat(
+            [top.new_zeros(len(todo), 1), (count[:, :-1] * (top[:, :-1] - top[:, 1:])).cumsum(1)],
+            dim=1,
+        )  # g(top_k)
+        e = en.index_select(0, todo)
+        # first breakpoint where g reaches eps; lam lies between it and the one before
+        reached = g >= e.view(-1, 1)
+        hit = reached.any(dim=1)
+        done = hit | (m == 2 * dim)  # not reached among all 2D: lam is below the lowest
+        k = torch.where(hit, reached.float().argmax(dim=1), torch.full_like(todo, m - 1))
+        prev = (k.clamp(min=1) - 1).view(-1, 1)
+        found = top.gather(1, prev).view(-1) - (e - g.gather(1, prev).view(-1)) / count.gather(
+            1, prev
+        ).view(-1).clamp(min=1)
+        lam[todo[done]] = found[done].clamp(min=0)
+        todo = todo[~done]
+        m = min(2 * m, 2 * dim)
     d = torch.minimum((an - lam.view(-1, 1)).clamp(min=0), cn)
     out = boxed.clone()
     out[need] = d
