@@ -13,7 +13,14 @@ from ..threat import ThreatModel
 from ._base import Problem
 from ._best import Best
 
-__all__ = ["closer_on_ray", "cosine", "farthest", "live_rows", "need_two_classes"]
+__all__ = [
+    "closer_on_ray",
+    "cosine",
+    "farthest",
+    "live_rows",
+    "need_two_classes",
+    "without_done",
+]
 
 
 def cosine(k: int, steps: int, start: float, end: float) -> float:
@@ -32,6 +39,18 @@ def farthest(threat: ThreatModel, x: Tensor) -> Tensor:
 def live_rows(p: Problem) -> Tensor:
     """The samples worth attacking: those with a budget above 0 (eps 0 can never succeed)."""
     return (p.threat.eps_tensor(p.x) > 0).nonzero().view(-1)
+
+
+def without_done(
+    best: Best, rows: Tensor, q: Problem, *per_row: Tensor
+) -> tuple[Tensor, Problem, tuple[Tensor, ...]]:
+    """Drop the samples whose search is over (a success inside a finite eps) from a loop's
+    ``rows``, its problem ``q`` and its per-row tensors; all returned as they are when none
+    is."""
+    go = (~best.done(rows)).nonzero().view(-1)
+    if go.numel() == rows.numel():
+        return rows, q, per_row
+    return rows[go], q.select(go), tuple(t[go] for t in per_row)
 
 
 def need_two_classes(p: Problem, who: str) -> None:

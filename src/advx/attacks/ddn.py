@@ -14,7 +14,14 @@ from ..threat import L2, ThreatModel
 from ._base import Attack, Problem, RunOutput
 from ._best import Best
 from ._losses import ce, margin
-from ._minnorm import closer_on_ray, cosine, farthest, live_rows, need_two_classes
+from ._minnorm import (
+    closer_on_ray,
+    cosine,
+    farthest,
+    live_rows,
+    need_two_classes,
+    without_done,
+)
 from ._registry import register
 
 
@@ -94,14 +101,11 @@ class DDN(Attack):
             norm = q.threat.distance(xa, q.x)
             best.offer(rows, xa, norm, adv)
             if stop_early:  # a success inside the budget ends the sample's search
-                go = (~best.done(rows)).nonzero().view(-1)
-                if go.numel() < rows.numel():
-                    rows, q, xa, grad, adv, radius, norm, logits = (
-                        rows[go], q.select(go), xa[go], grad[go], adv[go], radius[go], norm[go],
-                        logits[go],
-                    )  # fmt: skip
-                    if rows.numel() == 0:
-                        break
+                rows, q, (xa, grad, adv, radius, norm, logits) = without_done(
+                    best, rows, q, xa, grad, adv, radius, norm, logits
+                )
+                if rows.numel() == 0:
+                    break
             # direction: a step of length alpha along the normalized gradient (none where the
             # gradient vanishes: there is no direction to take)
             gnorm = flat(grad).norm(dim=1)

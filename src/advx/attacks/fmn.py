@@ -12,7 +12,14 @@ from .._validate import check_float, check_int, positive_float, positive_int
 from ._base import Attack, Problem, RunOutput
 from ._best import Best
 from ._losses import margin
-from ._minnorm import closer_on_ray, cosine, farthest, live_rows, need_two_classes
+from ._minnorm import (
+    closer_on_ray,
+    cosine,
+    farthest,
+    live_rows,
+    need_two_classes,
+    without_done,
+)
 from ._registry import register
 
 
@@ -115,14 +122,11 @@ class FMN(Attack):
             norm = q.threat.distance(xa, q.x)
             best.offer(rows, xa, norm, adv)
             if stop_early:  # a success inside the budget ends the sample's search
-                go = (~best.done(rows)).nonzero().view(-1)
-                if go.numel() < rows.numel():
-                    rows, q, xa, grad, adv, radius, loss, norm = (
-                        rows[go], q.select(go), xa[go], grad[go], adv[go], radius[go],
-                        loss[go], norm[go],
-                    )  # fmt: skip
-                    if rows.numel() == 0:
-                        break
+                rows, q, (xa, grad, adv, radius, loss, norm) = without_done(
+                    best, rows, q, xa, grad, adv, radius, loss, norm
+                )
+                if rows.numel() == 0:
+                    break
             gamma = cosine(k, self.steps, self.gamma_init, self.gamma_final)
             found = best.found.index_select(0, rows)
             # the first-order distance to the boundary: where the radius goes before a success
