@@ -129,6 +129,8 @@ def attacks_for(norm: str, steps: int, df_steps: int):
     fmn_fb = {"linf": fb.attacks.LInfFMNAttack, "l2": fb.attacks.L2FMNAttack,
               "l1": fb.attacks.L1FMNAttack}[norm]  # fmt: skip
     if norm == "l2":
+        # the yardstick for DDN and FMN: CW-L2 at its default schedule (9 x 1,000)
+        ours("CW-9x1000", advx.CW(advx.L2(float("inf"))))
         ours(f"DDN-{steps}", advx.DDN(steps=steps))
         foolbox(f"DDN-{steps}", fb.attacks.DDNAttack(steps=steps))
         adv_lib(f"DDN-{steps}", lambda net, x, y: al.ddn(net, x, y, steps=steps, levels=None))
