@@ -101,9 +101,10 @@ class Lanes:
         One host sync (``nonzero``); ``done`` is reset: the rows kept are all running.
         """
         done, self.done = self.done, None
-        if done is None or done.nonzero().numel() == 0:
+        if done is None:
             return None
-        return (~done).nonzero().view(-1)
+        go = (~done).nonzero().view(-1)
+        return None if go.numel() == done.numel() else go
 
 
 def masked(adv: Tensor, frozen: Tensor | None) -> Tensor:

@@ -148,13 +148,13 @@ class Tracker:
         """Charge ``cost`` passes to each entry of ``samples`` (global row ids; repeats allowed);
         with ``active`` (bool, one per entry), to the active entries only."""
         # the last size's tensor of costs is kept: an inner loop's passes mostly repeat a size
-        kept = self._ones.get((samples.numel(), cost))
         if active is not None:
             ones = active.to(samples.dtype) * cost
-        elif kept is None or kept.device != samples.device:
-            ones = torch.full_like(samples, cost)
-            self._ones = {(samples.numel(), cost): ones}
         else:
+            kept = self._ones.get((samples.numel(), cost))
+            if kept is None or kept.device != samples.device:
+                kept = torch.full_like(samples, cost)
+                self._ones = {(samples.numel(), cost): kept}
             ones = kept
         if self.budget is not None:
             after = self.queries.index_add(0, samples, ones)
