@@ -144,7 +144,7 @@ class FMN(Attack):
             if q.threat.norm == "linf":
                 # the steepest ascent of the Linf ball, sign(grad), alpha times the radius long
                 # (see the class docstring)
-                step = xa + per_sample(alpha * radius, grad) * grad.sign()
+                step = xa + per_sample(alpha * radius, grad) * q.threat.steepest_ascent(grad)
             else:
                 # along the L2-normalized gradient: alpha long in L2
                 gnorm = flat(grad).norm(dim=1)
