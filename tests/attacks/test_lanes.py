@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import advx
 from advx.attacks import _lanes
@@ -53,22 +52,9 @@ CASES = {
 EARLY = {name for name in CASES if "no-early-stop" not in name and "unbounded" not in name}
 
 
-class _RowLinear(nn.Module):
-    """A linear layer computed row by row: the same bits for a row in any batch."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-        self.bias = nn.Parameter(linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.unsqueeze(1) * self.weight).sum(dim=-1) + self.bias
-
-
 @pytest.fixture(scope="module")
-def net(trained_mlp):
-    layers = [_RowLinear(m) if isinstance(m, nn.Linear) else m for m in trained_mlp]
-    return nn.Sequential(*layers).eval()
+def net(row_net):
+    return row_net
 
 
 def _run(net, x, y, make, every: int, monkeypatch, *, targeted: bool, box: bool = False):

@@ -9,6 +9,7 @@ the most likely other classes one after another. Under L1 it is APGD-L1 (Croce &
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +24,7 @@ from ._best import Best
 from ._lanes import Lanes, masked
 from ._losses import LOSSES, LossFn
 from ._registry import register
+from ._side import cascade, runs_at_once
 
 __all__ = ["APGD", "checkpoints"]
 
@@ -112,41 +114,62 @@ class APGD(Attack):
             runs = 1
             loss_fn = partial(loss_fn, targeted=p.targeted)
 
+        def labels(q: Problem, rows: Tensor, i: int) -> Tensor:
+            return q.labels if ranked is None else ranked[rows, i // self.restarts]
+
+        def key(i: int) -> tuple[int, int]:
+            """Run i's random-stream key: (restart, target)."""
+            k, restart = divmod(i, self.restarts)
+            return restart, k
+
         def run(rows: Tensor, i: int) -> None:
             """Run i: target k (APGD-T), restart r, on the samples ``rows`` still unbroken."""
             k, restart = divmod(i, self.restarts)
             q = p.select(rows)
-            labels = q.labels if ranked is None else ranked[rows, k]
             desc = f"{p.name} target {k + 1}/{runs}" if apgd_t else p.name
             if self.restarts > 1:
                 desc += f" restart {restart + 1}/{self.restarts}"
-            out = self._descend(q, labels, loss_fn, (restart, k), desc)
+            x0 = self._start(q, key(i))
+            out = self._descend(q, labels(q, rows, i), loss_fn, x0, desc)
             best.offer(rows, out.x, out.score, out.found)
 
-        best.rounds(runs * self.restarts, run)  # targets in turn, restarts within each
+        def side_by_side(wide: Problem, rows: Tensor, group: Sequence[int]) -> Best:
+            """Runs ``group`` in one batch: each from its own start, towards its own target."""
+            q = p.select(rows)
+            starts = [self._start(q, key(i)) for i in group]
+            target = torch.cat([labels(q, rows, i) for i in group])
+            desc = f"{p.name} runs {group[0] + 1}-{group[-1] + 1}/{runs * self.restarts}"
+            return self._descend(wide, target, loss_fn, torch.cat(starts), desc)
+
+        # targets in turn, restarts within each; on a GPU several runs side by side
+        total = runs * self.restarts
+        cascade(best, p, total, run, side_by_side, at_once=runs_at_once(p, total))
         return best.output()
 
-    def _descend(
-        self, q: Problem, labels: Tensor, loss_fn: LossFn, key: tuple[int, int], desc: str
-    ) -> Best:
-        """One APGD run from a random start. Returns, per sample, the point to keep (the first
+    def _start(self, q: Problem, key: tuple[int, int]) -> Tensor:
+        """Run ``key`` = (restart, target)'s first point: uniform in the ball, or under L1
+        (as APGD-L1 starts sparse) Gaussian noise projected onto the ball and the box."""
+        if q.threat.norm == "l1":
+            shape = tuple(q.x.shape[1:])
+            noise = q.rng.normal(*key, shape=shape, dtype=q.x.dtype).to(q.x.device)
+            return q.threat.project(q.x + noise, q.x)
+        return q.threat.random_init(q.x, q.rng, *key)
+
+    def _descend(self, q: Problem, labels: Tensor, loss_fn: LossFn, x0: Tensor, desc: str) -> Best:
+        """One APGD run from ``x0``. Returns, per sample, the point to keep (the first
         adversarial one, else the one with the highest loss)."""
         n, dev, dtype = len(q), q.x.device, q.x.dtype
         l1 = q.threat.norm == "l1"
         linf = q.threat.norm == "linf"
         if l1:
-            # APGD-L1 checks every 4% of the run and starts sparse, as the paper does: Gaussian
-            # noise projected onto the ball and the box (a uniform point of the ball is dense)
+            # APGD-L1 checks every 4% of the run, as the paper does
             every = max(int(0.04 * self.steps), 1)
             window = {w: every for w in range(every, self.steps, every)}
-            noise = q.rng.normal(*key, shape=tuple(q.x.shape[1:]), dtype=dtype).to(dev)
-            x0 = q.threat.project(q.x + noise, q.x)
         else:
             marks = checkpoints(self.steps)
             window = {
                 w: w - v for v, w in zip(marks, marks[1:])
             }  # checkpoint -> steps since the last one
-            x0 = q.threat.random_init(q.x, q.rng, *key)
         out = Best.highest(x0)
         eps = q.threat.eps_tensor(q.x)
         lowest = torch.full((n,), float("-inf"), device=dev, dtype=dtype)

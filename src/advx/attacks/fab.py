@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from ._best import Best
 from ._lanes import Lanes, masked
 from ._losses import other_max
 from ._registry import register
+from ._side import cascade, runs_at_once
 
 
 def _pair_gap(logits: Tensor, cls: Tensor, ref: Tensor) -> Tensor:
@@ -173,8 +175,21 @@ class FAB(Attack):
             target = None if target is None else target[rows]
             self._single(best, lin_d, q, rows, target, start, k, r)
 
-        # targets in turn, restarts within each; without early_stop every run sees every sample
-        best.rounds(len(plans) * self.restarts, run, everyone=not self.early_stop)
+        def side_by_side(wide: Problem, rows: Tensor, group: Sequence[int]) -> Best:
+            """FAB-T's targets ``group`` in one batch (first runs: no restart ball)."""
+            out = Best.closest(wide.x, wide.threat.eps_tensor(wide.x))
+            target = torch.cat([plans[i][rows] for i in group])  # type: ignore[index]
+            lin_wide = torch.full((len(wide),), math.inf, device=x.device, dtype=x.dtype)
+            everything = torch.arange(len(wide), device=x.device)
+            self._single(out, lin_wide, wide, everything, target, None, group[0], 0)
+            return out
+
+        # targets in turn, restarts within each; without early_stop every run sees every sample.
+        # On a GPU FAB-T's targets go side by side: a run whose restart ball comes from the runs
+        # before it (restarts > 1) cannot, so they stay one at a time.
+        total = len(plans) * self.restarts
+        at_once = runs_at_once(p, total) if self.restarts == 1 and plans[0] is not None else 1
+        cascade(best, p, total, run, side_by_side, at_once=at_once, everyone=not self.early_stop)
         return best.output()
 
     def _gap(

@@ -1,0 +1,147 @@
+"""The runs of a per-sample cascade side by side in one batch: APGD-T's and FAB-T's targets.
+
+APGD-T tries its targets one after another, each on the samples no earlier target broke; so do
+FAB-T and APGD's restarts. On a GPU an inner loop costs its kernel launches, whatever its rows:
+nine runs of 100 steps pay them nine times. :func:`cascade` runs a group of consecutive runs in
+one batch instead (run j's copy of sample s is row ``j * m + s``) and pays them once.
+
+Nothing a user sees changes. Each run starts from its own draws (made per run, before the rows
+are fanned out), a row's passes do not depend on the rows beside it, and run j's outcome is
+offered, and its passes are charged, only to the samples no earlier run finished: what the
+sequential cascade would have run. The price is arithmetic: a sample broken by its first target
+still runs the others of its group, and their results are thrown away. A GPU bound by its
+overhead absorbs that; a CPU pays it in full (up to ``runs`` times the work where every sample
+breaks early). Hence one run at a time on the CPU, by default (:data:`RUNS_AT_ONCE`, overridden
+by ``ADVX_RUNS_AT_ONCE``), and never for a model whose passes are real queries (a black box, an
+endpoint: not :attr:`~advx.models._base.Model.paddable`) or that has a query budget (checked
+before each pass, sample by sample, in the order of the cascade).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..models._base import ModelView, Tracker
+from ._base import Problem
+from ._best import Best
+
+__all__ = ["ENV", "RUNS_AT_ONCE", "cascade", "fan_out", "runs_at_once"]
+
+# Consecutive runs in one batch, per device type (1: one after another). Other device types:
+# one at a time, until measured.
+RUNS_AT_ONCE: dict[str, int] = {"cpu": 1, "cuda": 9}
+ENV = "ADVX_RUNS_AT_ONCE"
+# On a GPU a group is also bounded by memory: the wide batch's state (the attacks keep some
+# STATE_COPIES tensors of the batch's shape: points, best points, gradients, momentum, steps)
+# may take this share of the device's free memory, measured when the group is formed.
+MEMORY_SHARE = 0.25
+STATE_COPIES = 16
+
+
+def runs_at_once(p: Problem, runs: int) -> int:
+    """How many consecutive runs of a cascade over ``p`` go in one batch (1: one at a time)."""
+    view = p.model
+    if runs <= 1 or not view.model.paddable or view.tracker.budget is not None:
+        return 1
+    env = os.environ.get(ENV, "").strip()
+    if env:
+        try:
+            at_once = int(env)
+        except ValueError:
+            at_once = 0
+        if at_once < 1:
+            raise InputError(
+                f"{ENV}: must be a whole number of runs >= 1 (1: one run after another), got "
+                f"{env!r}; unset it for the device's default"
+            )
+    else:
+        at_once = RUNS_AT_ONCE.get(p.x.device.type, 1)
+    at_once = min(at_once, runs)
+    if at_once > 1 and p.x.device.type == "cuda" and len(p):
+        free, _ = torch.cuda.mem_get_info(p.x.device)
+        per_run = len(p) * p.x[0].numel() * p.x.element_size() * STATE_COPIES
+        at_once = max(1, min(at_once, int(free * MEMORY_SHARE) // per_run))
+    return at_once
+
+
+def fan_out(q: Problem, copies: int) -> Problem:
+    """``copies`` copies of every sample of ``q``, copy-major (copy j of sample s is row
+    ``j * len(q) + s``), on a view with a tracker of its own: :func:`cascade` decides which of
+    the copies' passes the samples are charged. The copies of a sample share its random
+    streams: draws that differ by run are made per run, before fanning out."""
+    m = len(q)
+    rep = torch.arange(m, device=q.x.device).repeat(copies)
+    tracker = Tracker(copies * m, q.x.device, label=q.model.tracker.label)
+    return Problem(
+        model=ModelView(q.model.model, tracker),
+        x=q.x[rep],
+        y=q.y[rep],
+        target=None if q.target is None else q.target[rep],
+        threat=q.threat.select(rep),
+        rng=q.rng.select(rep),
+        num_classes=q.num_classes,
+        name=q.name,
+    )
+
+
+def cascade(
+    best: Best,
+    p: Problem,
+    runs: int,
+    one: Callable[[Tensor, int], object],
+    many: Callable[[Problem, Tensor, Sequence[int]], Best],
+    *,
+    at_once: int,
+    everyone: bool = False,
+) -> None:
+    """Runs 0 .. ``runs`` - 1 of a cascade over ``p``, each on the samples not ``done`` in
+    ``best`` (with ``everyone``: on all of them), ``at_once`` consecutive runs per batch.
+
+    ``one(rows, i)`` runs run i alone on the samples ``rows`` and offers to ``best`` (the
+    sequential path: :meth:`Best.rounds`). ``many(wide, rows, group)`` runs the runs ``group``
+    side by side on ``wide`` (:func:`fan_out` of ``p.select(rows)``, one copy per run, in
+    order) and returns each row's outcome, a :class:`Best` of ``len(wide)`` rows. Run j's
+    outcome is then offered, and its passes charged, to the samples no earlier run finished.
+    """
+    if at_once <= 1:
+        best.rounds(runs, one, everyone=everyone)
+        return
+    n = len(best)
+    for first in range(0, runs, at_once):
+        group = range(first, min(first + at_once, runs))
+        if everyone:
+            rows = torch.arange(n, device=best.x.device)
+        else:
+            rows = (~best.done()).nonzero().view(-1)
+        if rows.numel() == 0:
+            break
+        if len(group) == 1:
+            one(rows, first)
+            continue
+        q = p.select(rows)
+        m = len(q)
+        wide = fan_out(q, len(group))
+        out = many(wide, rows, group)
+        wide.model.settle()
+        queries = wide.model.tracker.queries.view(len(group), m)
+        grads = wide.model.tracker.grads.view(len(group), m)
+        spent_q = torch.zeros_like(queries[0])
+        spent_g = torch.zeros_like(grads[0])
+        for j in range(len(group)):
+            ran = None if everyone else ~best.done(rows)  # what run first + j ran on
+            part = slice(j * m, (j + 1) * m)
+            found = out.found[part]
+            if ran is None:
+                spent_q += queries[j]
+                spent_g += grads[j]
+            else:
+                spent_q += torch.where(ran, queries[j], 0)
+                spent_g += torch.where(ran, grads[j], 0)
+                found = found & ran
+            best.offer(rows, out.x[part], out.score[part], found)
+        q.model.add_counts(spent_q, spent_g)
