@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._memory import rows_that_fit
 from ..errors import InputError
 from ..models._base import ModelView, Tracker
 from ._base import Problem
@@ -62,10 +63,9 @@ def runs_at_once(p: Problem, runs: int) -> int:
     else:
         at_once = RUNS_AT_ONCE.get(p.x.device.type, 1)
     at_once = min(at_once, runs)
-    if at_once > 1 and p.x.device.type == "cuda" and len(p):
-        free, _ = torch.cuda.mem_get_info(p.x.device)
+    if at_once > 1 and len(p):
         per_run = len(p) * p.x[0].numel() * p.x.element_size() * STATE_COPIES
-        at_once = max(1, min(at_once, int(free * MEMORY_SHARE) // per_run))
+        at_once = rows_that_fit(p.x.device, per_run, share=MEMORY_SHARE, at_most=at_once)
     return at_once
 
 

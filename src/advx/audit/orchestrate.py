@@ -27,7 +27,7 @@ from .assemble import build_report
 from .checks import Finding, check_blackbox_gain, check_convergence, check_curve, check_model
 from .eps_curve import _eps_curve
 from .report import EpsCurve, Report, Seconds, stage_labels
-from .runner import CascadeState, gather_states, run_cascade
+from .runner import UNIT, CascadeState, gather_states, run_cascade, unit_size
 from .stats import count_of, wilson
 from .suites import Suite, load_suite
 
@@ -45,7 +45,7 @@ def audit(
     eps_curve: Sequence[float] | str | None = "auto",
     checks: bool = True,
     state: str | os.PathLike | None = None,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     subset: int = 200,
     n_examples: int = 8,
     meta: dict[str, Any] | None = None,
@@ -76,7 +76,9 @@ def audit(
         state: a file for per-sample state: written as the audit goes, resumed from when it
             exists (and refused if it was made for another model, data or configuration). The
             adversarial examples found go to ``state + ".adv"`` beside it.
-        batch_size: samples per unit of work (and of saved state).
+        batch_size: samples per unit of work (and of saved state); None: 500 on a CPU, on a GPU
+            as many as its free memory holds for the attacks' state (up to 10,000). Results do
+            not depend on it.
         subset: how many samples the checks and the curve use (the cascade uses all).
         meta: extra provenance to record: ``model`` and ``data`` name them in the report,
             ``weights`` and ``weights_sha256`` the weights file; other keys go to provenance.
@@ -99,8 +101,13 @@ def audit(
     if isinstance(y, ThreatModel) and threat is None:
         y, threat = None, y  # audit(model, loader, threat)
     model = as_model(model)
-    if batch_size < 1:
-        raise InputError(f"batch_size: expected a positive int, got {batch_size}")
+    if batch_size is not None and (
+        not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+    ):
+        raise InputError(
+            f"batch_size: expected a positive int (or None: sized for the device), got "
+            f"{batch_size!r}"
+        )
     if isinstance(x, Tensor) and isinstance(y, Tensor):
         x, y, threat = _checked(model, x, y, threat)
         source = as_source(x, y, bounds=model.bounds)
@@ -112,8 +119,10 @@ def audit(
     the_suite = load_suite(suite, threat)
     staged = the_suite.stages(threat, seed=seed)
     stages, closest = [a for a, _ in staged], [c for _, c in staged]
-    scan = source.scan(batch_size)  # count, check and fingerprint: one pass, before any work
+    scan = source.scan(batch_size or UNIT)  # count, check, fingerprint: one pass, before work
     n, y_all = scan.n, check_labels(scan.y, scan.n, torch.device("cpu"))
+    if batch_size is None:
+        batch_size = unit_size(device, scan.shape, scan.dtype)
 
     fingerprint = {
         "model": model.fingerprint(),

@@ -23,8 +23,10 @@ from torch import Tensor
 
 from .._distributed import Group, current_group
 from .._io import atomic_open
+from .._memory import rows_that_fit
 from .._progress import bar
 from ..attacks import Attack
+from ..attacks._side import RUNS_AT_ONCE, STATE_COPIES
 from ..data.prefetch import Mover, prefetch
 from ..data.sources import Source, as_source
 from ..errors import InputError
@@ -171,6 +173,24 @@ def _save_state(path: Path, fingerprint: dict[str, Any], state: CascadeState) ->
 
 
 # ---- the cascade -----------------------------------------------------------------------------
+UNIT = 500  # samples per unit of work on a CPU (and the least on a GPU)
+# On a GPU every unit pays each stage's per-iteration overhead once, whatever its samples (issue
+# 15): a unit holds as many as fit in UNIT_SHARE of the free memory with a stage's state (the
+# attacks' STATE_COPIES per sample, for each of the runs that go side by side), up to UNIT_MAX.
+UNIT_MAX = 10_000
+UNIT_SHARE = 0.25
+
+
+def unit_size(device: torch.device, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Samples per unit of work when the caller gives no ``batch_size``: :data:`UNIT` on a
+    CPU, on a GPU as many as its free memory holds (between UNIT and UNIT_MAX)."""
+    if device.type != "cuda":
+        return UNIT
+    sample = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    row = sample * STATE_COPIES * RUNS_AT_ONCE.get(device.type, 1)
+    return rows_that_fit(device, row, share=UNIT_SHARE, at_least=UNIT, at_most=UNIT_MAX)
+
+
 def run_cascade(
     model,
     x: Tensor | Source,
@@ -180,7 +200,7 @@ def run_cascade(
     index: Tensor | None = None,
     state_path: str | os.PathLike | None = None,
     fingerprint: dict[str, Any] | None = None,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     desc: str = "audit",
     mismatch: str = "error",
     closest: list[float | None] | None = None,
@@ -211,8 +231,10 @@ def run_cascade(
     else:
         source = x
         dev = torch.device(device) if device is not None else _model_device(model)
-        scan = source.scan(batch_size)
+        scan = source.scan(batch_size or UNIT)
         n, shape, dtype = scan.n, scan.shape, scan.dtype
+    if batch_size is None:
+        batch_size = unit_size(dev, shape, dtype)
     y_cpu = y.cpu()
     index = torch.arange(n) if index is None else index.cpu()
     path = Path(state_path) if state_path is not None else None

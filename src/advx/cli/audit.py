@@ -123,9 +123,9 @@ from ._common import (
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-    help="Samples per unit of work (and of saved state).",
+    default=None,
+    help="Samples per unit of work (and of saved state). Default: 500 on a CPU; on a GPU as "
+    "many as its free memory holds, up to 10,000.",
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option(
@@ -229,7 +229,7 @@ def audit_command(
         data_keys=data_keys,
         bounds=model.bounds,
     )
-    scan = source.scan(batch_size)
+    scan = source.scan(batch_size or 500)  # a read size only: the cached scan is reused
     probe = torch.empty((1, *scan.shape))  # the shape of one sample, for the checks below
     check_channels(model, probe)
     warn_threat(threat, model.bounds, probe)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._memory import rows_that_fit
 from .._state import evaluating
 from .._validate import check_bounds, check_images, check_int
 from ..errors import InputError
@@ -22,11 +23,15 @@ __all__ = ["Classifier", "as_model"]
 log = logging.getLogger("advx")
 
 OutputSpec = str | int | Callable[[Any], Tensor] | None
-# Candidate chunk sizes for the batch-size tuner: small chunks keep activations in cache on a
-# CPU; a GPU wants big ones.
+# Candidate chunk sizes for the CPU's batch-size tuner: small chunks keep activations in cache.
 _CPU_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-_GPU_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _TUNE_PASS_S = 0.2
+# On a GPU a pass is one chunk up to this share of the memory free when the first pass of a
+# shape ran (a kernel launch costs the same for 100 rows or 10,000: issue 15), at least
+# _GPU_MIN_ROWS rows.
+_GPU_CHUNK_SHARE = 0.5
+_GPU_MIN_ROWS = 64
+_GPU_PROBE_ROWS = 256
 
 
 class Classifier(Model):
@@ -42,8 +47,10 @@ class Classifier(Model):
             callable.
         num_classes: the number of classes (read from the first output when not given).
         budget: a per-sample limit on forward passes within one attack call.
-        batch_size: rows per pass; ``"auto"`` measures the fastest chunk size once per device,
-            dtype and input shape.
+        batch_size: rows per pass; ``"auto"``: on a CPU the fastest chunk size, measured once
+            per dtype, input shape and size of batch (to the next power of two); on a GPU one
+            chunk, up to as many rows as fit in half the memory free at the first pass of an
+            input shape (measured: a probe pass's peak memory per row).
         autocast: run the net under ``torch.autocast`` with this dtype (``torch.bfloat16`` or
             ``torch.float16``, on a GPU); losses and gradients stay in the input's dtype.
         compile: run the forward-only passes (scores, labels: what score- and decision-based
@@ -336,6 +343,8 @@ class Classifier(Model):
     def batch_size_for(self, x: Tensor, *, grad: bool) -> int:
         if self.batch_size != "auto":
             return int(self.batch_size)
+        if x.device.type == "cuda":
+            return self._gpu_rows(x, grad)
         n = x.shape[0]
         if n <= 64:
             return max(1, n)  # too few rows for the tuning to pay off
@@ -354,6 +363,45 @@ class Classifier(Model):
             self._tuned[shape + (bucket,)] = size
         return size
 
+    def _gpu_rows(self, x: Tensor, grad: bool) -> int:
+        """Rows per pass on a GPU: as many as fit in a share of the memory free at the first
+        pass of this shape (measured: the peak memory of a probe pass, per row), kept."""
+        key = ("cuda", x.device.index, x.dtype, tuple(x.shape[1:]), grad)
+        rows = self._tuned.get(key)
+        if rows is None:
+            rows = rows_that_fit(
+                x.device,
+                self._row_bytes(x, grad),
+                share=_GPU_CHUNK_SHARE,
+                at_least=_GPU_MIN_ROWS,
+                at_most=1 << 24,
+            )
+            self._tuned[key] = rows
+            log.debug("chunk size %d for %s on %s (%s)", rows, key[3], x.device, key[4])
+        return rows
+
+    def _row_bytes(self, x: Tensor, grad: bool) -> int:
+        """Peak GPU memory of one pass per row, from a pass over the first rows of ``x``."""
+        rows = x[:_GPU_PROBE_ROWS]
+        dev = x.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._probe(rows, grad)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        return max(1, -(-peak // rows.shape[0]))
+
+    def _probe(self, rows: Tensor, grad: bool) -> None:
+        """One pass over ``rows`` as an attack runs it: forward, and backward to the input."""
+        if grad:
+            xg = rows.detach().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(self.forward(xg).logsumexp(dim=1).sum(), xg)
+        else:
+            with torch.no_grad():
+                self.forward(rows)
+
     def _tune(self, x: Tensor, grad: bool, bucket: int) -> int:
         """Measure time per row at a few chunk sizes and keep the fastest (smallest on ties).
 
@@ -361,26 +409,12 @@ class Classifier(Model):
         beyond the first whose single pass takes over ``_TUNE_PASS_S`` -- by then the fixed cost
         of a pass, which is what bigger chunks save, is a rounding error (on a ResNet-20 the
         full sweep cost some 25 s of CPU, more than the attacks it tuned)."""
-        grid = _GPU_SIZES if x.device.type == "cuda" else _CPU_SIZES
-        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         n = x.shape[0]
-        sizes = [b for b in grid if b <= max(64, bucket)] or [grid[0]]
-
-        def run(b: int) -> None:
-            rows = x[torch.arange(b, device=x.device) % n]
-            if grad:
-                xg = rows.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    torch.autograd.grad(self.forward(xg).logsumexp(dim=1).sum(), xg)
-            else:
-                with torch.no_grad():
-                    self.forward(rows)
+        sizes = [b for b in _CPU_SIZES if b <= max(64, bucket)] or [_CPU_SIZES[0]]
 
         def timed(b: int) -> float:
-            sync()
             t0 = time.perf_counter()
-            run(b)
-            sync()
+            self._probe(x[torch.arange(b, device=x.device) % n], grad)
             return time.perf_counter() - t0
 
         per_row: dict[int, float] = {}
