@@ -20,12 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _common import SHARED, advx, mnist_test, table, trades_smallcnn, versions
+from _common import (
+    SHARED,
+    advx,
+    cifar_balanced,
+    mnist_test,
+    resnet20_normalized,
+    table,
+    trades_smallcnn,
+    versions,
+)
 
 
 def sync() -> None:
@@ -57,7 +67,16 @@ def main() -> None:
     ap.add_argument(
         "--train-n", type=int, default=None, help="training samples (default: all 60,000)"
     )
-    ap.add_argument("--audit-variants", default="standard,fast,fast-compile,standard-bf16")
+    ap.add_argument(
+        "--audit-variants",
+        default="standard,fast,fast-compile,standard-bf16",
+        help="also: ta100 (torchattacks' attacks as fra31/auto-attack's cascade, 100 steps), "
+        "standard-eager and fast-eager (compaction every step, targets one at a time: issue "
+        "15's items 3 and 4 off)",
+    )
+    ap.add_argument(
+        "--model", choices=["trades", "resnet20"], default="trades", help="the audit's model"
+    )
     args = ap.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
@@ -148,40 +167,80 @@ def main() -> None:
 
     if "audit" in parts and not late("audit"):
         rows, stages = [], []
+        if args.model == "resnet20":
+            a_net, eps, what = resnet20_normalized().to(dev), 8 / 255, "CIFAR-10 ResNet-20"
+            a_x, a_y = (t.to(dev) for t in cifar_balanced(args.n))
+        else:
+            a_net, eps, what = net, 0.3, "MNIST TRADES SmallCNN"
+            a_x, a_y = x, y
         try:
             import torchattacks
 
             atk = torchattacks.AutoAttack(
-                net, norm="Linf", eps=0.3, version="standard", n_classes=10, seed=0
+                a_net, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0
             )
-            secs, xa = timed(lambda: atk(x, y))
+            secs, xa = timed(lambda: atk(a_x, a_y))
             with torch.no_grad():
-                acc = float((net(xa).argmax(1) == y).float().mean())
+                acc = float((a_net(xa).argmax(1) == a_y).float().mean())
             rows.append(["torchattacks AutoAttack (standard)", f"{acc:.2%}", secs, 1.0])
             ta = secs
         except ImportError as e:
             rows.append([f"torchattacks not importable ({e})", "-", "-", "-"])
             ta = None
+        # (label, suite, Classifier keywords, environment: issue 15's settings)
+        eager = {"ADVX_COMPACT_EVERY": "1", "ADVX_RUNS_AT_ONCE": "1"}
         variants = {
-            "standard": ("advx standard", "standard", {}),
-            "fast": ("advx fast", "fast", {}),
-            "fast-compile": ("advx fast, compile=True", "fast", {"compile": True}),
+            "standard": ("advx standard", "standard", {}, {}),
+            "fast": ("advx fast", "fast", {}, {}),
+            "fast-compile": ("advx fast, compile=True", "fast", {"compile": True}, {}),
             "standard-bf16": (
                 "advx standard, bf16 autocast",
                 "standard",
                 {"autocast": torch.bfloat16},
+                {},
             ),
+            "standard-eager": (
+                "advx standard, compact every step, targets in turn",
+                "standard",
+                {},
+                eager,
+            ),
+            "fast-eager": ("advx fast, compact every step, targets in turn", "fast", {}, eager),
         }
-        for label, suite, kw in (variants[v] for v in args.audit_variants.split(",")):
+        names = args.audit_variants.split(",")
+        if "ta100" in names and not late("ta100"):
+            from bench_audit import run_torchattacks
+
+            sync()
+            peer = run_torchattacks(a_net, a_x, a_y, eps, steps=100)
+            sync()
+            rows.append(
+                [
+                    "torchattacks APGD-CE, APGD-T, FAB-T (100 steps), Square 5000",
+                    f"{peer['robust']:.2%}",
+                    peer["seconds"],
+                    peer["seconds"] / ta if ta else "-",
+                ]
+            )
+            results.setdefault("audit", []).append({"label": "ta100", **peer})
+            save()
+        for label, suite, kw, env in (variants[v] for v in names if v != "ta100"):
             if late(label):
                 break
-            clf = advx.Classifier(net, **kw)
-            advx.PGD(advx.Linf(0.3), steps=1)(clf, x[:200], y[:200])  # chunk sizes
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            clf = advx.Classifier(a_net, **kw)
+            advx.PGD(advx.Linf(eps), steps=1)(clf, a_x[:200], a_y[:200])  # chunk sizes
             secs, rep = timed(
                 lambda clf=clf, suite=suite: advx.audit(
-                    clf, x, y, advx.Linf(0.3), suite=suite, eps_curve=None, checks=False
+                    clf, a_x, a_y, advx.Linf(eps), suite=suite, eps_curve=None, checks=False
                 )
             )
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             rows.append([label, f"{rep.robust_accuracy:.2%}", secs, secs / ta if ta else "-"])
             stages.append(
                 f"- {label}: "
@@ -202,7 +261,7 @@ def main() -> None:
             )
             save()
         md += [
-            f"### Audit, first {args.n} MNIST test images, TRADES SmallCNN, Linf 0.3",
+            f"### Audit, {args.n} test images, {what}, Linf {eps:.4g}",
             "",
             table(["evaluation", "robust accuracy", "seconds", "ratio to torchattacks"], rows),
             "",

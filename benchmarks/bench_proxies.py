@@ -46,6 +46,12 @@ try:
 except ImportError:  # the code before the lanes (a "before" run): compaction every iteration
     COMPACT_EVERY, ENV = {"cpu": 1, "cuda": 1}, "ADVX_COMPACT_EVERY"
 
+try:
+    from advx.attacks._side import ENV as SIDE_ENV
+    from advx.attacks._side import RUNS_AT_ONCE
+except ImportError:  # before the targets went side by side: one run at a time
+    RUNS_AT_ONCE, SIDE_ENV = {"cpu": 1, "cuda": 1}, "ADVX_RUNS_AT_ONCE"
+
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
 
 
@@ -95,14 +101,16 @@ class Scoped(nn.Module):
             return self.net(x)
 
 
-def count(fn, names: dict[str, int] | None = None) -> tuple[int, int]:
-    """(top-level aten ops outside the model, host syncs outside the model) of one call;
-    ``names`` gets the count of each op's name."""
+def count(fn, names: dict[str, int] | None = None) -> tuple[int, int, int]:
+    """(top-level aten ops outside the model, host syncs outside the model, calls of the
+    model) of one call; ``names`` gets the count of each op's name."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.events()
-    ops = syncs = 0
+    ops = syncs = calls = 0
     for e in events:
+        if e.name == "MODEL":
+            calls += 1
         # walk up to the top-level event: inside the model's scope or autograd's engine is the
         # model's own work
         top, own = e, False
@@ -118,7 +126,7 @@ def count(fn, names: dict[str, int] | None = None) -> tuple[int, int]:
                 names[e.name] = names.get(e.name, 0) + 1
         if e.name in SYNCS:
             syncs += 1
-    return ops, syncs
+    return ops, syncs, calls
 
 
 def attacks(eps: float) -> dict[str, tuple]:
@@ -131,6 +139,9 @@ def attacks(eps: float) -> dict[str, tuple]:
         "pgd": (lambda k: advx.PGD(linf, steps=k), 16, 48),
         "fab-t": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=1), 16, 32),
         "fab": (lambda k: advx.FAB(linf, steps=k), 16, 32),
+        # AutoAttack's settings: nine targets, one after another or side by side
+        "apgd-t9": (lambda k: advx.APGD(linf, loss="dlr-targeted", steps=k, targets=9), 16, 48),
+        "fab-t9": (lambda k: advx.FAB(linf, steps=k, targeted=True, targets=9), 16, 32),
     }
 
 
@@ -171,6 +182,12 @@ def main() -> None:
         default=COMPACT_EVERY["cuda"],
         help="iterations between compactions (default: the CUDA setting; 1: the CPU's)",
     )
+    ap.add_argument(
+        "--runs-at-once",
+        type=int,
+        default=RUNS_AT_ONCE["cuda"],
+        help="APGD-T's and FAB-T's targets side by side (default: the CUDA setting; 1: the CPU's)",
+    )
     ap.add_argument("--list", action="store_true", help="print the ops per iteration by name")
     ap.add_argument(
         "--wall",
@@ -181,13 +198,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ[ENV] = str(args.every)
+    os.environ[SIDE_ENV] = str(args.runs_at_once)
     print(
         f"compaction every {args.every} iteration(s) ({ENV}; the CUDA setting is "
-        f"{COMPACT_EVERY['cuda']}, the CPU's {COMPACT_EVERY['cpu']})"
+        f"{COMPACT_EVERY['cuda']}, the CPU's {COMPACT_EVERY['cpu']}); {args.runs_at_once} "
+        f"run(s) at once ({SIDE_ENV}; CUDA {RUNS_AT_ONCE['cuda']}, CPU {RUNS_AT_ONCE['cpu']})"
     )
 
     clf = advx.Classifier(
-        Scoped(trained_lenet5()), batch_size=args.n if args.chunk == "one" else "auto"
+        Scoped(trained_lenet5()), batch_size=1 << 20 if args.chunk == "one" else "auto"
     )
     x, y = mnist_test(args.n)
     if args.wall:
@@ -201,26 +220,39 @@ def main() -> None:
         r = build(k2)(clf, x, y)
         n1: dict[str, int] = {}
         n2: dict[str, int] = {}
-        o1, s1 = count(lambda: build(k1)(clf, x, y), n1)  # noqa: B023
-        o2, s2 = count(lambda: build(k2)(clf, x, y), n2)  # noqa: B023
+        o1, s1, c1 = count(lambda: build(k1)(clf, x, y), n1)  # noqa: B023
+        o2, s2, c2 = count(lambda: build(k2)(clf, x, y), n2)  # noqa: B023
         if args.list:
             diff = {k: (n2.get(k, 0) - n1.get(k, 0)) / (k2 - k1) for k in n2}
             for k, v in sorted(diff.items(), key=lambda kv: -kv[1]):
                 if v:
                     print(f"    {v:6.2f}  {k}")
         per_ops, per_syncs = (o2 - o1) / (k2 - k1), (s2 - s1) / (k2 - k1)
+        per_calls = (c2 - c1) / (k2 - k1)
         broken = int(r.success.sum())
-        rows.append([name, f"{per_ops:.1f}", f"{per_syncs:.2f}", f"{broken}/{args.n}"])
-        print(f"{name:8s} ops/iter {per_ops:7.1f}  syncs/iter {per_syncs:5.2f}  broken {broken}")
+        rows.append(
+            [name, f"{per_ops:.1f}", f"{per_syncs:.2f}", f"{per_calls:.2f}", f"{broken}/{args.n}"]
+        )
+        print(
+            f"{name:8s} ops/iter {per_ops:7.1f}  syncs/iter {per_syncs:5.2f}  "
+            f"model calls/iter {per_calls:5.2f}  broken {broken}"
+        )
     md = table(
-        ["attack", "aten ops / iteration (excl. model)", "host syncs / iteration", "broken"], rows
+        [
+            "attack",
+            "aten ops / iteration (excl. model)",
+            "host syncs / iteration",
+            "model calls / iteration",
+            "broken",
+        ],
+        rows,
     )
     print(md)
     if args.write:
         write_section(
             f"CPU proxies ({args.write})",
             f"`python benchmarks/bench_proxies.py --n {args.n} --eps {args.eps} "
-            f"--chunk {args.chunk} --every {args.every}`, "
+            f"--chunk {args.chunk} --every {args.every} --runs-at-once {args.runs_at_once}`, "
             f"MNIST LeNet5, {args.n} test points, Linf {args.eps}; {machine()}\n\n{md}",
         )
 
