@@ -146,12 +146,13 @@ def attacks(eps: float) -> dict[str, tuple]:
 
 
 def wall(clf, x, y, eps: float) -> None:
-    """Wall and CPU seconds of one PGD-40 and one APGD-CE-100 call (early stop on), after a
-    warm-up."""
+    """Wall and CPU seconds of one PGD-40, one APGD-CE-100 and one APGD-T-100 call (nine
+    targets; early stop on), after a warm-up."""
     linf = advx.Linf(eps)
     for name, attack in (
         ("pgd-40", advx.PGD(linf, steps=40)),
         ("apgd-ce-100", advx.APGD(linf, loss="ce", steps=100)),
+        ("apgd-t9-100", advx.APGD(linf, loss="dlr-targeted", steps=100, targets=9)),
     ):
         # warm-up on every point: the chunk tuner (with --chunk auto), the allocator
         dataclasses.replace(attack, steps=2)(clf, x, y)
@@ -192,7 +193,7 @@ def main() -> None:
     ap.add_argument(
         "--wall",
         action="store_true",
-        help="instead: the wall time of one PGD-40 and one APGD-CE-100 call on the points",
+        help="instead: the wall time of one PGD-40, APGD-CE-100 and APGD-T-100 call on the points",
     )
     ap.add_argument("--write", metavar="LABEL", default=None, help="append to RESULTS.md")
     args = ap.parse_args()

@@ -209,6 +209,19 @@ def test_attack_independent_of_chunk_size(setup, recorded):
         _check(got, recorded["results"][name], f"{name} in chunks of 7")
 
 
+def test_the_gpu_settings_reproduce_the_record(setup, recorded, monkeypatch):
+    """A GPU's settings, run here: done rows frozen until a compaction every 16 steps, and
+    APGD-T's and FAB-T's targets (APGD's restarts) side by side: the record's results."""
+    from advx.attacks import _lanes, _side
+
+    monkeypatch.setenv(_lanes.ENV, str(_lanes.COMPACT_EVERY["cuda"]))
+    monkeypatch.setenv(_side.ENV, str(_side.RUNS_AT_ONCE["cuda"]))
+    clf, x, y = setup
+    for name in ("apgd-ce", "apgd-t", "apgd-l2", "square-linf", "fab-t", "pgd"):
+        got = _run_attack(_attacks()[name], clf, x, y, N)
+        _check(got, recorded["results"][name], f"{name} at the GPU settings")
+
+
 # the fast suite's Square spends 5,000 queries on each gated point: seconds per run, slow tier
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch{b}")
