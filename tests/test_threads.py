@@ -93,7 +93,7 @@ def test_advx_num_threads_forces_a_count(machine, monkeypatch):
     torch.set_num_threads(1)
     assert _threads.configure() == 3 and torch.get_num_threads() == 3
     monkeypatch.setenv("ADVX_NUM_THREADS", "many")
-    with pytest.raises(InputError, match="ADVX_NUM_THREADS: expected a whole number"):
+    with pytest.raises(InputError, match="ADVX_NUM_THREADS: must be a whole number"):
         _threads.configure()
 
 

@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import InputError
+from ._validate import env_count
 
 __all__ = ["available_cpus", "cgroup_cpu_limit", "configure", "idle_cpus"]
 
@@ -92,19 +92,6 @@ def available_cpus(*, load_aware: bool = True) -> int:
     return max(1, n)
 
 
-def _positive_env(name: str) -> int | None:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InputError(f"{name}: expected a whole number of threads >= 1, got {raw!r}")
-    return value
-
-
 def configure(*, load_aware: bool = True) -> int:
     """Set torch's intra-op thread count from the CPUs available; returns the count in use.
 
@@ -113,7 +100,7 @@ def configure(*, load_aware: bool = True) -> int:
     higher, and kept when it is already lower (the user's ``torch.set_num_threads``)."""
     import torch
 
-    forced = _positive_env("ADVX_NUM_THREADS")
+    forced = env_count("ADVX_NUM_THREADS", what="threads", one="one thread")
     current = torch.get_num_threads()
     if forced is not None:
         if forced != current:

@@ -11,6 +11,7 @@ Argument checks (cheap, at construction) share one message form::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "positive_float",
     "one_of",
     "fail",
+    "env_count",
 ]
 
 # Inputs a hair outside the bounds (float rounding after a transform) are accepted and clipped.
@@ -262,3 +264,21 @@ def check_bounds(bounds: Sequence[float]) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise InputError(f"bounds: expected finite low < high, got ({lo}, {hi})")
     return (lo, hi)
+
+
+def env_count(name: str, *, what: str, one: str) -> int | None:
+    """A whole number >= 1 from the environment variable ``name``; None when it is unset or
+    empty. ``what`` names the unit (e.g. "iterations"), ``one`` what 1 means."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(
+            f"{name}: must be a whole number of {what} >= 1 (1: {one}), got {raw!r}; unset it "
+            "for the default"
+        )
+    return value

@@ -27,3 +27,12 @@ def row_net(trained_mlp) -> nn.Module:
     CPU below 8 rows, can change a row's last bits with the batch it sits in)."""
     layers = [_RowLinear(m) if isinstance(m, nn.Linear) else m for m in trained_mlp]
     return nn.Sequential(*layers).eval()
+
+
+def assert_same_results(a, b) -> None:
+    """Two AttackResults agree bit for bit: points, verdicts, distances and pass counts."""
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert torch.equal(a.success, b.success)
+    assert torch.equal(a.distance, b.distance)
+    assert torch.equal(a.queries, b.queries)
+    assert torch.equal(a.grads, b.grads)

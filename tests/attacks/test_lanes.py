@@ -24,6 +24,7 @@ from advx.errors import BudgetExceeded, InputError
 from advx.models import Classifier
 
 from ..conftest import CountingNet
+from .conftest import assert_same_results
 
 K = 7  # not a divisor of any step count below: compactions fall mid-run and at odd places
 pytestmark = pytest.mark.filterwarnings("ignore:the model was in training mode")
@@ -80,14 +81,6 @@ def _run(net, x, y, make, every: int, monkeypatch, *, targeted: bool, box: bool 
     return r, losses, counter
 
 
-def _same(a, b) -> None:
-    assert torch.equal(a.x_adv, b.x_adv)
-    assert torch.equal(a.success, b.success)
-    assert torch.equal(a.distance, b.distance)
-    assert torch.equal(a.queries, b.queries)
-    assert torch.equal(a.grads, b.grads)
-
-
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_padded_loops_give_the_eager_results(net, batch, monkeypatch, name, targeted):
@@ -95,7 +88,7 @@ def test_padded_loops_give_the_eager_results(net, batch, monkeypatch, name, targ
     make = CASES[name]
     eager, eager_losses, seen = _run(net, x, y, make, 1, monkeypatch, targeted=targeted)
     padded, padded_losses, seen_k = _run(net, x, y, make, K, monkeypatch, targeted=targeted)
-    _same(eager, padded)
+    assert_same_results(eager, padded)
     assert len(eager_losses) == len(padded_losses)
     for a, b in zip(eager_losses, padded_losses):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -117,7 +110,7 @@ def test_any_period_gives_the_eager_results(net, batch, monkeypatch, every):
     make = CASES["apgd-ce"]
     eager, losses, _ = _run(net, x, y, make, 1, monkeypatch, targeted=False)
     padded, padded_losses, _ = _run(net, x, y, make, every, monkeypatch, targeted=False)
-    _same(eager, padded)
+    assert_same_results(eager, padded)
     assert torch.equal(losses[0], padded_losses[0])
 
 
@@ -127,7 +120,7 @@ def test_a_black_box_is_never_padded(net, batch, monkeypatch):
     make = CASES["square-linf"]
     eager, _, seen = _run(net, x, y, make, 1, monkeypatch, targeted=False, box=True)
     padded, _, seen_k = _run(net, x, y, make, K, monkeypatch, targeted=False, box=True)
-    _same(eager, padded)
+    assert_same_results(eager, padded)
     assert seen_k.forward_rows == seen.forward_rows == int(padded.queries.sum())
 
 
@@ -155,7 +148,7 @@ def test_square_stops_at_a_budget_the_same_way(net, batch, monkeypatch):
         assert counter.forward_rows == int(r.queries.sum())
         assert int(r.queries.max()) == 40
         results.append(r)
-    _same(*results)
+    assert_same_results(*results)
 
 
 def test_the_period_per_device_and_its_override(net, batch, monkeypatch):

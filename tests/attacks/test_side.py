@@ -18,6 +18,7 @@ from advx.models import Classifier
 from advx.models._base import ModelView, Tracker
 
 from ..conftest import CountingNet
+from .conftest import assert_same_results
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model was in training mode")
 
@@ -59,14 +60,6 @@ def _run(net, x, y, make, at_once: int, monkeypatch, *, every: int = 1, budget=N
     return r, counter
 
 
-def _same(a, b) -> None:
-    assert torch.equal(a.x_adv, b.x_adv)
-    assert torch.equal(a.success, b.success)
-    assert torch.equal(a.distance, b.distance)
-    assert torch.equal(a.queries, b.queries)
-    assert torch.equal(a.grads, b.grads)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_side_by_side_gives_the_sequential_results(row_net, batch, monkeypatch, name):
     x, y = batch
@@ -79,7 +72,7 @@ def test_side_by_side_gives_the_sequential_results(row_net, batch, monkeypatch, 
     assert seen.backward_rows == int(one.grads.sum())
     for at_once in (2, 9):
         wide, seen_wide = _run(row_net, x, y, make, at_once, monkeypatch)
-        _same(one, wide)
+        assert_same_results(one, wide)
         assert seen_wide.calls < seen.calls, "nothing ran side by side"
         if make().early_stop and not make().threat.unbounded:
             # the net also ran the copies the sequential cascade skips, uncharged
@@ -93,7 +86,7 @@ def test_side_by_side_with_padded_loops(row_net, batch, monkeypatch, name):
     x, y = batch
     one, _ = _run(row_net, x, y, CASES[name], 1, monkeypatch)
     both, _ = _run(row_net, x, y, CASES[name], 9, monkeypatch, every=7)
-    _same(one, both)
+    assert_same_results(one, both)
 
 
 def test_a_broken_sample_is_charged_only_the_runs_before(row_net, batch, monkeypatch):
@@ -117,45 +110,27 @@ def test_budgets_and_black_boxes_run_one_at_a_time(row_net, batch, monkeypatch):
     x, y = batch
     monkeypatch.setenv(_side.ENV, "9")
     clf = Classifier(row_net)
-    p = advx.attacks.Problem(
-        ModelView(clf, Tracker(len(x), x.device)),
-        x,
-        y,
-        None,
-        LINF.with_bounds((0.0, 1.0)),
-        advx._rng.SampleRNG(0, torch.arange(len(x))),
-        10,
-    )
-    assert _side.runs_at_once(p, 9) == 9
-    assert _side.runs_at_once(p, 4) == 4  # never more than there are runs
-    budget = ModelView(clf, Tracker(len(x), x.device, budget=100))
-    assert _side.runs_at_once(advx.attacks.Problem(budget, *_rest(p)), 9) == 1
-    box = ModelView(clf.as_blackbox("scores"), Tracker(len(x), x.device))
-    assert _side.runs_at_once(advx.attacks.Problem(box, *_rest(p)), 9) == 1
+    assert _side.runs_at_once(_problem(clf, x, y), 9) == 9
+    assert _side.runs_at_once(_problem(clf, x, y), 4) == 4  # never more than there are runs
+    assert _side.runs_at_once(_problem(clf, x, y, budget=100), 9) == 1
+    assert _side.runs_at_once(_problem(clf.as_blackbox("scores"), x, y), 9) == 1
     # a budget is checked before each pass, in the cascade's order: same spend as sequential
     a, seen_a = _run(row_net, x, y, CASES["apgd-t"], 1, monkeypatch, budget=10_000)
     b, seen_b = _run(row_net, x, y, CASES["apgd-t"], 9, monkeypatch, budget=10_000)
-    _same(a, b)
+    assert_same_results(a, b)
     assert seen_a.forward_rows == seen_b.forward_rows == int(b.queries.sum())
 
 
-def _rest(p):
-    return p.x, p.y, p.target, p.threat, p.rng, p.num_classes
+def _problem(model, x, y, *, budget=None):
+    view = ModelView(model, Tracker(len(x), x.device, budget=budget))
+    rng = advx._rng.SampleRNG(0, torch.arange(len(x)))
+    return advx.attacks.Problem(view, x, y, None, LINF.with_bounds((0.0, 1.0)), rng, 10)
 
 
 def test_the_device_default_and_its_override(row_net, batch, monkeypatch):
     x, y = batch
     monkeypatch.delenv(_side.ENV, raising=False)
-    clf = Classifier(row_net)
-    p = advx.attacks.Problem(
-        ModelView(clf, Tracker(len(x), x.device)),
-        x,
-        y,
-        None,
-        LINF.with_bounds((0.0, 1.0)),
-        advx._rng.SampleRNG(0, torch.arange(len(x))),
-        10,
-    )
+    p = _problem(Classifier(row_net), x, y)
     assert _side.runs_at_once(p, 9) == _side.RUNS_AT_ONCE["cpu"] == 1
     monkeypatch.setitem(_side.RUNS_AT_ONCE, "cpu", 3)
     assert _side.runs_at_once(p, 9) == 3

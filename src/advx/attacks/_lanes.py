@@ -19,11 +19,10 @@ queries) or that has a query budget is never padded: its loops compact every ite
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from torch import Tensor
 
-from ..errors import InputError
+from .._validate import env_count
 from ._base import Problem
 
 __all__ = ["COMPACT_EVERY", "ENV", "Lanes", "compact_every", "masked"]
@@ -45,19 +44,8 @@ def compact_every(p: Problem) -> int:
     view = p.model
     if not view.model.paddable or view.tracker.budget is not None:
         return 1
-    env = os.environ.get(ENV, "").strip()
-    if env:
-        try:
-            every = int(env)
-        except ValueError:
-            every = 0
-        if every < 1:
-            raise InputError(
-                f"{ENV}: must be a whole number of iterations >= 1 (1: compact every "
-                f"iteration), got {env!r}; unset it for the device's default"
-            )
-        return every
-    return COMPACT_EVERY.get(p.x.device.type, 1)
+    every = env_count(ENV, what="iterations", one="compact every iteration")
+    return COMPACT_EVERY.get(p.x.device.type, 1) if every is None else every
 
 
 class Lanes:

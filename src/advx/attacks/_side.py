@@ -19,14 +19,14 @@ before each pass, sample by sample, in the order of the cascade).
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .._memory import rows_that_fit
-from ..errors import InputError
+from .._validate import env_count
 from ..models._base import ModelView, Tracker
 from ._base import Problem
 from ._best import Best
@@ -49,18 +49,8 @@ def runs_at_once(p: Problem, runs: int) -> int:
     view = p.model
     if runs <= 1 or not view.model.paddable or view.tracker.budget is not None:
         return 1
-    env = os.environ.get(ENV, "").strip()
-    if env:
-        try:
-            at_once = int(env)
-        except ValueError:
-            at_once = 0
-        if at_once < 1:
-            raise InputError(
-                f"{ENV}: must be a whole number of runs >= 1 (1: one run after another), got "
-                f"{env!r}; unset it for the device's default"
-            )
-    else:
+    at_once = env_count(ENV, what="runs", one="one run after another")
+    if at_once is None:
         at_once = RUNS_AT_ONCE.get(p.x.device.type, 1)
     at_once = min(at_once, runs)
     if at_once > 1 and len(p):
@@ -74,19 +64,9 @@ def fan_out(q: Problem, copies: int) -> Problem:
     ``j * len(q) + s``), on a view with a tracker of its own: :func:`cascade` decides which of
     the copies' passes the samples are charged. The copies of a sample share its random
     streams: draws that differ by run are made per run, before fanning out."""
-    m = len(q)
-    rep = torch.arange(m, device=q.x.device).repeat(copies)
-    tracker = Tracker(copies * m, q.x.device, label=q.model.tracker.label)
-    return Problem(
-        model=ModelView(q.model.model, tracker),
-        x=q.x[rep],
-        y=q.y[rep],
-        target=None if q.target is None else q.target[rep],
-        threat=q.threat.select(rep),
-        rng=q.rng.select(rep),
-        num_classes=q.num_classes,
-        name=q.name,
-    )
+    rep = torch.arange(len(q), device=q.x.device).repeat(copies)
+    tracker = Tracker(len(rep), q.x.device, label=q.model.tracker.label)
+    return dataclasses.replace(q.select(rep), model=ModelView(q.model.model, tracker))
 
 
 def cascade(
