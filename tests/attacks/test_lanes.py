@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import advx
-from advx.attacks import _lanes
+from advx.attacks import _lanes, _side
 from advx.errors import BudgetExceeded, InputError
 from advx.models import Classifier
 
@@ -62,6 +62,7 @@ def _run(net, x, y, make, every: int, monkeypatch, *, targeted: bool, box: bool 
     """One run at compaction period ``every``: the result, the losses ``_run`` returned, and
     the rows the net saw."""
     monkeypatch.setenv(_lanes.ENV, str(every))
+    monkeypatch.setenv(_side.ENV, "1")  # runs one at a time: the net sees what k = 1 charges
     counter = CountingNet(net)
     clf = Classifier(counter)
     model = clf.as_blackbox("scores") if box else clf
