@@ -381,7 +381,9 @@ class Classifier(Model):
         return rows
 
     def _row_bytes(self, x: Tensor, grad: bool) -> int:
-        """Peak GPU memory of one pass per row, from a pass over the first rows of ``x``."""
+        """Peak GPU memory of one pass per row, from a pass over the first rows of ``x``. Once
+        per input shape; it resets the device's peak-memory statistic (torch has no other way
+        to measure a peak), which a caller profiling memory around the first pass will see."""
         rows = x[:_GPU_PROBE_ROWS]
         dev = x.device
         torch.cuda.synchronize(dev)
