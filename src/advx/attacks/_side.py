@@ -74,54 +74,45 @@ def cascade(
     p: Problem,
     runs: int,
     one: Callable[[Tensor, int], object],
-    many: Callable[[Problem, Tensor, Sequence[int]], Best],
+    many: Callable[[Problem, Tensor, Problem, Sequence[int]], Best],
     *,
     at_once: int,
     everyone: bool = False,
 ) -> None:
     """Runs 0 .. ``runs`` - 1 of a cascade over ``p``, each on the samples not ``done`` in
-    ``best`` (with ``everyone``: on all of them), ``at_once`` consecutive runs per batch.
+    ``best`` (with ``everyone``: on all of them), ``at_once`` consecutive runs per batch: the
+    groups are the rounds of :meth:`Best.rounds`.
 
-    ``one(rows, i)`` runs run i alone on the samples ``rows`` and offers to ``best`` (the
-    sequential path: :meth:`Best.rounds`). ``many(wide, rows, group)`` runs the runs ``group``
-    side by side on ``wide`` (:func:`fan_out` of ``p.select(rows)``, one copy per run, in
-    order) and returns each row's outcome, a :class:`Best` of ``len(wide)`` rows. Run j's
-    outcome is then offered, and its passes charged, to the samples no earlier run finished.
+    ``one(rows, i)`` runs run i alone on the samples ``rows`` and offers to ``best``.
+    ``many(q, rows, wide, group)`` runs the runs ``group`` side by side on ``wide``
+    (:func:`fan_out` of ``q = p.select(rows)``, one copy per run, in order) and returns each
+    row's outcome, a :class:`Best` of ``len(wide)`` rows. Run j's outcome is then offered, and
+    its passes charged, to the samples no earlier run finished.
     """
-    if at_once <= 1:
-        best.rounds(runs, one, everyone=everyone)
-        return
-    n = len(best)
-    for first in range(0, runs, at_once):
-        group = range(first, min(first + at_once, runs))
-        if everyone:
-            rows = torch.arange(n, device=best.x.device)
-        else:
-            rows = (~best.done()).nonzero().view(-1)
-        if rows.numel() == 0:
-            break
+    step = max(1, at_once)
+    groups = [range(first, min(first + step, runs)) for first in range(0, runs, step)]
+
+    def run(rows: Tensor, g: int) -> None:
+        group = groups[g]
         if len(group) == 1:
-            one(rows, first)
-            continue
+            one(rows, group[0])
+            return
         q = p.select(rows)
         m = len(q)
         wide = fan_out(q, len(group))
-        out = many(wide, rows, group)
+        out = many(q, rows, wide, group)
         wide.model.settle()
         queries = wide.model.tracker.queries.view(len(group), m)
         grads = wide.model.tracker.grads.view(len(group), m)
         spent_q = torch.zeros_like(queries[0])
         spent_g = torch.zeros_like(grads[0])
         for j in range(len(group)):
-            ran = None if everyone else ~best.done(rows)  # what run first + j ran on
+            # the samples run group[j] runs on in the sequential cascade
+            ran = torch.ones_like(rows, dtype=torch.bool) if everyone else ~best.done(rows)
+            spent_q += torch.where(ran, queries[j], 0)
+            spent_g += torch.where(ran, grads[j], 0)
             part = slice(j * m, (j + 1) * m)
-            found = out.found[part]
-            if ran is None:
-                spent_q += queries[j]
-                spent_g += grads[j]
-            else:
-                spent_q += torch.where(ran, queries[j], 0)
-                spent_g += torch.where(ran, grads[j], 0)
-                found = found & ran
-            best.offer(rows, out.x[part], out.score[part], found)
+            best.offer(rows, out.x[part], out.score[part], out.found[part] & ran)
         q.model.add_counts(spent_q, spent_g)
+
+    best.rounds(len(groups), run, everyone=everyone)

@@ -133,9 +133,8 @@ class APGD(Attack):
             out = self._descend(q, labels(q, rows, i), loss_fn, x0, desc)
             best.offer(rows, out.x, out.score, out.found)
 
-        def side_by_side(wide: Problem, rows: Tensor, group: Sequence[int]) -> Best:
+        def side_by_side(q: Problem, rows: Tensor, wide: Problem, group: Sequence[int]) -> Best:
             """Runs ``group`` in one batch: each from its own start, towards its own target."""
-            q = p.select(rows)
             starts = [self._start(q, key(i)) for i in group]
             target = torch.cat([labels(q, rows, i) for i in group])
             desc = f"{p.name} runs {group[0] + 1}-{group[-1] + 1}/{runs * self.restarts}"

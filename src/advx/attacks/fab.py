@@ -175,7 +175,7 @@ class FAB(Attack):
             target = None if target is None else target[rows]
             self._single(best, lin_d, q, rows, target, start, k, r)
 
-        def side_by_side(wide: Problem, rows: Tensor, group: Sequence[int]) -> Best:
+        def side_by_side(q: Problem, rows: Tensor, wide: Problem, group: Sequence[int]) -> Best:
             """FAB-T's targets ``group`` in one batch (first runs: no restart ball)."""
             out = Best.closest(wide.x, wide.threat.eps_tensor(wide.x))
             target = torch.cat([plans[i][rows] for i in group])  # type: ignore[index]

@@ -177,6 +177,7 @@ def audit_command(
     from .. import audit as run_audit
     from .._io import check_writable, sha256_file
     from ..audit import load_suite
+    from ..audit.runner import UNIT
     from ..threat import parse_threat
 
     group = init_from_env(device)
@@ -229,7 +230,7 @@ def audit_command(
         data_keys=data_keys,
         bounds=model.bounds,
     )
-    scan = source.scan(batch_size or 500)  # a read size only: the cached scan is reused
+    scan = source.scan(batch_size or UNIT)  # a read size only: the cached scan is reused
     probe = torch.empty((1, *scan.shape))  # the shape of one sample, for the checks below
     check_channels(model, probe)
     warn_threat(threat, model.bounds, probe)

@@ -202,15 +202,15 @@ class Tab:
         """Charge the passes counted so far to the view's samples, and start over."""
         if not (self.forward or self.backward):
             return
-        tracker, index = self.view.tracker, self.view.index
-        cost = self.view.model.query_cost
+        index, cost = self.view.index, self.view.model.query_cost
         idle_b = _count(self.idle_backward)
         idle = _count(self.idle_forward + self.idle_backward)
         passes = torch.full_like(index, self.forward + self.backward)
-        tracker.queries.index_add_(0, index, (passes if idle is None else passes - idle) * cost)
-        if self.backward:
-            grads = torch.full_like(index, self.backward)
-            tracker.grads.index_add_(0, index, (grads if idle_b is None else grads - idle_b) * cost)
+        grads = torch.full_like(index, self.backward)
+        self.view.add_counts(
+            (passes if idle is None else passes - idle) * cost,
+            (grads if idle_b is None else grads - idle_b) * cost,
+        )
         self.forward = self.backward = 0
         self.idle_forward, self.idle_backward = [], []
 
